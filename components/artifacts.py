@@ -1,0 +1,394 @@
+"""Artifacts: directories at a URI, published atomically, described by `manifest.json`.
+
+An artifact is complete exactly when its `manifest.json` exists; the manifest is written
+last. Content hashes are over file bytes (sorted relative paths + per-file sha256), never
+over pickles, so two artifacts with equal bytes have equal hashes wherever they live.
+
+Local paths and `s3://` (or any fsspec URI) are both supported. A component never touches
+fsspec itself: `produce` hands it local input paths and a local staging directory.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import fsspec
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from components.config import StrictConfig
+from components.errors import ArtifactError
+
+MANIFEST_NAME = "manifest.json"
+INCOMPLETE_MARKER = "_INCOMPLETE"  # written first on remote stores, removed after the manifest
+MANIFEST_SCHEMA_VERSION = 1
+_HASH_CHUNK_BYTES = 1 << 20
+
+log = logging.getLogger(__name__)
+
+# The orchestrator's run id, set by whichever driver runs the component (a Prefect flow sets
+# its flow run id). Scoped with a ContextVar so concurrent tasks never see each other's id.
+orchestrator_run_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "orchestrator_run_id", default=None
+)
+
+
+class ComponentSpec(BaseModel):
+    """Name and semantic version of a component. Bump the version when outputs change meaning."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str
+    version: str
+
+
+class ArtifactRef(BaseModel):
+    """A pointer to an input or output: a URI and the content hash of what is there."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    uri: str
+    content_hash: str
+    kind: Literal["artifact", "raw"] = "artifact"
+
+
+class CodeVersion(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    git_commit: str | None
+    dirty: bool | None
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    schema_version: int = MANIFEST_SCHEMA_VERSION
+    component: ComponentSpec
+    config: dict[str, Any]
+    config_hash: str
+    cache_key: str
+    inputs: dict[str, ArtifactRef]
+    output: ArtifactRef
+    code_version: CodeVersion
+    flow_run_id: str | None
+    started_at: str
+    ended_at: str
+    metrics: dict[str, Any]
+
+
+# --------------------------------------------------------------------------- locations
+
+
+def display_uri(uri: str | os.PathLike[str]) -> str:
+    """Normalise a URI for manifests: local paths relative to the working directory when
+    inside it (so a repository's artifacts stay valid in another clone), else absolute."""
+    text = os.fspath(uri)
+    if "://" in text:
+        return text.rstrip("/")
+    path = Path(text).absolute()
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def _fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    try:
+        return fsspec.core.url_to_fs(uri)
+    except (ImportError, ValueError) as error:
+        raise ArtifactError(f"{uri}: cannot open this location: {error}") from None
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def directory_content_hash(root: Path) -> str:
+    """sha256 over (relative path, file sha256) for every file but the manifest, sorted."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+    for path in files:
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(b"\0")
+        digest.update(file_sha256(path).encode())
+        digest.update(b"\n")
+    return "sha256:" + digest.hexdigest()
+
+
+def cache_key(spec: ComponentSpec, config: StrictConfig, inputs: Mapping[str, ArtifactRef]) -> str:
+    """Component name + version + config hash + input content hashes (DESIGN.md, caching).
+
+    The same key is used by the Prefect task cache and by `produce` to recognise an
+    up-to-date output, so the drivers agree on what "unchanged" means.
+    """
+    payload = {
+        "component": spec.name,
+        "version": spec.version,
+        "config_hash": config.config_hash(),
+        "inputs": {name: ref.content_hash for name, ref in sorted(inputs.items())},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def try_read_manifest(uri: str) -> Manifest | None:
+    """The manifest at `uri`, or None when there is none. A corrupt manifest is an error."""
+    fs, path = _fs(uri)
+    manifest_path = f"{path.rstrip('/')}/{MANIFEST_NAME}"
+    try:
+        with fs.open(manifest_path, "rb") as handle:
+            raw = handle.read()
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise ArtifactError(f"{uri}: cannot read {MANIFEST_NAME}: {error}") from None
+    try:
+        return Manifest.model_validate_json(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "<root>"
+        raise ArtifactError(f"{uri}/{MANIFEST_NAME}: corrupt manifest: {where}: {first['msg']}") from None
+
+
+def read_manifest(uri: str) -> Manifest:
+    """The manifest of a complete artifact; refuses a directory without one."""
+    manifest = try_read_manifest(uri)
+    if manifest is None:
+        fs, path = _fs(uri)
+        if not fs.exists(path):
+            raise ArtifactError(f"{uri}: no such artifact")
+        raise ArtifactError(
+            f"{uri}: not a complete artifact (no {MANIFEST_NAME}); it was never published or its write was interrupted"
+        )
+    return manifest
+
+
+def input_ref(uri: str) -> ArtifactRef:
+    """Reference to an input: an artifact directory (hash from its manifest, cheap) or a
+    raw file (hash of its bytes)."""
+    fs, path = _fs(uri)
+    if fs.isfile(path):
+        if is_remote(uri):
+            digest = hashlib.sha256()
+            with fs.open(path, "rb") as handle:
+                while chunk := handle.read(_HASH_CHUNK_BYTES):
+                    digest.update(chunk)
+            content_hash = "sha256:" + digest.hexdigest()
+        else:
+            content_hash = "sha256:" + file_sha256(Path(path))
+        return ArtifactRef(uri=display_uri(uri), content_hash=content_hash, kind="raw")
+    if not fs.exists(path):
+        raise ArtifactError(f"{uri}: input not found")
+    return read_manifest(uri).output.model_copy(update={"uri": display_uri(uri)})
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("CRUCIBLE_CACHE_DIR", Path.home() / ".cache" / "crucible"))
+
+
+def materialize(ref: ArtifactRef) -> Path:
+    """A local path holding the bytes of `ref`, verified against its content hash.
+
+    Local inputs are used in place; remote ones are downloaded once into a cache keyed
+    by content hash. Either way a mismatch (a corrupt or edited artifact) is an error.
+    """
+    if not is_remote(ref.uri):
+        local = Path(ref.uri.removeprefix("file://"))
+    else:
+        local = _cache_root() / ref.content_hash.replace(":", "-")
+        if ref.kind == "raw":
+            local = local / Path(ref.uri).name
+        if not local.exists():
+            fs, path = _fs(ref.uri)
+            partial = local.with_name(local.name + f".partial-{uuid.uuid4().hex}")
+            fs.get(path, str(partial), recursive=ref.kind == "artifact")
+            partial.rename(local)
+    actual = "sha256:" + file_sha256(local) if ref.kind == "raw" else directory_content_hash(local)
+    if actual != ref.content_hash:
+        raise ArtifactError(
+            f"{ref.uri}: content hash {actual[:19]} does not match its manifest ({ref.content_hash[:19]}); the artifact is corrupt or was edited"
+        )
+    return local
+
+
+# --------------------------------------------------------------------------- writing
+
+
+@functools.cache
+def code_version() -> CodeVersion:
+    """Git commit and dirty flag of the checkout this code runs from (None outside git)."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo, capture_output=True, text=True, check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return CodeVersion(git_commit=None, dirty=None)
+    return CodeVersion(git_commit=commit, dirty=bool(status.strip()))
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _is_empty_location(uri: str) -> bool:
+    fs, path = _fs(uri)
+    if not fs.exists(path):
+        return True
+    if not fs.isdir(path):
+        return False
+    entries = [Path(e).name for e in fs.ls(path, detail=False)]
+    return not entries or entries == [INCOMPLETE_MARKER] or INCOMPLETE_MARKER in entries
+
+
+def _publish_local(staging: Path, dest: Path) -> None:
+    """Swap the finished staging directory into place with renames on one filesystem."""
+    if dest.exists():
+        retired = dest.with_name(f".{dest.name}.retired-{uuid.uuid4().hex[:8]}")
+        dest.rename(retired)
+        staging.rename(dest)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        staging.rename(dest)
+
+
+def _publish_remote(staging: Path, dest: str) -> None:
+    """Object stores have no rename: mark incomplete, upload, write the manifest, unmark."""
+    fs, path = _fs(dest)
+    path = path.rstrip("/")
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+    fs.pipe_file(f"{path}/{INCOMPLETE_MARKER}", b"")
+    for local in sorted(p for p in staging.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
+        fs.put_file(str(local), f"{path}/{local.relative_to(staging).as_posix()}")
+    fs.put_file(str(staging / MANIFEST_NAME), f"{path}/{MANIFEST_NAME}")
+    fs.rm_file(f"{path}/{INCOMPLETE_MARKER}")
+    fs.invalidate_cache(path)
+
+
+BuildFn = Callable[[Path, dict[str, Path]], dict[str, Any]]
+
+
+def produce(
+    spec: ComponentSpec,
+    config: StrictConfig,
+    inputs: Mapping[str, str],
+    dest: str,
+    build: BuildFn,
+    overwrite: bool = False,
+) -> Manifest:
+    """Run one component: resolve inputs, build into staging, publish, write the manifest last.
+
+    `build(out_dir, input_paths)` writes the artifact's files into `out_dir` and returns its
+    metrics. If `dest` already holds the artifact this exact config and these inputs make,
+    it is returned untouched (no work). If it holds a different artifact, that is an error
+    unless `overwrite` is set. A failure anywhere leaves `dest` as it was.
+    """
+    input_refs = {name: input_ref(uri) for name, uri in inputs.items()}
+    key = cache_key(spec, config, input_refs)
+    existing = try_read_manifest(dest)
+    if existing is not None and existing.cache_key == key:
+        log.info("%s: up to date at %s", spec.name, dest)
+        return existing
+    if not overwrite and existing is not None:
+        raise ArtifactError(
+            f"{dest}: already holds a different artifact ({existing.component.name} "
+            f"v{existing.component.version}, config {existing.config_hash[:12]}); "
+            "choose another output or pass --overwrite"
+        )
+    if not overwrite and not _is_empty_location(dest):
+        raise ArtifactError(f"{dest}: exists and is not an artifact; choose another output or pass --overwrite")
+
+    input_paths = {name: materialize(ref) for name, ref in input_refs.items()}
+    remote = is_remote(dest)
+    if remote:
+        staging = Path(tempfile.mkdtemp(prefix="crucible-staging-"))
+    else:
+        dest_path = Path(dest)
+        dest_path.parent.mkdir(parents=True, exist_ok=True)
+        staging = dest_path.with_name(f".{dest_path.name}.staging-{uuid.uuid4().hex[:8]}")
+        staging.mkdir()
+    try:
+        started_at = _now()
+        metrics = build(staging, input_paths)
+        manifest = Manifest(
+            component=spec,
+            config=config.model_dump(mode="json"),
+            config_hash=config.config_hash(),
+            cache_key=key,
+            inputs=input_refs,
+            output=ArtifactRef(uri=display_uri(dest), content_hash=directory_content_hash(staging)),
+            code_version=code_version(),
+            flow_run_id=orchestrator_run_id.get(),
+            started_at=started_at,
+            ended_at=_now(),
+            metrics=metrics,
+        )
+        (staging / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        if remote:
+            _publish_remote(staging, dest)
+        else:
+            _publish_local(staging, Path(dest))
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    log.info("%s: published %s (%s)", spec.name, dest, manifest.output.content_hash[:19])
+    return manifest
+
+
+# --------------------------------------------------------------------------- lineage
+
+
+def lineage_lines(uri: str, indent: str = "", expected_hash: str | None = None) -> list[str]:
+    """The chain from an artifact back to its raw inputs, one line per node, indented.
+
+    Each input is checked against the hash recorded when it was read, so a replaced
+    upstream artifact or an edited raw file shows up in the chain.
+    """
+    manifest = read_manifest(uri)
+    commit = manifest.code_version.git_commit
+    code = f"{commit[:10]}{'+dirty' if manifest.code_version.dirty else ''}" if commit else "no git"
+    lines = [
+        f"{indent}{display_uri(uri)}  [{manifest.component.name} v{manifest.component.version}] "
+        f"{manifest.output.content_hash[:19]}  config {manifest.config_hash[:12]}  code {code}  "
+        f"at {manifest.ended_at}"
+        + ("" if expected_hash in (None, manifest.output.content_hash) else f"  REPLACED since read (was {expected_hash[:19]})")
+    ]
+    for name, ref in sorted(manifest.inputs.items()):
+        child_indent = indent + "  "
+        if ref.kind == "raw":
+            try:
+                now = input_ref(ref.uri).content_hash
+                state = "unchanged" if now == ref.content_hash else f"CHANGED since (now {now[:19]})"
+            except ArtifactError:
+                state = "MISSING now"
+            lines.append(f"{child_indent}{name}: {ref.uri}  [raw] {ref.content_hash[:19]}  {state}")
+        else:
+            lines.append(f"{child_indent}{name}:")
+            lines.extend(lineage_lines(ref.uri, child_indent + "  ", ref.content_hash))
+    return lines

@@ -1,0 +1,1 @@
+"""Data components: readers, curation, tokenizer training, packing."""

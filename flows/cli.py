@@ -1,0 +1,90 @@
+"""`crucible`: run flows, run single stages (what DVC calls), and walk lineage."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from components.artifacts import input_ref, lineage_lines, materialize
+from components.errors import CrucibleError
+from components.eval.report import REPORT_FILE
+from flows.params import DEFAULT_PARAMS_FILE, load_params
+from flows.stages import STAGES, STAGES_BY_NAME, run_stage
+
+PREFECT_DEFAULTS = {
+    # The temporary local API can take a while to start on a small machine.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+}
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crucible",
+        description="Curate data, train and evaluate language models; one code path for the CLI, Prefect and DVC.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="Run a Prefect flow: 'pipeline' or one stage.",
+                              description="Run a Prefect flow on the local (or configured) Prefect API.")
+    from_flows = ["pipeline", *STAGES_BY_NAME]
+    run.add_argument("flow", choices=from_flows, help="Flow to run.")
+    run.add_argument("--config", default=DEFAULT_PARAMS_FILE, help="Params file (default: %(default)s).")
+
+    lineage = commands.add_parser("lineage", help="Print an artifact's chain back to the raw data.",
+                                  description="Walk manifests from an artifact back to its raw inputs.")
+    lineage.add_argument("uri", help="Artifact directory or URI (e.g. artifacts/report, s3://bucket/run/report).")
+
+    for stage in STAGES:
+        sub = commands.add_parser(stage.name, help=stage.help, description=stage.help)
+        sub.add_argument("--config", default=DEFAULT_PARAMS_FILE, help="Params file (default: %(default)s).")
+        for keyword, source in stage.inputs.items():
+            sub.add_argument(f"--{keyword}", metavar="URI",
+                             help=f"Input '{keyword}' (default: from the params file's layout, '{source}').")
+        sub.add_argument("--output", metavar="URI", help="Output artifact (default: ARTIFACTS_ROOT/%s)." % stage.name)
+        sub.add_argument("--overwrite", action="store_true",
+                         help="Replace an output location that holds a different artifact.")
+    return parser
+
+
+def _run_flow(name: str, config_path: str) -> None:
+    params = load_params(config_path)  # fail before any Prefect or component work starts
+    for key, value in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    from flows.pipeline import FLOWS
+
+    result = FLOWS[name](params_file=config_path, params=params)
+    if name == "pipeline":
+        report_dir = materialize(input_ref(result["report"]["uri"]))
+        print((report_dir / REPORT_FILE).read_text(encoding="utf-8"))
+        cached = sum(info["cached"] for info in result.values())
+        print(f"pipeline: {len(result)} stages, {cached} from cache")
+    else:
+        print(f"{name}: {result['uri']} ({'cached' if result['cached'] else 'built'})")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "run":
+            _run_flow(args.flow, args.config)
+        elif args.command == "lineage":
+            print("\n".join(lineage_lines(args.uri)))
+        else:
+            stage = STAGES_BY_NAME[args.command]
+            params = load_params(args.config)
+            overrides = {k: getattr(args, k) for k in stage.inputs if getattr(args, k) is not None}
+            manifest = run_stage(stage, params, overrides, dest=args.output, overwrite=args.overwrite)
+            print(f"{stage.name}: {manifest.output.uri} {manifest.output.content_hash[:19]}")
+    except CrucibleError as error:
+        print(f"crucible: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

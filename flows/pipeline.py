@@ -1,0 +1,126 @@
+"""Prefect flows: `pipeline` (the whole chain) and one flow per stage.
+
+Flows hold no ML logic. Each stage is one Prefect task that calls its component; the task's
+cache key is the component's own cache key (name + version + config hash + input content
+hashes, see `components.artifacts.cache_key`) plus the output location, so an unchanged
+re-run returns every stage from cache without touching a component. The cache is only
+trusted while the output location still holds the artifact that key describes; otherwise
+the task is refreshed (its output was deleted or replaced by another run).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.context import TaskRunContext
+from prefect.runtime import flow_run
+
+from components.artifacts import (
+    ArtifactRef, Manifest, cache_key, input_ref, materialize, orchestrator_run_id, try_read_manifest,
+)
+from components.config import StrictConfig
+from components.eval.report import REPORT_FILE
+from flows.params import DEFAULT_PARAMS_FILE, PipelineParams, load_params
+from flows.stages import STAGES, STAGES_BY_NAME, Stage
+
+
+def _task_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    stage = STAGES_BY_NAME[parameters["stage_name"]]
+    key = cache_key(stage.spec, parameters["config"], parameters["inputs"])
+    dest_digest = hashlib.sha256(parameters["dest"].encode()).hexdigest()[:16]
+    return f"{stage.spec.name}-v{stage.spec.version}-{key}-{dest_digest}"
+
+
+@task(cache_key_fn=_task_cache_key, persist_result=True)
+def component_task(
+    stage_name: str, config: StrictConfig, inputs: dict[str, ArtifactRef], dest: str, overwrite: bool
+) -> Manifest:
+    stage = STAGES_BY_NAME[stage_name]
+    token = orchestrator_run_id.set(flow_run.get_id())
+    try:
+        return stage.entry(config, dest=dest, overwrite=overwrite, **{k: ref.uri for k, ref in inputs.items()})
+    finally:
+        orchestrator_run_id.reset(token)
+
+
+def submit_stage(
+    stage: Stage, params: PipelineParams, upstream: dict[str, Manifest], overwrite: bool = True
+) -> tuple[Manifest, bool]:
+    """Run one stage as a task; returns its manifest and whether it came from cache."""
+    defaults = stage.input_uris(params)
+    inputs = {
+        keyword: upstream[source].output if source in upstream else input_ref(defaults[keyword])
+        for keyword, source in stage.inputs.items()
+    }
+    dest = stage.dest(params)
+    config = stage.config(params)
+    existing = try_read_manifest(dest)
+    output_current = existing is not None and existing.cache_key == cache_key(stage.spec, config, inputs)
+    state = component_task.with_options(name=stage.name, refresh_cache=not output_current)(
+        stage.name, config, inputs, dest, overwrite, return_state=True
+    )
+    return state.result(), state.name == "Cached"
+
+
+def _metrics_rows(manifest: Manifest) -> list[dict[str, Any]]:
+    return [{"metric": name, "value": value} for name, value in manifest.metrics.items()]
+
+
+def _flow_params(params_file: str, params: PipelineParams | None) -> PipelineParams:
+    return params if params is not None else load_params(params_file)
+
+
+def make_stage_flow(stage: Stage):
+    """A flow running a single stage on the artifacts its upstream stages already published."""
+
+    @flow(name=stage.name.replace("_", "-"), description=stage.help, validate_parameters=True)
+    def stage_flow(params_file: str = DEFAULT_PARAMS_FILE, params: PipelineParams | None = None) -> dict[str, Any]:
+        manifest, cached = submit_stage(stage, _flow_params(params_file, params), upstream={})
+        create_table_artifact(
+            key=f"{stage.name.replace('_', '-')}-metrics",
+            table=_metrics_rows(manifest),
+            description=f"{stage.name} -> {manifest.output.uri} ({'cached' if cached else 'built'})",
+        )
+        return {"uri": manifest.output.uri, "content_hash": manifest.output.content_hash, "cached": cached}
+
+    return stage_flow
+
+
+STAGE_FLOWS = {stage.name: make_stage_flow(stage) for stage in STAGES}
+# Module-level names, so deployments can point at `flows/pipeline.py:<name>_flow`.
+curate_flow = STAGE_FLOWS["curate"]
+curate_heldout_flow = STAGE_FLOWS["curate_heldout"]
+tokenizer_flow = STAGE_FLOWS["tokenizer"]
+pack_flow = STAGE_FLOWS["pack"]
+pretrain_flow = STAGE_FLOWS["pretrain"]
+evaluate_flow = STAGE_FLOWS["evaluate"]
+report_flow = STAGE_FLOWS["report"]
+
+
+@flow(name="pipeline", description="The whole chain: curate -> tokenizer -> pack -> pretrain -> evaluate -> report.")
+def pipeline(params_file: str = DEFAULT_PARAMS_FILE, params: PipelineParams | None = None) -> dict[str, Any]:
+    params = _flow_params(params_file, params)
+    upstream: dict[str, Manifest] = {}
+    summary: dict[str, Any] = {}
+    for stage in STAGES:
+        manifest, cached = submit_stage(stage, params, upstream)
+        upstream[stage.name] = manifest
+        summary[stage.name] = {
+            "uri": manifest.output.uri, "content_hash": manifest.output.content_hash, "cached": cached,
+        }
+    create_table_artifact(
+        key="pipeline-stages",
+        table=[{"stage": name, **info} for name, info in summary.items()],
+        description="Each stage's artifact and whether it came from cache.",
+    )
+    report_manifest = upstream["report"]
+    create_table_artifact(key="pipeline-metrics", table=_metrics_rows(report_manifest))
+    report_dir = materialize(report_manifest.output)
+    create_markdown_artifact(key="pipeline-report", markdown=(report_dir / REPORT_FILE).read_text(encoding="utf-8"))
+    return summary
+
+
+FLOWS = {"pipeline": pipeline, **STAGE_FLOWS}

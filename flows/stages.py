@@ -1,0 +1,76 @@
+"""The pipeline as data: each stage names its component, its params section and its inputs.
+
+The CLI, the Prefect flows and `dvc.yaml` are three drivers over this one table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from components.artifacts import ComponentSpec, Manifest
+from components.config import StrictConfig
+from components.data import curate, pack, tokenizer
+from components.eval import perplexity, report
+from components.train import pretrain
+from flows.params import PipelineParams
+
+RAW_PREFIX = "data."
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    section: str  # key of its config in params.yaml
+    spec: ComponentSpec
+    entry: Callable[..., Manifest]
+    inputs: Mapping[str, str]  # entry keyword -> upstream stage name, or "data.<field>" for raw files
+    help: str
+
+    def config(self, params: PipelineParams) -> StrictConfig:
+        return getattr(params, self.section)
+
+    def dest(self, params: PipelineParams) -> str:
+        return f"{params.artifacts_root.rstrip('/')}/{self.name}"
+
+    def input_uris(self, params: PipelineParams) -> dict[str, str]:
+        """Default input locations: raw files from `data`, upstream artifacts under the root."""
+        uris = {}
+        for keyword, source in self.inputs.items():
+            if source.startswith(RAW_PREFIX):
+                uris[keyword] = getattr(params.data, source.removeprefix(RAW_PREFIX))
+            else:
+                uris[keyword] = f"{params.artifacts_root.rstrip('/')}/{source}"
+        return uris
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("curate", "curate", curate.SPEC, curate.curate, {"input": "data.raw_train"},
+          "Normalise and exact-dedup the raw training records into a text dataset."),
+    Stage("curate_heldout", "curate", curate.SPEC, curate.curate, {"input": "data.raw_heldout"},
+          "Curate the held-out records the same way (for evaluation)."),
+    Stage("tokenizer", "tokenizer", tokenizer.SPEC, tokenizer.train_tokenizer, {"dataset": "curate"},
+          "Train a byte-level BPE tokenizer with a chat template."),
+    Stage("pack", "pack", pack.SPEC, pack.pack, {"dataset": "curate", "tokenizer": "tokenizer"},
+          "Tokenize and pack documents into fixed-length blocks."),
+    Stage("pretrain", "pretrain", pretrain.SPEC, pretrain.pretrain, {"blocks": "pack", "tokenizer": "tokenizer"},
+          "Pretrain a Llama-architecture causal LM from a config."),
+    Stage("evaluate", "evaluate", perplexity.SPEC, perplexity.evaluate_perplexity,
+          {"model": "pretrain", "dataset": "curate_heldout", "blocks": "pack"},
+          "Held-out perplexity with uniform and unigram baselines."),
+    Stage("report", "report", report.SPEC, report.report, {"evaluation": "evaluate", "model": "pretrain"},
+          "Markdown report, metrics.json and the loss curve."),
+)
+STAGES_BY_NAME = {stage.name: stage for stage in STAGES}
+
+
+def run_stage(
+    stage: Stage,
+    params: PipelineParams,
+    input_overrides: Mapping[str, str] | None = None,
+    dest: str | None = None,
+    overwrite: bool = False,
+) -> Manifest:
+    """Run one stage directly (the CLI's and DVC's path): inputs default to the pipeline layout."""
+    inputs = {**stage.input_uris(params), **(input_overrides or {})}
+    return stage.entry(stage.config(params), dest=dest or stage.dest(params), overwrite=overwrite, **inputs)
