@@ -364,12 +364,16 @@ def produce(
 # --------------------------------------------------------------------------- lineage
 
 
-def lineage_lines(uri: str, indent: str = "", expected_hash: str | None = None) -> list[str]:
+def lineage_lines(
+    uri: str, indent: str = "", expected_hash: str | None = None, seen: set[str] | None = None
+) -> list[str]:
     """The chain from an artifact back to its raw inputs, one line per node, indented.
 
-    Each input is checked against the hash recorded when it was read, so a replaced
+    Lineage is a DAG: an artifact reached a second time is printed once and then referred
+    to. Each input is checked against the hash recorded when it was read, so a replaced
     upstream artifact or an edited raw file shows up in the chain.
     """
+    seen = set() if seen is None else seen
     manifest = read_manifest(uri)
     commit = manifest.code_version.git_commit
     code = f"{commit[:10]}{'+dirty' if manifest.code_version.dirty else ''}" if commit else "no git"
@@ -379,6 +383,9 @@ def lineage_lines(uri: str, indent: str = "", expected_hash: str | None = None) 
         f"at {manifest.ended_at}"
         + ("" if expected_hash in (None, manifest.output.content_hash) else f"  REPLACED since read (was {expected_hash[:19]})")
     ]
+    if manifest.output.content_hash in seen:
+        return [lines[0].split("  config ")[0] + "  (inputs shown above)"]
+    seen.add(manifest.output.content_hash)
     for name, ref in sorted(manifest.inputs.items()):
         child_indent = indent + "  "
         if ref.kind == "raw":
@@ -390,5 +397,5 @@ def lineage_lines(uri: str, indent: str = "", expected_hash: str | None = None) 
             lines.append(f"{child_indent}{name}: {ref.uri}  [raw] {ref.content_hash[:19]}  {state}")
         else:
             lines.append(f"{child_indent}{name}:")
-            lines.extend(lineage_lines(ref.uri, child_indent + "  ", ref.content_hash))
+            lines.extend(lineage_lines(ref.uri, child_indent + "  ", ref.content_hash, seen))
     return lines

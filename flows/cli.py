@@ -68,7 +68,9 @@ def _run_flow(name: str, config_path: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for ours in ("components", "flows"):
+        logging.getLogger(ours).setLevel(logging.INFO)
     try:
         if args.command == "run":
             _run_flow(args.flow, args.config)

@@ -29,7 +29,9 @@ METRICS_FILE = "metrics.json"
 
 class PerplexityConfig(StrictConfig):
     batch_size_docs: int = Field(16, gt=0)
-    max_length_tokens: int = Field(512, ge=2, description="Longer documents are truncated (and counted).")
+    max_length_tokens: int = Field(
+        512, ge=2, description="Longer documents are truncated (and counted); capped at the model's context."
+    )
     max_docs: int | None = Field(None, gt=0, description="Score only the first N documents.")
 
 
@@ -51,11 +53,12 @@ def _build(config: PerplexityConfig, model_dir: Path, dataset: Path, blocks_dir:
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     texts = read_column(dataset, "text")[: config.max_docs]
     eos = tokenizer.eos_token_id
+    max_length = min(config.max_length_tokens, model.config.max_position_embeddings)
     sequences, truncated = [], 0
     for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
         sequence = [eos, *ids, eos]
-        if len(sequence) > config.max_length_tokens:
-            sequence, truncated = sequence[: config.max_length_tokens], truncated + 1
+        if len(sequence) > max_length:
+            sequence, truncated = sequence[:max_length], truncated + 1
         sequences.append(sequence)
 
     vocab_size = model.config.vocab_size

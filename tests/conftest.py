@@ -1,0 +1,81 @@
+"""Shared fixtures: a tiny pipeline config, a Prefect test API, a clean environment."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ["PATH"] = f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"
+
+# Small enough that the whole chain runs in seconds, big enough that every stage does real work.
+TINY_PARAMS = {
+    "data": {
+        "raw_train": str(REPO_ROOT / "data/raw/gsm8k/train.jsonl"),
+        "raw_heldout": str(REPO_ROOT / "data/raw/gsm8k/test.jsonl"),
+    },
+    "curate": {"max_docs": 300},
+    "tokenizer": {"vocab_size": 400},
+    "pack": {"seq_len_tokens": 64},
+    "pretrain": {
+        "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
+                  "intermediate_size": 64, "max_position_embeddings": 128},
+        "batch_size_blocks": 4,
+        "max_steps": 8,
+    },
+    "evaluate": {"max_docs": 20},
+    "report": {"title": "tiny"},
+}
+
+
+def write_params(path: Path, artifacts_root: str, **overrides: dict) -> Path:
+    params = {**TINY_PARAMS, "artifacts_root": artifacts_root}
+    for section, values in overrides.items():
+        params[section] = {**params.get(section, {}), **values}
+    path.write_text(yaml.safe_dump(params), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tiny_params(tmp_path: Path) -> Path:
+    return write_params(tmp_path / "params.yaml", str(tmp_path / "artifacts"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CRUCIBLE_CACHE_DIR", str(tmp_path_factory.mktemp("crucible-cache")))
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory):
+    """One real temporary Prefect API for the whole session (startup is slow here)."""
+    os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(tmp_path_factory.mktemp("prefect-results"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+def run_cli(*args: str, cwd: Path | None = None, check: bool = False) -> subprocess.CompletedProcess:
+    """Run the installed `crucible` console script as a user would."""
+    result = subprocess.run(
+        [str(VENV_BIN / "crucible"), *args], cwd=cwd, capture_output=True, text=True, timeout=600,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"crucible {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def have_git() -> bool:
+    return shutil.which("git") is not None

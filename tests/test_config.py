@@ -1,0 +1,59 @@
+"""Configs: one validated model for every driver; bad values fail with the file and key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from components.errors import ConfigError
+from components.models.factory import ModelConfig
+from flows.params import PipelineParams, load_params
+from tests.conftest import REPO_ROOT
+
+
+def test_repository_params_file_is_valid() -> None:
+    params = load_params(REPO_ROOT / "params.yaml")
+    assert isinstance(params, PipelineParams)
+    assert params.pretrain.optim.learning_rate > 0
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("pretrain:\n  optim:\n    learning_rate: -0.1\n", r"bad\.yaml: pretrain\.optim\.learning_rate: Input should be greater than 0 \(got -0\.1\)"),
+        ("pretrain:\n  max_step: 3\n", r"bad\.yaml: pretrain\.max_step: Extra inputs are not permitted"),
+        ("tokenizer:\n  vocab_size: lots\n", r"bad\.yaml: tokenizer\.vocab_size: Input should be a valid integer"),
+        ("pretrain:\n  model:\n    hidden_size: 100\n    num_heads: 3\n", r"pretrain\.model: Value error, num_heads \(3\) must divide hidden_size \(100\)"),
+        ("curate: [1, 2]\n", r"bad\.yaml: curate: Input should be a valid dictionary"),
+        ("pretrain: {max_steps: 1\n", r"bad\.yaml: not valid YAML"),
+    ],
+)
+def test_bad_params_name_file_and_key(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=expected):
+        load_params(path)
+
+
+def test_missing_params_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_configs_are_frozen_and_hash_stably() -> None:
+    config = ModelConfig()
+    with pytest.raises(Exception):
+        config.hidden_size = 3  # type: ignore[misc]
+    assert ModelConfig().config_hash() == config.config_hash()
+    assert ModelConfig(num_layers=5).config_hash() != config.config_hash()
+
+
+def test_components_never_import_prefect_or_dvc() -> None:
+    offenders = [
+        str(path.relative_to(REPO_ROOT))
+        for path in (REPO_ROOT / "components").rglob("*.py")
+        for line in path.read_text().splitlines()
+        if line.strip().startswith(("import prefect", "from prefect", "import dvc", "from dvc"))
+    ]
+    assert offenders == []
