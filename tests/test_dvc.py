@@ -20,9 +20,12 @@ IGNORED = shutil.ignore_patterns(".venv", ".git", "artifacts", "__pycache__", ".
                                  "*.egg-info", ".pytest_cache", "benchmarks", "tests")
 
 
+GIT_ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
+           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid"}
+
+
 def sh(*args: str, cwd: Path) -> str:
-    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=900,
-                            env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=900, env=GIT_ENV)
     assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout + result.stderr
 
