@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from components.artifacts import input_ref, lineage_lines, materialize
 from components.errors import CrucibleError
 from components.eval.report import REPORT_FILE
+from flows import estimate_cli
 from flows.params import DEFAULT_PARAMS_FILE, load_params
 from flows.stages import STAGES, STAGES_BY_NAME, run_stage
 
@@ -40,6 +41,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
     for stage in STAGES:
         sub = commands.add_parser(stage.name, help=stage.help, description=stage.help)
+        if stage.name == "estimate":
+            sub.description = estimate_cli.__doc__
+            sub.formatter_class = argparse.RawDescriptionHelpFormatter
+            estimate_cli.add_arguments(sub)
         sub.add_argument("--config", default=DEFAULT_PARAMS_FILE, help="Params file (default: %(default)s).")
         for keyword, source in stage.inputs.items():
             sub.add_argument(f"--{keyword}", metavar="URI",
@@ -76,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _run_flow(args.flow, args.config)
         elif args.command == "lineage":
             print("\n".join(lineage_lines(args.uri)))
+        elif args.command == "estimate" and estimate_cli.wants_adhoc(args):
+            estimate_cli.run_adhoc(args)
         else:
             stage = STAGES_BY_NAME[args.command]
             params = load_params(args.config)

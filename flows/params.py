@@ -11,6 +11,7 @@ from components.data.curate import CurateConfig
 from components.data.pack import PackConfig
 from components.data.tokenizer import TokenizerConfig
 from components.eval.perplexity import PerplexityConfig
+from components.feasibility.training import TrainingTarget
 from components.eval.report import ReportConfig
 from components.train.pretrain import PretrainConfig
 
@@ -28,6 +29,7 @@ class PipelineParams(StrictConfig):
     curate: CurateConfig = CurateConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     pack: PackConfig = PackConfig()
+    estimate: TrainingTarget = TrainingTarget()
     pretrain: PretrainConfig = PretrainConfig()
     evaluate: PerplexityConfig = PerplexityConfig()
     report: ReportConfig = ReportConfig()

@@ -22,7 +22,6 @@ from components.artifacts import (
     ArtifactRef, Manifest, cache_key, input_ref, materialize, orchestrator_run_id, try_read_manifest,
 )
 from components.config import StrictConfig
-from components.eval.report import REPORT_FILE
 from flows.params import DEFAULT_PARAMS_FILE, PipelineParams, load_params
 from flows.stages import STAGES, STAGES_BY_NAME, Stage
 
@@ -69,6 +68,18 @@ def _metrics_rows(manifest: Manifest) -> list[dict[str, Any]]:
     return [{"metric": name, "value": value} for name, value in manifest.metrics.items()]
 
 
+def publish_stage_artifacts(stage: Stage, manifest: Manifest, cached: bool) -> None:
+    """A table of the stage's metrics and, where the stage writes one, its markdown report."""
+    key = stage.name.replace("_", "-")
+    create_table_artifact(
+        key=f"{key}-metrics", table=_metrics_rows(manifest),
+        description=f"{stage.name} -> {manifest.output.uri} ({'cached' if cached else 'built'})",
+    )
+    if stage.markdown_file:
+        markdown = (materialize(manifest.output) / stage.markdown_file).read_text(encoding="utf-8")
+        create_markdown_artifact(key=f"{key}-report", markdown=markdown)
+
+
 def _flow_params(params_file: str, params: PipelineParams | None) -> PipelineParams:
     return params if params is not None else load_params(params_file)
 
@@ -79,11 +90,7 @@ def make_stage_flow(stage: Stage):
     @flow(name=stage.name.replace("_", "-"), description=stage.help, validate_parameters=True)
     def stage_flow(params_file: str = DEFAULT_PARAMS_FILE, params: PipelineParams | None = None) -> dict[str, Any]:
         manifest, cached = submit_stage(stage, _flow_params(params_file, params), upstream={})
-        create_table_artifact(
-            key=f"{stage.name.replace('_', '-')}-metrics",
-            table=_metrics_rows(manifest),
-            description=f"{stage.name} -> {manifest.output.uri} ({'cached' if cached else 'built'})",
-        )
+        publish_stage_artifacts(stage, manifest, cached)
         return {"uri": manifest.output.uri, "content_hash": manifest.output.content_hash, "cached": cached}
 
     return stage_flow
@@ -95,18 +102,21 @@ curate_flow = STAGE_FLOWS["curate"]
 curate_heldout_flow = STAGE_FLOWS["curate_heldout"]
 tokenizer_flow = STAGE_FLOWS["tokenizer"]
 pack_flow = STAGE_FLOWS["pack"]
+estimate_flow = STAGE_FLOWS["estimate"]
 pretrain_flow = STAGE_FLOWS["pretrain"]
 evaluate_flow = STAGE_FLOWS["evaluate"]
 report_flow = STAGE_FLOWS["report"]
 
 
-@flow(name="pipeline", description="The whole chain: curate -> tokenizer -> pack -> pretrain -> evaluate -> report.")
+@flow(name="pipeline", description="The whole chain: curate -> tokenizer -> pack -> estimate -> pretrain -> evaluate -> report.")
 def pipeline(params_file: str = DEFAULT_PARAMS_FILE, params: PipelineParams | None = None) -> dict[str, Any]:
     params = _flow_params(params_file, params)
     upstream: dict[str, Manifest] = {}
     summary: dict[str, Any] = {}
     for stage in STAGES:
         manifest, cached = submit_stage(stage, params, upstream)
+        if stage.markdown_file:
+            publish_stage_artifacts(stage, manifest, cached)
         upstream[stage.name] = manifest
         summary[stage.name] = {
             "uri": manifest.output.uri, "content_hash": manifest.output.content_hash, "cached": cached,
@@ -116,10 +126,7 @@ def pipeline(params_file: str = DEFAULT_PARAMS_FILE, params: PipelineParams | No
         table=[{"stage": name, **info} for name, info in summary.items()],
         description="Each stage's artifact and whether it came from cache.",
     )
-    report_manifest = upstream["report"]
-    create_table_artifact(key="pipeline-metrics", table=_metrics_rows(report_manifest))
-    report_dir = materialize(report_manifest.output)
-    create_markdown_artifact(key="pipeline-report", markdown=(report_dir / REPORT_FILE).read_text(encoding="utf-8"))
+    create_table_artifact(key="pipeline-metrics", table=_metrics_rows(upstream["report"]))
     return summary
 
 

@@ -12,10 +12,20 @@ from components.artifacts import ComponentSpec, Manifest
 from components.config import StrictConfig
 from components.data import curate, pack, tokenizer
 from components.eval import perplexity, report
+from components.feasibility import training as feasibility
+from components.feasibility.estimate import REPORT_FILE as ESTIMATE_REPORT
 from components.train import pretrain
 from flows.params import PipelineParams
 
 RAW_PREFIX = "data."
+
+
+def training_estimate_config(params: PipelineParams) -> feasibility.TrainingEstimateConfig:
+    """The run the pretrain stage will make, on the devices of the `estimate` section."""
+    return feasibility.TrainingEstimateConfig(
+        target=params.estimate, model=params.pretrain.model, seq_len_tokens=params.pack.seq_len_tokens,
+        batch_size_blocks=params.pretrain.batch_size_blocks, max_steps=params.pretrain.max_steps,
+    )
 
 
 @dataclass(frozen=True)
@@ -26,9 +36,11 @@ class Stage:
     entry: Callable[..., Manifest]
     inputs: Mapping[str, str]  # entry keyword -> upstream stage name, or "data.<field>" for raw files
     help: str
+    build_config: Callable[[PipelineParams], StrictConfig] | None = None  # when not just params[section]
+    markdown_file: str | None = None  # a report in its artifact that flows publish as a Prefect artifact
 
     def config(self, params: PipelineParams) -> StrictConfig:
-        return getattr(params, self.section)
+        return self.build_config(params) if self.build_config else getattr(params, self.section)
 
     def dest(self, params: PipelineParams) -> str:
         return f"{params.artifacts_root.rstrip('/')}/{self.name}"
@@ -53,13 +65,17 @@ STAGES: tuple[Stage, ...] = (
           "Train a byte-level BPE tokenizer with a chat template."),
     Stage("pack", "pack", pack.SPEC, pack.pack, {"dataset": "curate", "tokenizer": "tokenizer"},
           "Tokenize and pack documents into fixed-length blocks."),
-    Stage("pretrain", "pretrain", pretrain.SPEC, pretrain.pretrain, {"blocks": "pack", "tokenizer": "tokenizer"},
-          "Pretrain a Llama-architecture causal LM from a config."),
+    Stage("estimate", "estimate", feasibility.SPEC, feasibility.estimate_training, {"tokenizer": "tokenizer"},
+          "Estimate FLOPs, memory, time and cost of the pretraining run; the gate pretrain checks.",
+          build_config=training_estimate_config, markdown_file=ESTIMATE_REPORT),
+    Stage("pretrain", "pretrain", pretrain.SPEC, pretrain.pretrain,
+          {"blocks": "pack", "tokenizer": "tokenizer", "estimate": "estimate"},
+          "Pretrain a Llama-architecture causal LM from a config (refused if the estimate says it does not fit)."),
     Stage("evaluate", "evaluate", perplexity.SPEC, perplexity.evaluate_perplexity,
           {"model": "pretrain", "dataset": "curate_heldout", "blocks": "pack"},
           "Held-out perplexity with uniform and unigram baselines."),
     Stage("report", "report", report.SPEC, report.report, {"evaluation": "evaluate", "model": "pretrain"},
-          "Markdown report, metrics.json and the loss curve."),
+          "Markdown report, metrics.json and the loss curve.", markdown_file=report.REPORT_FILE),
 )
 STAGES_BY_NAME = {stage.name: stage for stage in STAGES}
 

@@ -28,6 +28,7 @@ TINY_PARAMS = {
     "curate": {"max_docs": 300},
     "tokenizer": {"vocab_size": 400},
     "pack": {"seq_len_tokens": 64},
+    "estimate": {"gpu": "CPU", "num_gpus": 1},
     "pretrain": {
         "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
                   "intermediate_size": 64, "max_position_embeddings": 128},

@@ -56,8 +56,8 @@ def test_pipeline_caches_unchanged_stages_and_reruns_changed_ones(prefect_api, t
             return {a.key: a for a in found if a.key}
 
     artifacts = asyncio.run(read_artifacts())
-    assert {"pipeline-stages", "pipeline-metrics", "pipeline-report"} <= artifacts.keys()
-    assert "held-out perplexity" in artifacts["pipeline-report"].data
+    assert {"pipeline-stages", "pipeline-metrics", "report-report", "estimate-report"} <= artifacts.keys()
+    assert "held-out perplexity" in artifacts["report-report"].data
 
 
 def test_stage_flow_runs_one_stage_and_publishes_its_metrics(prefect_api, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from components.data.pack import PackConfig, pack
 from components.data.records import read_column
 from components.data.tokenizer import TokenizerConfig, train_tokenizer
 from components.errors import ConfigError
+from components.feasibility.training import TrainingEstimateConfig, TrainingTarget, estimate_training
 from components.eval.perplexity import PerplexityConfig, evaluate_perplexity
 from components.eval.report import LOSS_CSV, LOSS_PNG, REPORT_FILE, ReportConfig, report
 from components.models.factory import ModelConfig
@@ -46,6 +47,15 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def run_pretrain(config: PretrainConfig, prepared: Path, name: str):
+    """Estimate this exact run on a CPU (the gate), then pretrain."""
+    estimate = TrainingEstimateConfig(target=TrainingTarget(), model=config.model, seq_len_tokens=32,
+                                      batch_size_blocks=config.batch_size_blocks, max_steps=config.max_steps)
+    estimate_training(estimate, str(prepared / "tok"), str(prepared / f"{name}_estimate"))
+    return pretrain(config, str(prepared / "blocks"), str(prepared / "tok"), str(prepared / f"{name}_estimate"),
+                    str(prepared / name))
+
+
 def _weights(model_dir: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -57,14 +67,14 @@ def test_pretraining_learns_and_is_deterministic(prepared: Path) -> None:
 
     config = PretrainConfig(model=TINY_MODEL, batch_size_blocks=8, max_steps=40,
                             optim=OptimConfig(learning_rate=1e-2, warmup_steps=5))
-    manifest = pretrain(config, str(prepared / "blocks"), str(prepared / "tok"), str(prepared / "model_a"))
+    manifest = run_pretrain(config, prepared, "model_a")
     records = [json.loads(l) for l in (prepared / "model_a" / METRICS_FILE).read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 41))
     assert records[0]["loss"] == pytest.approx(math.log(300), rel=0.05)  # untrained: about uniform
     assert manifest.metrics["final_loss"] < records[0]["loss"] - 1.0
     assert all(r["grad_norm"] > 0 and r["tokens"] == 8 * 31 for r in records)
 
-    pretrain(config, str(prepared / "blocks"), str(prepared / "tok"), str(prepared / "model_b"))
+    run_pretrain(config, prepared, "model_b")
     a, b = _weights(prepared / "model_a"), _weights(prepared / "model_b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -72,8 +82,7 @@ def test_pretraining_learns_and_is_deterministic(prepared: Path) -> None:
 def test_pretrain_refuses_blocks_longer_than_the_context(prepared: Path) -> None:
     short = TINY_MODEL.model_copy(update={"max_position_embeddings": 16})
     with pytest.raises(ConfigError, match=r"max_position_embeddings \(16\) is shorter than the packed blocks \(32"):
-        pretrain(PretrainConfig(model=short, max_steps=1), str(prepared / "blocks"), str(prepared / "tok"),
-                 str(prepared / "never"))
+        run_pretrain(PretrainConfig(model=short, max_steps=1), prepared, "never")
     assert not (prepared / "never").exists()
 
 
@@ -82,8 +91,7 @@ def test_perplexity_matches_an_independent_computation(prepared: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = prepared / "model_eval"
-    pretrain(PretrainConfig(model=TINY_MODEL, batch_size_blocks=8, max_steps=5), str(prepared / "blocks"),
-             str(prepared / "tok"), str(model_dir))
+    run_pretrain(PretrainConfig(model=TINY_MODEL, batch_size_blocks=8, max_steps=5), prepared, "model_eval")
     manifest = evaluate_perplexity(PerplexityConfig(batch_size_docs=3), str(model_dir), str(prepared / "heldout"),
                                    str(prepared / "blocks"), str(prepared / "eval"))
     metrics = manifest.metrics

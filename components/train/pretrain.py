@@ -12,6 +12,7 @@ from components.artifacts import ComponentSpec, Manifest, produce
 from components.config import StrictConfig
 from components.data.records import read_column
 from components.errors import ConfigError
+from components.feasibility.training import require_feasible
 from components.models.factory import ModelConfig, build_causal_lm
 from components.train.loop import OptimConfig, train_steps
 
@@ -42,13 +43,14 @@ def epoch_batches(blocks: "torch.Tensor", batch_size: int, seed: int) -> Iterato
             yield {"input_ids": input_ids, "labels": input_ids}
 
 
-def _build(config: PretrainConfig, blocks_dir: Path, tokenizer_dir: Path, out_dir: Path) -> dict[str, Any]:
+def _build(config: PretrainConfig, blocks_dir: Path, tokenizer_dir: Path, estimate_dir: Path, out_dir: Path) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     blocks = torch.tensor(read_column(blocks_dir, "input_ids"), dtype=torch.long)
     seq_len = blocks.shape[1]
+    require_feasible(estimate_dir, config.model, seq_len, config.batch_size_blocks, config.max_steps)
     if seq_len > config.model.max_position_embeddings:
         raise ConfigError(
             f"pretrain.model.max_position_embeddings ({config.model.max_position_embeddings}) is shorter "
@@ -78,10 +80,16 @@ def _build(config: PretrainConfig, blocks_dir: Path, tokenizer_dir: Path, out_di
     }
 
 
-def pretrain(config: PretrainConfig, blocks: str, tokenizer: str, dest: str, overwrite: bool = False) -> Manifest:
-    """Train a model from `config.model` on the packed `blocks` artifact; save it in HF format."""
+def pretrain(
+    config: PretrainConfig, blocks: str, tokenizer: str, estimate: str, dest: str, overwrite: bool = False
+) -> Manifest:
+    """Train a model from `config.model` on the packed `blocks` artifact; save it in HF format.
+
+    `estimate` is the feasibility estimate of this very run (the `estimate` stage); a run
+    it says does not fit the configured devices is refused before any step.
+    """
     return produce(
-        SPEC, config, {"blocks": blocks, "tokenizer": tokenizer}, dest,
-        lambda out_dir, paths: _build(config, paths["blocks"], paths["tokenizer"], out_dir),
+        SPEC, config, {"blocks": blocks, "tokenizer": tokenizer, "estimate": estimate}, dest,
+        lambda out_dir, paths: _build(config, paths["blocks"], paths["tokenizer"], paths["estimate"], out_dir),
         overwrite=overwrite,
     )

@@ -1,0 +1,275 @@
+"""The estimator: can this model be trained on these tokens with this hardware, how long,
+at what cost, and with which DeepSpeed plan."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from components.artifacts import ComponentSpec, Manifest, produce
+from components.config import StrictConfig
+from components.errors import ConfigError
+from components.feasibility import flops as flops_lib
+from components.feasibility.hardware import Accelerator, load_catalog, lookup
+from components.feasibility.memory import (
+    GIB, activation_bytes_per_layer, model_state_bytes, output_layer_bytes,
+)
+from components.feasibility.plan import ParallelPlan, deepspeed_config, describe, search_plan
+from components.feasibility.scaling import ScalingLaw, compute_optimal
+from components.feasibility.shapes import ModelShape, shape_from_hf_config
+
+SPEC = ComponentSpec(name="estimate", version="1")
+ESTIMATE_FILE = "estimate.json"
+REPORT_FILE = "estimate.md"
+SWEEP_PNG = "sweep.png"
+SECONDS_PER_DAY = 86_400.0
+
+
+class ModelSource(StrictConfig):
+    """Exactly one of: a transformers config, an explicit shape, or a parameter count."""
+
+    config_path: str | None = Field(None, description="transformers config.json (or a directory holding one).")
+    shape: ModelShape | None = None
+    params: float | None = Field(None, gt=0, description="Parameter count only: 6N FLOPs, no activation estimate.")
+    seq_len: int | None = Field(None, gt=0, description="Sequence length for config_path (default: its context).")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "ModelSource":
+        given = [name for name in ("config_path", "shape", "params") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of --model-config, the shape flags, or --params (got {given or 'none'})")
+        return self
+
+
+class FeasibilityConfig(StrictConfig):
+    model: ModelSource
+    tokens: float = Field(gt=0, description="Training tokens.")
+    gpu: str = Field("H100-SXM", description="Accelerator name from the catalog.")
+    num_gpus: int = Field(8, ge=1)
+    plan: ParallelPlan = ParallelPlan()
+    mfu: float = Field(0.4, gt=0, le=1, description="Model FLOPs utilisation assumed for time and cost.")
+    price_per_gpu_hour: float | None = Field(None, ge=0, description="USD per GPU-hour.")
+    compute_budget_flops: float | None = Field(None, gt=0, description="FLOP budget for compute-optimal sizing.")
+    scaling_law: ScalingLaw = "epoch2024"
+    usable_memory_fraction: float = Field(
+        0.9, gt=0, le=1, description="Share of device memory a run may plan for (CUDA context, fragmentation)."
+    )
+    hardware_catalog: str | None = Field(None, description="YAML file extending the accelerator catalog.")
+    sweep_num_gpus: list[int] = Field(default_factory=list, description="What-if GPU counts.")
+
+    @model_validator(mode="after")
+    def _degrees_divide(self) -> "FeasibilityConfig":
+        model_parallel = self.plan.tensor_parallel * self.plan.pipeline_parallel
+        for gpus in [self.num_gpus, *self.sweep_num_gpus]:
+            if gpus < 1 or gpus % model_parallel:
+                raise ValueError(f"--num-gpus ({gpus}) must be a positive multiple of tensor x pipeline parallel ({model_parallel})")
+        return self
+
+
+def resolve_model(source: ModelSource) -> tuple[ModelShape | None, int]:
+    if source.config_path is not None:
+        return shape_from_hf_config(source.config_path, source.seq_len)
+    if source.shape is not None:
+        return source.shape, source.shape.parameter_count()
+    return None, int(source.params)
+
+
+def _memory(shape: ModelShape | None, params: int, plan: ParallelPlan, gpus: int) -> dict[str, float]:
+    model_parallel = plan.tensor_parallel * plan.pipeline_parallel
+    data_parallel = gpus // model_parallel
+    largest = shape.largest_layer_parameters() / plan.tensor_parallel if shape else params / 100
+    states = model_state_bytes(
+        params / model_parallel, largest, plan.zero_stage, data_parallel, min(plan.gpus_per_node, gpus),
+        max(1, gpus // plan.gpus_per_node), plan.mixed_precision, plan.offload_optimizer, plan.offload_params,
+    )
+    activations = 0.0
+    if shape is not None:
+        per_layer = activation_bytes_per_layer(
+            shape, plan.micro_batch_size, plan.activation_bytes, plan.activation_checkpointing,
+            plan.tensor_parallel, plan.sequence_parallel, plan.dropout, plan.flash_attention,
+        )
+        activations = shape.num_layers * per_layer + output_layer_bytes(
+            shape, plan.micro_batch_size, plan.activation_bytes, plan.tensor_parallel)
+    return {
+        "weights": states.weights / GIB,
+        "gradients": states.gradients / GIB,
+        "optimizer_states": states.optimizer_states / GIB,
+        "activations": activations / GIB,
+        "total": (states.total + activations) / GIB,
+        "cpu_per_node": states.cpu_per_node / GIB,
+    }
+
+
+def _time_and_cost(config: FeasibilityConfig, training_flops: float, device: Accelerator, gpus: int) -> dict[str, Any]:
+    peak = device.peak_flops_per_s(config.plan.precision)
+    gpu_seconds = training_flops / (config.mfu * peak)
+    gpu_hours = gpu_seconds / 3600
+    return {
+        "gpu_hours": gpu_hours,
+        "wall_clock_days": gpu_seconds / gpus / SECONDS_PER_DAY,
+        "cost_usd": gpu_hours * config.price_per_gpu_hour if config.price_per_gpu_hour is not None else None,
+    }
+
+
+def estimate(config: FeasibilityConfig) -> dict[str, Any]:
+    """Everything `crucible estimate --json` prints (pure; no files written)."""
+    catalog = load_catalog(config.hardware_catalog)
+    device = lookup(catalog, config.gpu)
+    shape, params = resolve_model(config.model)
+    plan = config.plan
+    if shape is not None:
+        flops_per_token = flops_lib.model_flops_per_token(shape)
+        hardware_flops = flops_lib.hardware_flops_per_token(shape, plan.activation_checkpointing)
+    else:  # parameter count only: Kaplan et al. 2020's 6N
+        flops_per_token = hardware_flops = 6.0 * params
+    training_flops = flops_per_token * config.tokens
+    limit_gib = device.memory_gib * config.usable_memory_fraction
+
+    def fits(candidate: ParallelPlan, gpus: int) -> bool:
+        return _memory(shape, params, candidate, gpus)["total"] <= limit_gib
+
+    memory = _memory(shape, params, plan, config.num_gpus)
+    found = search_plan(plan, config.num_gpus, fits)
+    if found is None:
+        recommendation = {"fits": False, "changes": [], "summary": "no plan within 64x the GPUs fits; use a smaller model or larger devices"}
+        chosen_plan, chosen_gpus = plan, config.num_gpus
+    else:
+        changes, chosen_plan, chosen_gpus = found
+        recommendation = {
+            "fits": True,
+            "changes": changes,
+            "summary": "fits as configured" if not changes else f"change to {describe(chosen_plan, chosen_gpus)}",
+            "plan": chosen_plan.model_dump(mode="json"),
+            "num_gpus": chosen_gpus,
+            "memory_per_gpu_gib": _memory(shape, params, chosen_plan, chosen_gpus)["total"],
+        }
+    data_parallel = chosen_gpus // (chosen_plan.tensor_parallel * chosen_plan.pipeline_parallel)
+    seq_len = shape.seq_len if shape else None
+    result: dict[str, Any] = {
+        "params": params,
+        "flops_per_token": flops_per_token,
+        "hardware_flops_per_token": hardware_flops,
+        "training_flops": training_flops,
+        "tokens": config.tokens,
+        "gpu": config.gpu,
+        "num_gpus": config.num_gpus,
+        "mfu": config.mfu,
+        "hfu": config.mfu * hardware_flops / flops_per_token,
+        "tokens_per_s_per_gpu": config.mfu * device.peak_flops_per_s(plan.precision) / flops_per_token,
+        **_time_and_cost(config, training_flops, device, config.num_gpus),
+        "memory_per_gpu_gib": {k: v for k, v in memory.items() if k != "cpu_per_node"},
+        "cpu_memory_per_node_gib": memory["cpu_per_node"],
+        "memory_limit_gib": limit_gib,
+        "fits": memory["total"] <= limit_gib,
+        "activations_estimated": shape is not None,
+        "recommendation": recommendation,
+        "deepspeed_config": deepspeed_config(chosen_plan, data_parallel),
+        "global_batch_tokens": seq_len * chosen_plan.micro_batch_size * chosen_plan.gradient_accumulation_steps * data_parallel if seq_len else None,
+    }
+    if config.compute_budget_flops is not None:
+        result["compute_optimal"] = {**compute_optimal(config.compute_budget_flops, config.scaling_law),
+                                     "scaling_law": config.scaling_law}
+    if config.sweep_num_gpus:
+        result["sweep"] = [
+            {"num_gpus": gpus, **_time_and_cost(config, training_flops, device, gpus),
+             "memory_per_gpu_gib": _memory(shape, params, plan, gpus)["total"],
+             "fits": _memory(shape, params, plan, gpus)["total"] <= limit_gib}
+            for gpus in config.sweep_num_gpus
+        ]
+    return result
+
+
+def _fmt(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:,.3g}{unit}" if abs(value) < 1e4 else f"{value:.3e}{unit}"
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    memory = result["memory_per_gpu_gib"]
+    lines = [
+        "# Feasibility estimate",
+        "",
+        "| quantity | value |",
+        "|---|---:|",
+        f"| parameters | {result['params']:,} |",
+        f"| model FLOPs per token (6N + 12LHQT) | {_fmt(result['flops_per_token'])} |",
+        f"| training FLOPs | {_fmt(result['training_flops'])} |",
+        f"| GPUs | {result['num_gpus']} x {result['gpu']} |",
+        f"| MFU (assumed) / HFU | {result['mfu']:.2f} / {result['hfu']:.2f} |",
+        f"| GPU-hours | {_fmt(result['gpu_hours'])} |",
+        f"| wall clock | {_fmt(result['wall_clock_days'], ' days')} |",
+        f"| cost | {_fmt(result['cost_usd'], ' USD')} |",
+        "",
+        "| memory per GPU (GiB) | weights | gradients | optimizer states | activations | total | limit |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| | {memory['weights']:.2f} | {memory['gradients']:.2f} | {memory['optimizer_states']:.2f} | "
+        f"{memory['activations']:.2f} | {memory['total']:.2f} | {result['memory_limit_gib']:.1f} |",
+        "",
+        f"**Fits as configured: {'yes' if result['fits'] else 'no'}.** Recommendation: {result['recommendation']['summary']}.",
+    ]
+    lines += [f"- {change}" for change in result["recommendation"]["changes"]]
+    if "compute_optimal" in result:
+        optimal = result["compute_optimal"]
+        lines += ["", f"Compute-optimal ({optimal['scaling_law']}): {_fmt(optimal['params'])} parameters on "
+                      f"{_fmt(optimal['tokens'])} tokens, predicted loss {optimal['predicted_loss']:.3f}."]
+    if "sweep" in result:
+        lines += ["", "| GPUs | days | GPU-hours | cost (USD) | memory/GPU (GiB) | fits |", "|---:|---:|---:|---:|---:|:--:|"]
+        lines += [f"| {r['num_gpus']} | {_fmt(r['wall_clock_days'])} | {_fmt(r['gpu_hours'])} | {_fmt(r['cost_usd'])} | "
+                  f"{r['memory_per_gpu_gib']:.2f} | {'yes' if r['fits'] else 'no'} |" for r in result["sweep"]]
+    lines += ["", "DeepSpeed config:", "", "```json", json.dumps(result["deepspeed_config"], indent=2), "```", ""]
+    return "\n".join(lines)
+
+
+def plot_sweep(sweep: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gpus = [row["num_gpus"] for row in sweep]
+    figure, days_axis = plt.subplots(figsize=(6, 3.5), dpi=120)
+    days_axis.plot(gpus, [row["wall_clock_days"] for row in sweep], "o-", color="tab:blue")
+    days_axis.set_xscale("log", base=2)
+    days_axis.set_xlabel("GPUs")
+    days_axis.set_ylabel("wall clock (days)", color="tab:blue")
+    if all(row["cost_usd"] is not None for row in sweep):
+        cost_axis = days_axis.twinx()
+        cost_axis.plot(gpus, [row["cost_usd"] for row in sweep], "s--", color="tab:red")
+        cost_axis.set_ylabel("cost (USD)", color="tab:red")
+    days_axis.set_title("What-if: number of GPUs")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def write_estimate(result: dict[str, Any], out_dir: Path) -> None:
+    (out_dir / ESTIMATE_FILE).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    (out_dir / REPORT_FILE).write_text(render_markdown(result), encoding="utf-8")
+    if "sweep" in result:
+        plot_sweep(result["sweep"], out_dir / SWEEP_PNG)
+
+
+def _summary_metrics(result: dict[str, Any]) -> dict[str, Any]:
+    return {key: result[key] for key in ("params", "flops_per_token", "training_flops", "gpu_hours",
+                                         "wall_clock_days", "cost_usd", "fits")} | {
+        "memory_per_gpu_gib": result["memory_per_gpu_gib"]["total"]}
+
+
+def run_estimate(config: FeasibilityConfig, dest: str, overwrite: bool = False) -> Manifest:
+    """Estimate and publish `estimate.json`, `estimate.md` (and `sweep.png`) as an artifact."""
+    inputs = {"model_config": config.model.config_path} if config.model.config_path else {}
+
+    def build(out_dir: Path, paths: dict[str, Path]) -> dict[str, Any]:
+        result = estimate(config)
+        write_estimate(result, out_dir)
+        return _summary_metrics(result)
+
+    return produce(SPEC, config, inputs, dest, build, overwrite=overwrite)
+
+
+class NotFeasibleError(ConfigError):
+    """A training run that does not fit the configured devices."""

@@ -1,0 +1,75 @@
+"""Accelerator catalog: peak dense FLOP/s per precision, memory, interconnect.
+
+Peak figures are the vendors' dense (no sparsity) numbers from their datasheets; memory is
+what the device reports (GiB). Users extend or override entries with a YAML file of the
+same shape (`crucible estimate --hardware-catalog my.yaml`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import Field
+
+from components.config import StrictConfig, validate_config
+from components.errors import ConfigError
+
+TERA = 1e12
+
+
+class Accelerator(StrictConfig):
+    peak_tflops: dict[str, float] = Field(description="Dense peak TFLOP/s by precision: bf16, fp16, fp8, fp32.")
+    memory_gib: float = Field(gt=0)
+    interconnect_gb_per_s: float = Field(gt=0, description="Intra-node bandwidth per device (NVLink, ICI, PCIe).")
+    source: str = Field(description="Where the figures come from.")
+
+    def peak_flops_per_s(self, precision: str) -> float:
+        if precision not in self.peak_tflops:
+            raise ConfigError(f"precision {precision!r} has no peak on this device (has {sorted(self.peak_tflops)})")
+        return self.peak_tflops[precision] * TERA
+
+
+BUILTIN_CATALOG: dict[str, Accelerator] = {
+    "A100-40GB": Accelerator(peak_tflops={"bf16": 312, "fp16": 312, "fp32": 19.5}, memory_gib=40,
+                             interconnect_gb_per_s=600, source="NVIDIA A100 datasheet (SXM, dense)"),
+    "A100-80GB": Accelerator(peak_tflops={"bf16": 312, "fp16": 312, "fp32": 19.5}, memory_gib=80,
+                             interconnect_gb_per_s=600, source="NVIDIA A100 datasheet (SXM, dense)"),
+    "H100-SXM": Accelerator(peak_tflops={"bf16": 989, "fp16": 989, "fp8": 1979, "fp32": 67}, memory_gib=79.6,
+                            interconnect_gb_per_s=900, source="NVIDIA H100 datasheet (SXM5, dense)"),
+    "H100-PCIe": Accelerator(peak_tflops={"bf16": 756, "fp16": 756, "fp8": 1513, "fp32": 51}, memory_gib=79.6,
+                             interconnect_gb_per_s=600, source="NVIDIA H100 datasheet (PCIe, dense)"),
+    "H200": Accelerator(peak_tflops={"bf16": 989, "fp16": 989, "fp8": 1979, "fp32": 67}, memory_gib=140.4,
+                        interconnect_gb_per_s=900, source="NVIDIA H200 datasheet (SXM, dense)"),
+    "B200": Accelerator(peak_tflops={"bf16": 2250, "fp16": 2250, "fp8": 4500, "fp32": 75}, memory_gib=178.0,
+                        interconnect_gb_per_s=1800, source="NVIDIA DGX B200 datasheet (per GPU, dense)"),
+    "L4": Accelerator(peak_tflops={"bf16": 121, "fp16": 121, "fp8": 242, "fp32": 30.3}, memory_gib=22.5,
+                      interconnect_gb_per_s=64, source="NVIDIA L4 datasheet (dense)"),
+    "TPU-v4": Accelerator(peak_tflops={"bf16": 275, "fp32": 275 / 2}, memory_gib=32,
+                          interconnect_gb_per_s=300, source="Google Cloud TPU v4 documentation"),
+    "CPU": Accelerator(peak_tflops={"bf16": 0.19, "fp16": 0.19, "fp32": 0.19}, memory_gib=24,
+                       interconnect_gb_per_s=10,
+                       source="2 x86 cores, AVX2: 2 cores x 2 FMA x 8 fp32 lanes x 2 FLOP x 3 GHz"),
+}
+
+
+def load_catalog(extra_yaml: str | Path | None = None) -> dict[str, Accelerator]:
+    """The built-in catalog, extended/overridden by a YAML mapping NAME -> Accelerator fields."""
+    catalog = dict(BUILTIN_CATALOG)
+    if extra_yaml is None:
+        return catalog
+    path = Path(extra_yaml)
+    if not path.is_file():
+        raise ConfigError(f"{path}: hardware catalog not found")
+    entries = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(entries, dict):
+        raise ConfigError(f"{path}: expected a mapping of accelerator name -> fields")
+    for name, fields in entries.items():
+        catalog[str(name)] = validate_config(Accelerator, fields, f"{path}: {name}")
+    return catalog
+
+
+def lookup(catalog: dict[str, Accelerator], name: str) -> Accelerator:
+    if name not in catalog:
+        raise ConfigError(f"--gpu: unknown accelerator {name!r}; known: {', '.join(sorted(catalog))}")
+    return catalog[name]
