@@ -22,6 +22,7 @@ from components.artifacts import (
     ArtifactRef, Manifest, cache_key, input_ref, materialize, orchestrator_run_id, try_read_manifest,
 )
 from components.config import StrictConfig
+from components.feasibility.estimate import FeasibilityConfig, estimate, render_markdown, run_estimate
 from flows.params import DEFAULT_PARAMS_FILE, PipelineParams, load_params
 from flows.stages import STAGES, STAGES_BY_NAME, Stage
 
@@ -128,6 +129,22 @@ def pipeline(params_file: str = DEFAULT_PARAMS_FILE, params: PipelineParams | No
     )
     create_table_artifact(key="pipeline-metrics", table=_metrics_rows(upstream["report"]))
     return summary
+
+
+@task(name="estimate")
+def estimate_task(config: FeasibilityConfig) -> dict[str, Any]:
+    return estimate(config)
+
+
+@flow(name="feasibility", description="Estimate FLOPs, memory, time, cost and a DeepSpeed plan for any run.")
+def feasibility_flow(config: FeasibilityConfig, output: str | None = None) -> dict[str, Any]:
+    """The estimator on its own (what `crucible estimate` computes), with a Prefect report;
+    `output` also publishes it as an artifact."""
+    result = estimate_task(config)
+    if output is not None:
+        run_estimate(config, output, overwrite=True)
+    create_markdown_artifact(key="feasibility-estimate", markdown=render_markdown(result))
+    return result
 
 
 FLOWS = {"pipeline": pipeline, **STAGE_FLOWS}

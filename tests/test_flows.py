@@ -68,3 +68,25 @@ def test_stage_flow_runs_one_stage_and_publishes_its_metrics(prefect_api, tmp_pa
     assert result["uri"].endswith("artifacts/curate") and not result["cached"]
     with pytest.raises(Exception, match="pretrain: input not found"):
         STAGE_FLOWS["evaluate"](params_file=str(params_file))
+
+
+def test_feasibility_flow_publishes_the_estimate(prefect_api, tmp_path: Path) -> None:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    from components.feasibility.estimate import FeasibilityConfig, ModelSource
+    from flows.pipeline import feasibility_flow
+
+    config = FeasibilityConfig(model=ModelSource(params=7e9), tokens=2e12, gpu="H100-SXM", num_gpus=64,
+                               price_per_gpu_hour=2.0)
+    result = feasibility_flow(config=config, output=str(tmp_path / "estimate"))
+    assert result["training_flops"] == 6 * 7e9 * 2e12
+    assert json.loads((tmp_path / "estimate/estimate.json").read_text())["gpu_hours"] == result["gpu_hours"]
+
+    async def latest_markdown() -> str:
+        async with get_client() as client:
+            found = [a for a in await client.read_artifacts() if a.key == "feasibility-estimate"]
+            return found[-1].data
+
+    assert "| GPU-hours |" in asyncio.run(latest_markdown())

@@ -1,0 +1,320 @@
+"""The feasibility estimator against instantiated models, DeepSpeed's own estimators,
+Korthikanti et al.'s formulas, published training runs and a measured training step."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from components.errors import ConfigError
+from components.feasibility.estimate import FeasibilityConfig, ModelSource, estimate
+from components.feasibility.flops import forward_flops_per_token, model_flops_per_token
+from components.feasibility.memory import GIB, activation_bytes_per_layer, model_state_bytes
+from components.feasibility.plan import ParallelPlan
+from components.feasibility.scaling import compute_optimal
+from components.feasibility.shapes import ModelShape, shape_from_hf_config
+from tests.conftest import run_cli
+
+SMALL_CONFIGS = [  # (model_type, kwargs): tied/untied, MHA/GQA, SwiGLU/GELU
+    ("llama", dict(vocab_size=1000, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)),
+    ("llama", dict(vocab_size=3000, hidden_size=128, intermediate_size=344, num_hidden_layers=3,
+                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)),
+    ("llama", dict(vocab_size=512, hidden_size=96, intermediate_size=256, num_hidden_layers=4,
+                   num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=64)),
+    ("gpt2", dict(vocab_size=700, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0)),
+]
+
+
+def _config(model_type: str, kwargs: dict):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(model_type, attn_implementation="eager", **kwargs)
+
+
+@pytest.mark.parametrize(("model_type", "kwargs"), SMALL_CONFIGS)
+def test_parameter_count_is_exact(model_type: str, kwargs: dict) -> None:
+    from transformers import AutoModelForCausalLM
+
+    config = _config(model_type, kwargs)
+    shape, counted = shape_from_hf_config(config)
+    instantiated = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    assert shape.parameter_count() == counted == instantiated
+
+
+@pytest.mark.parametrize(("model_type", "kwargs"), SMALL_CONFIGS)
+def test_forward_flops_match_flop_counter_mode(model_type: str, kwargs: dict) -> None:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoModelForCausalLM
+
+    config = _config(model_type, kwargs)
+    shape, _ = shape_from_hf_config(config)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    tokens = torch.randint(0, shape.vocab_size, (2, shape.seq_len))
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(input_ids=tokens)
+    measured = counter.get_total_flops() / tokens.numel()
+    assert forward_flops_per_token(shape) == pytest.approx(measured, rel=0.02)
+
+
+@pytest.mark.parametrize("params", [50e6, 1.3e9, 7e9, 70e9])
+@pytest.mark.parametrize(("gpus_per_node", "nodes"), [(1, 1), (8, 1), (8, 4)])
+@pytest.mark.parametrize("offload", [False, True])
+def test_zero2_model_states_equal_deepspeed(params: float, gpus_per_node: int, nodes: int, offload: bool) -> None:
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    cpu, gpu = estimate_zero2_model_states_mem_needs(int(params), gpus_per_node, nodes, cpu_offload=offload)
+    ours = model_state_bytes(int(params), 0, 2, gpus_per_node * nodes, gpus_per_node, nodes, True, offload, False)
+    assert int(ours.total) == gpu
+    assert int(ours.cpu_per_node) == cpu
+
+
+@pytest.mark.parametrize("params", [50e6, 7e9, 70e9])
+@pytest.mark.parametrize(("gpus_per_node", "nodes"), [(1, 1), (8, 1), (8, 4)])
+@pytest.mark.parametrize(("offload_optimizer", "offload_params"), [(False, False), (True, False), (True, True)])
+def test_zero3_model_states_equal_deepspeed(params, gpus_per_node, nodes, offload_optimizer, offload_params) -> None:
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    largest = int(params // 50)
+    cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+        int(params), largest, gpus_per_node, nodes, cpu_offload=offload_optimizer, cpu_offload_params=offload_params)
+    ours = model_state_bytes(int(params), largest, 3, gpus_per_node * nodes, gpus_per_node, nodes, True,
+                             offload_optimizer, offload_params)
+    assert int(ours.total) == gpu
+    assert int(ours.cpu_per_node) == cpu
+
+
+def test_largest_layer_and_total_match_deepspeeds_model_walk() -> None:
+    from deepspeed.runtime.zero.stage3 import model_to_params
+    from transformers import AutoModelForCausalLM
+
+    for model_type, kwargs in SMALL_CONFIGS[:3]:
+        config = _config(model_type, kwargs)
+        shape, _ = shape_from_hf_config(config)
+        total, largest = model_to_params(AutoModelForCausalLM.from_config(config))
+        assert (shape.parameter_count(), shape.largest_layer_parameters()) == (total, largest)
+
+
+GPT3_175B = ModelShape(num_layers=96, d_model=12288, num_heads=96, num_kv_heads=96, ffn_dim=4 * 12288,
+                       vocab_size=50257, seq_len=2048, mlp="gelu", tie_word_embeddings=True,
+                       learned_positions=True, norm_bias=True, linear_bias=True)
+
+
+def test_activation_memory_reduces_to_korthikanti_equations() -> None:
+    """Korthikanti et al. 2022: eq. 1, eq. 2 (TP), eq. 4 (TP + SP), Sec. 5 (selective, full)."""
+    s, b, h, a, t = GPT3_175B.seq_len, 2, GPT3_175B.d_model, GPT3_175B.num_heads, 8
+    gpt3 = dict(shape=GPT3_175B, micro_batch=b, activation_bytes=2, dropout=True, flash_attention=False)
+    assert activation_bytes_per_layer(recompute="none", **gpt3) == pytest.approx(s * b * h * (34 + 5 * a * s / h))
+    assert activation_bytes_per_layer(recompute="none", tensor_parallel=t, **gpt3) == pytest.approx(
+        s * b * h * (10 + 24 / t + 5 * a * s / (h * t)))
+    assert activation_bytes_per_layer(recompute="none", tensor_parallel=t, sequence_parallel=True, **gpt3) == \
+        pytest.approx(s * b * h * (34 / t + 5 * a * s / (h * t)))
+    assert activation_bytes_per_layer(recompute="selective", tensor_parallel=t, sequence_parallel=True, **gpt3) == \
+        pytest.approx(s * b * h * 34 / t)
+    assert activation_bytes_per_layer(recompute="full", **gpt3) == pytest.approx(2 * s * b * h)
+
+
+def _llama(layers, d, heads, kv, ffn, vocab, seq):
+    return ModelSource(shape=ModelShape(num_layers=layers, d_model=d, num_heads=heads, num_kv_heads=kv, ffn_dim=ffn,
+                                        vocab_size=vocab, seq_len=seq))
+
+
+LLAMA1_65B = _llama(80, 8192, 64, 64, 22016, 32000, 2048)
+# LLaMA-1 (Touvron et al. 2023, Sec. 2.4): 65B processes ~380 tokens/s/GPU on 2048 A100-80GB.
+LLAMA1_MFU = 380 * model_flops_per_token(LLAMA1_65B.shape) / 312e12
+
+
+def _gpu_hours(source: ModelSource, tokens: float, gpu: str, mfu: float) -> float:
+    return estimate(FeasibilityConfig(model=source, tokens=tokens, gpu=gpu, num_gpus=2048, mfu=mfu))["gpu_hours"]
+
+
+def test_gpt3_training_flops() -> None:
+    """Brown et al. 2020, Table D.1: GPT-3 175B on 300B tokens used 3.14e23 FLOPs."""
+    result = estimate(FeasibilityConfig(model=ModelSource(shape=GPT3_175B), tokens=300e9, gpu="A100-80GB", num_gpus=1024))
+    assert result["params"] == pytest.approx(175e9, rel=0.01)
+    assert result["training_flops"] == pytest.approx(3.14e23, rel=0.10)
+
+
+def test_llama1_65b_gpu_hours() -> None:
+    """Touvron et al. 2023 (LLaMA), Table 15: 65B, 1.4T tokens, 2048 A100-80GB, 1,022,362 GPU-hours."""
+    assert 0.45 < LLAMA1_MFU < 0.55
+    assert _gpu_hours(LLAMA1_65B, 1.4e12, "A100-80GB", LLAMA1_MFU) == pytest.approx(1_022_362, rel=0.10)
+
+
+def test_llama2_70b_gpu_hours() -> None:
+    """Touvron et al. 2023 (Llama 2), Table 2: 70B (GQA, 4k context), 2T tokens, A100-80GB,
+    1,720,320 GPU-hours. The paper reports no throughput, so the MFU is LLaMA-1's (same
+    cluster type and code base), a prediction rather than a fit."""
+    llama2 = _llama(80, 8192, 64, 8, 28672, 32000, 4096)
+    assert _gpu_hours(llama2, 2e12, "A100-80GB", LLAMA1_MFU) == pytest.approx(1_720_320, rel=0.10)
+
+
+@pytest.mark.parametrize("mfu", [0.38, 0.41])
+def test_llama31_405b_gpu_hours(mfu: float) -> None:
+    """Llama 3 herd paper (Dubey et al. 2024): 405B on 15.6T tokens, 3.8e25 FLOPs, H100, BF16 MFU
+    38-43% (Table 4; 38-41% on the 16K-GPU runs); the model card reports 30.84M H100 GPU-hours."""
+    llama31 = _llama(126, 16384, 128, 8, 53248, 128256, 8192)
+    result = estimate(FeasibilityConfig(model=llama31, tokens=15.6e12, gpu="H100-SXM", num_gpus=16384, mfu=mfu))
+    assert result["params"] == pytest.approx(405e9, rel=0.01)
+    assert 6 * result["params"] * 15.6e12 == pytest.approx(3.8e25, rel=0.01)  # the paper's 6ND figure
+    assert result["gpu_hours"] == pytest.approx(30.84e6, rel=0.10)
+
+
+# Hoffmann et al. 2022, Table 3: (parameters, FLOPs, tokens) from Approach 1.
+CHINCHILLA_TABLE_3 = [(400e6, 1.92e19, 8.0e9), (1e9, 1.21e20, 20.2e9), (10e9, 1.23e22, 205.1e9),
+                      (67e9, 5.76e23, 1.5e12), (175e9, 3.85e24, 3.7e12), (280e9, 9.90e24, 5.9e12),
+                      (520e9, 3.43e25, 11.0e12), (1e12, 1.27e26, 21.2e12), (10e12, 1.30e28, 216.2e12)]
+
+
+@pytest.mark.parametrize(("params", "flops", "tokens"), CHINCHILLA_TABLE_3)
+def test_compute_optimal_reproduces_chinchilla_table_3(params: float, flops: float, tokens: float) -> None:
+    """Tolerance: Table 3 extrapolates Approach 1's exponent a = 0.50 (CI 0.488-0.502); the
+    Epoch AI refit has a = 0.512. An exponent difference of ~0.012 compounds to
+    (C/C0)^0.012 away from the fitted range: <= 15% up to 1.3e26 FLOPs and <= 25% at 1.3e28."""
+    tolerance = 0.25 if flops > 1e27 else 0.15
+    epoch = compute_optimal(flops, "epoch2024")
+    assert epoch["params"] == pytest.approx(params, rel=tolerance)
+    assert epoch["tokens"] == pytest.approx(tokens, rel=tolerance)
+    rule = compute_optimal(flops, "tokens_per_param")
+    assert rule["params"] == pytest.approx(params, rel=0.05)
+    assert rule["tokens"] == pytest.approx(tokens, rel=0.08)
+    assert 1.8 < epoch["predicted_loss"] < 3.0
+
+
+def test_plan_search_finds_a_plan_that_fits() -> None:
+    config = FeasibilityConfig(model=LLAMA1_65B, tokens=1e12, gpu="A100-80GB", num_gpus=64,
+                               plan=ParallelPlan(zero_stage=1, micro_batch_size=4))
+    result = estimate(config)
+    assert not result["fits"]
+    recommendation = result["recommendation"]
+    assert recommendation["fits"] and recommendation["changes"]
+    recommended = config.model_copy(update={"plan": ParallelPlan(**recommendation["plan"]),
+                                            "num_gpus": recommendation["num_gpus"]})
+    again = estimate(recommended)
+    assert again["fits"] and again["recommendation"]["changes"] == []
+    ds_json = result["deepspeed_config"]
+    assert ds_json["zero_optimization"]["stage"] == recommendation["plan"]["zero_stage"]
+    assert ds_json["train_batch_size"] == (ds_json["train_micro_batch_size_per_gpu"]
+                                           * ds_json["gradient_accumulation_steps"] * recommendation["num_gpus"])
+
+
+@pytest.mark.parametrize("plan", [
+    ParallelPlan(zero_stage=2, offload_optimizer=True, micro_batch_size=2, gradient_accumulation_steps=8),
+    ParallelPlan(zero_stage=3, offload_optimizer=True, offload_params=True, precision="fp16"),
+    ParallelPlan(zero_stage=0, precision="fp32"),
+])
+def test_deepspeed_parses_the_generated_config(plan: ParallelPlan) -> None:
+    """DeepSpeed's own config parser accepts what we generate (single process: world size 1)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from components.feasibility.plan import deepspeed_config
+
+    parsed = DeepSpeedConfig(json.loads(json.dumps(deepspeed_config(plan, data_parallel=1))))
+    assert parsed.zero_optimization_stage == plan.zero_stage
+    assert parsed.train_micro_batch_size_per_gpu == plan.micro_batch_size
+    assert parsed.gradient_accumulation_steps == plan.gradient_accumulation_steps
+    assert parsed.bfloat16_config.enabled == (plan.precision == "bf16")
+    assert parsed.float16_config.enabled == (plan.precision == "fp16")
+    assert (parsed.zero_config.offload_optimizer is not None) == plan.offload_optimizer
+    assert (parsed.zero_config.offload_param is not None) == plan.offload_params
+
+
+def test_a_model_that_fits_keeps_its_plan() -> None:
+    small = estimate(FeasibilityConfig(model=_llama(12, 768, 12, 12, 2048, 32000, 1024), tokens=1e9, gpu="H100-SXM",
+                                       num_gpus=8, plan=ParallelPlan(micro_batch_size=4)))
+    assert small["fits"] and small["recommendation"]["summary"] == "fits as configured"
+
+
+@pytest.mark.slow
+def test_measured_peak_memory_of_a_training_step_matches_the_estimate() -> None:
+    """A 91M-parameter Llama, fp32 AdamW on the CPU: peak RSS growth over two real steps vs
+    the estimate for the same shape and micro-batch (within 15%)."""
+    shape = dict(layers=12, d_model=768, heads=12, ffn=2048, vocab=8192, seq_len=512, micro_batch=4)
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in shape.items()]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, "-m", "components.feasibility.measure", *args], capture_output=True,
+                         text=True, check=True, env=env, timeout=600)
+    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    source = _llama(12, 768, 12, 12, 2048, 8192, 512)
+    source = source.model_copy(update={"shape": source.shape.model_copy(update={"tie_word_embeddings": True})})
+    predicted = estimate(FeasibilityConfig(model=source, tokens=1e6, gpu="CPU", num_gpus=1, plan=ParallelPlan(
+        zero_stage=0, precision="fp32", micro_batch_size=4)))
+    assert predicted["params"] == measured["params"]
+    predicted_bytes = predicted["memory_per_gpu_gib"]["total"] * GIB
+    assert measured["peak_growth_bytes"] == pytest.approx(predicted_bytes, rel=0.15)
+
+
+def test_cli_json_has_the_documented_keys_and_sweep(tmp_path: Path) -> None:
+    result = run_cli("estimate", "--layers", "32", "--d-model", "4096", "--heads", "32", "--ffn", "11008",
+                     "--vocab", "32000", "--seq-len", "4096", "--tokens", "2e12", "--gpu", "H100-SXM",
+                     "--num-gpus", "256", "--price-per-gpu-hour", "2.5", "--compute-budget", "1e23",
+                     "--sweep", "num-gpus=64,128,256", "--json", "--output", str(tmp_path / "est"), check=True)
+    data = json.loads(result.stdout)
+    for key in ["params", "flops_per_token", "training_flops", "gpu_hours", "wall_clock_days", "cost_usd",
+                "memory_per_gpu_gib", "fits", "recommendation", "deepspeed_config", "compute_optimal"]:
+        assert key in data
+    assert set(data["memory_per_gpu_gib"]) == {"weights", "gradients", "optimizer_states", "activations", "total"}
+    assert set(data["compute_optimal"]) >= {"params", "tokens", "predicted_loss"}
+    assert data["cost_usd"] == pytest.approx(2.5 * data["gpu_hours"])
+    assert [row["num_gpus"] for row in data["sweep"]] == [64, 128, 256]
+    assert data["sweep"][0]["wall_clock_days"] == pytest.approx(4 * data["sweep"][2]["wall_clock_days"])
+    assert (tmp_path / "est" / "sweep.png").read_bytes().startswith(b"\x89PNG")
+    assert "| GPUs | days |" in (tmp_path / "est" / "estimate.md").read_text()
+
+
+def test_model_config_path_and_custom_hardware(tmp_path: Path) -> None:
+    config = _config(*SMALL_CONFIGS[1])
+    config.save_pretrained(tmp_path / "model")
+    (tmp_path / "hw.yaml").write_text("MyChip:\n  peak_tflops: {bf16: 100}\n  memory_gib: 16\n"
+                                      "  interconnect_gb_per_s: 100\n  source: test\n")
+    out = run_cli("estimate", "--model-config", str(tmp_path / "model"), "--tokens", "1e9", "--gpu", "MyChip",
+                  "--hardware-catalog", str(tmp_path / "hw.yaml"), "--num-gpus", "1", "--mfu", "0.5", "--json", check=True)
+    data = json.loads(out.stdout)
+    assert data["params"] == shape_from_hf_config(config)[1]
+    assert data["gpu_hours"] == pytest.approx(data["training_flops"] / (0.5 * 100e12) / 3600)
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--params", "0"], "--params: Input should be greater than 0"),
+    (["--layers", "2", "--d-model", "100", "--heads", "3", "--ffn", "8", "--vocab", "9", "--seq-len", "8"],
+     "--heads (3) must divide --d-model (100)"),
+    (["--params", "1e9", "--gpu", "Z80"], "--gpu: unknown accelerator 'Z80'; known: A100-40GB"),
+    (["--params", "1e9", "--zero-stage", "4"], "--zero-stage: Input should be less than or equal to 3"),
+    (["--params", "1e9", "--mfu", "1.5"], "--mfu: Input should be less than or equal to 1"),
+    (["--params", "1e9", "--mfu", "0"], "--mfu: Input should be greater than 0"),
+    (["--params", "1e9", "--num-gpus", "6", "--tp", "4"], "--num-gpus (6) must be a positive multiple"),
+    (["--layers", "-2", "--d-model", "64", "--heads", "4", "--ffn", "8", "--vocab", "9", "--seq-len", "8"],
+     "--layers: Input should be greater than 0"),
+])
+def test_bad_flags_are_named(args: list[str], expected: str) -> None:
+    result = run_cli("estimate", "--tokens", "1e9", *args)
+    assert result.returncode == 1
+    assert expected in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_training_stage_refuses_a_run_that_does_not_fit(tmp_path: Path) -> None:
+    from tests.conftest import write_params
+
+    (tmp_path / "hw.yaml").write_text("Tiny:\n  peak_tflops: {fp32: 1}\n  memory_gib: 0.001\n"
+                                      "  interconnect_gb_per_s: 1\n  source: test\n")
+    params = write_params(tmp_path / "p.yaml", str(tmp_path / "artifacts"),
+                          estimate={"gpu": "Tiny", "hardware_catalog": str(tmp_path / "hw.yaml")})
+    for stage in ["curate", "tokenizer", "pack", "estimate"]:
+        run_cli(stage, "--config", str(params), check=True)
+    assert json.loads((tmp_path / "artifacts/estimate/estimate.json").read_text())["fits"] is False
+    refused = run_cli("pretrain", "--config", str(params))
+    assert refused.returncode == 1
+    assert "run does not fit 1 x Tiny" in refused.stderr and "recommendation:" in refused.stderr
+    assert not (tmp_path / "artifacts/pretrain").exists()
+    changed = write_params(tmp_path / "q.yaml", str(tmp_path / "artifacts"), pretrain={"max_steps": 9},
+                           estimate={"gpu": "Tiny", "hardware_catalog": str(tmp_path / "hw.yaml")})
+    stale = run_cli("pretrain", "--config", str(changed))
+    assert "the estimate is for a different run (max_steps differ)" in stale.stderr
