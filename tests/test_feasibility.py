@@ -14,11 +14,13 @@ import pytest
 
 from components.errors import ConfigError
 from components.feasibility.estimate import FeasibilityConfig, ModelSource, estimate
-from components.feasibility.flops import forward_flops_per_token, model_flops_per_token
+from components.feasibility import published
+from components.feasibility.flops import forward_flops_per_token
 from components.feasibility.memory import GIB, activation_bytes_per_layer, model_state_bytes
 from components.feasibility.plan import ParallelPlan
 from components.feasibility.scaling import compute_optimal
-from components.feasibility.shapes import ModelShape, shape_from_hf_config
+from components.feasibility.published import llama_shape
+from components.feasibility.shapes import shape_from_hf_config
 from tests.conftest import run_cli
 
 SMALL_CONFIGS = [  # (model_type, kwargs): tied/untied, MHA/GQA, SwiGLU/GELU
@@ -103,15 +105,11 @@ def test_largest_layer_and_total_match_deepspeeds_model_walk() -> None:
         assert (shape.parameter_count(), shape.largest_layer_parameters()) == (total, largest)
 
 
-GPT3_175B = ModelShape(num_layers=96, d_model=12288, num_heads=96, num_kv_heads=96, ffn_dim=4 * 12288,
-                       vocab_size=50257, seq_len=2048, mlp="gelu", tie_word_embeddings=True,
-                       learned_positions=True, norm_bias=True, linear_bias=True)
-
-
 def test_activation_memory_reduces_to_korthikanti_equations() -> None:
     """Korthikanti et al. 2022: eq. 1, eq. 2 (TP), eq. 4 (TP + SP), Sec. 5 (selective, full)."""
-    s, b, h, a, t = GPT3_175B.seq_len, 2, GPT3_175B.d_model, GPT3_175B.num_heads, 8
-    gpt3 = dict(shape=GPT3_175B, micro_batch=b, activation_bytes=2, dropout=True, flash_attention=False)
+    gpt3_shape = published.GPT3_175B
+    s, b, h, a, t = gpt3_shape.seq_len, 2, gpt3_shape.d_model, gpt3_shape.num_heads, 8
+    gpt3 = dict(shape=gpt3_shape, micro_batch=b, activation_bytes=2, dropout=True, flash_attention=False)
     assert activation_bytes_per_layer(recompute="none", **gpt3) == pytest.approx(s * b * h * (34 + 5 * a * s / h))
     assert activation_bytes_per_layer(recompute="none", tensor_parallel=t, **gpt3) == pytest.approx(
         s * b * h * (10 + 24 / t + 5 * a * s / (h * t)))
@@ -122,14 +120,11 @@ def test_activation_memory_reduces_to_korthikanti_equations() -> None:
     assert activation_bytes_per_layer(recompute="full", **gpt3) == pytest.approx(2 * s * b * h)
 
 
-def _llama(layers, d, heads, kv, ffn, vocab, seq):
-    return ModelSource(shape=ModelShape(num_layers=layers, d_model=d, num_heads=heads, num_kv_heads=kv, ffn_dim=ffn,
-                                        vocab_size=vocab, seq_len=seq))
+def _llama(layers, d, heads, kv, ffn, vocab, seq) -> ModelSource:
+    return ModelSource(shape=llama_shape(layers, d, heads, kv, ffn, vocab, seq))
 
 
-LLAMA1_65B = _llama(80, 8192, 64, 64, 22016, 32000, 2048)
-# LLaMA-1 (Touvron et al. 2023, Sec. 2.4): 65B processes ~380 tokens/s/GPU on 2048 A100-80GB.
-LLAMA1_MFU = 380 * model_flops_per_token(LLAMA1_65B.shape) / 312e12
+LLAMA1_65B = ModelSource(shape=published.LLAMA1_65B)
 
 
 def _gpu_hours(source: ModelSource, tokens: float, gpu: str, mfu: float) -> float:
@@ -138,43 +133,37 @@ def _gpu_hours(source: ModelSource, tokens: float, gpu: str, mfu: float) -> floa
 
 def test_gpt3_training_flops() -> None:
     """Brown et al. 2020, Table D.1: GPT-3 175B on 300B tokens used 3.14e23 FLOPs."""
-    result = estimate(FeasibilityConfig(model=ModelSource(shape=GPT3_175B), tokens=300e9, gpu="A100-80GB", num_gpus=1024))
+    result = estimate(FeasibilityConfig(model=ModelSource(shape=published.GPT3_175B), tokens=300e9, gpu="A100-80GB", num_gpus=1024))
     assert result["params"] == pytest.approx(175e9, rel=0.01)
     assert result["training_flops"] == pytest.approx(3.14e23, rel=0.10)
 
 
 def test_llama1_65b_gpu_hours() -> None:
     """Touvron et al. 2023 (LLaMA), Table 15: 65B, 1.4T tokens, 2048 A100-80GB, 1,022,362 GPU-hours."""
-    assert 0.45 < LLAMA1_MFU < 0.55
-    assert _gpu_hours(LLAMA1_65B, 1.4e12, "A100-80GB", LLAMA1_MFU) == pytest.approx(1_022_362, rel=0.10)
+    assert 0.45 < published.LLAMA1_MFU < 0.55
+    assert _gpu_hours(LLAMA1_65B, 1.4e12, "A100-80GB", published.LLAMA1_MFU) == pytest.approx(1_022_362, rel=0.10)
 
 
 def test_llama2_70b_gpu_hours() -> None:
     """Touvron et al. 2023 (Llama 2), Table 2: 70B (GQA, 4k context), 2T tokens, A100-80GB,
     1,720,320 GPU-hours. The paper reports no throughput, so the MFU is LLaMA-1's (same
     cluster type and code base), a prediction rather than a fit."""
-    llama2 = _llama(80, 8192, 64, 8, 28672, 32000, 4096)
-    assert _gpu_hours(llama2, 2e12, "A100-80GB", LLAMA1_MFU) == pytest.approx(1_720_320, rel=0.10)
+    llama2 = ModelSource(shape=published.LLAMA2_70B)
+    assert _gpu_hours(llama2, 2e12, "A100-80GB", published.LLAMA1_MFU) == pytest.approx(1_720_320, rel=0.10)
 
 
 @pytest.mark.parametrize("mfu", [0.38, 0.41])
 def test_llama31_405b_gpu_hours(mfu: float) -> None:
     """Llama 3 herd paper (Dubey et al. 2024): 405B on 15.6T tokens, 3.8e25 FLOPs, H100, BF16 MFU
     38-43% (Table 4; 38-41% on the 16K-GPU runs); the model card reports 30.84M H100 GPU-hours."""
-    llama31 = _llama(126, 16384, 128, 8, 53248, 128256, 8192)
+    llama31 = ModelSource(shape=published.LLAMA31_405B)
     result = estimate(FeasibilityConfig(model=llama31, tokens=15.6e12, gpu="H100-SXM", num_gpus=16384, mfu=mfu))
     assert result["params"] == pytest.approx(405e9, rel=0.01)
     assert 6 * result["params"] * 15.6e12 == pytest.approx(3.8e25, rel=0.01)  # the paper's 6ND figure
     assert result["gpu_hours"] == pytest.approx(30.84e6, rel=0.10)
 
 
-# Hoffmann et al. 2022, Table 3: (parameters, FLOPs, tokens) from Approach 1.
-CHINCHILLA_TABLE_3 = [(400e6, 1.92e19, 8.0e9), (1e9, 1.21e20, 20.2e9), (10e9, 1.23e22, 205.1e9),
-                      (67e9, 5.76e23, 1.5e12), (175e9, 3.85e24, 3.7e12), (280e9, 9.90e24, 5.9e12),
-                      (520e9, 3.43e25, 11.0e12), (1e12, 1.27e26, 21.2e12), (10e12, 1.30e28, 216.2e12)]
-
-
-@pytest.mark.parametrize(("params", "flops", "tokens"), CHINCHILLA_TABLE_3)
+@pytest.mark.parametrize(("params", "flops", "tokens"), published.CHINCHILLA_TABLE_3)
 def test_compute_optimal_reproduces_chinchilla_table_3(params: float, flops: float, tokens: float) -> None:
     """Tolerance: Table 3 extrapolates Approach 1's exponent a = 0.50 (CI 0.488-0.502); the
     Epoch AI refit has a = 0.512. An exponent difference of ~0.012 compounds to
