@@ -91,9 +91,9 @@ def display_uri(uri: str | os.PathLike[str]) -> str:
     """Normalise a URI for manifests: local paths relative to the working directory when
     inside it (so a repository's artifacts stay valid in another clone), else absolute."""
     text = os.fspath(uri)
-    if "://" in text:
+    if is_remote(text):
         return text.rstrip("/")
-    path = Path(text).absolute()
+    path = local_path(text).absolute()
     try:
         return str(path.relative_to(Path.cwd()))
     except ValueError:
@@ -102,6 +102,11 @@ def display_uri(uri: str | os.PathLike[str]) -> str:
 
 def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
+
+
+def local_path(uri: str) -> Path:
+    """The filesystem path of a local URI (a plain path or file://...)."""
+    return Path(uri.removeprefix("file://"))
 
 
 def _fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -122,10 +127,16 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _content_files(root: Path) -> list[Path]:
+    """Every file of an artifact but its own manifest and the incomplete marker, sorted."""
+    bookkeeping = {MANIFEST_NAME, INCOMPLETE_MARKER}
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.relative_to(root).as_posix() not in bookkeeping)
+
+
 def directory_content_hash(root: Path) -> str:
-    """sha256 over (relative path, file sha256) for every file but the manifest, sorted."""
+    """sha256 over (relative path, file sha256) for every content file, sorted."""
     digest = hashlib.sha256()
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+    files = _content_files(root)
     for path in files:
         digest.update(path.relative_to(root).as_posix().encode())
         digest.update(b"\0")
@@ -214,22 +225,33 @@ def materialize(ref: ArtifactRef) -> Path:
     by content hash. Either way a mismatch (a corrupt or edited artifact) is an error.
     """
     if not is_remote(ref.uri):
-        local = Path(ref.uri.removeprefix("file://"))
-    else:
-        local = _cache_root() / ref.content_hash.replace(":", "-")
-        if ref.kind == "raw":
-            local = local / Path(ref.uri).name
-        if not local.exists():
-            fs, path = _fs(ref.uri)
-            partial = local.with_name(local.name + f".partial-{uuid.uuid4().hex}")
-            fs.get(path, str(partial), recursive=ref.kind == "artifact")
-            partial.rename(local)
+        local = local_path(ref.uri)
+        _verify(local, ref)
+        return local
+    local = _cache_root() / ref.content_hash.replace(":", "-")
+    if ref.kind == "raw":
+        local = local / Path(ref.uri).name
+    if not local.exists():
+        fs, path = _fs(ref.uri)
+        partial = local.with_name(local.name + f".partial-{uuid.uuid4().hex}")
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        fs.get(path, str(partial), recursive=ref.kind == "artifact")
+        try:
+            _verify(partial, ref)  # never let a bad download into the cache
+        except ArtifactError:
+            shutil.rmtree(partial, ignore_errors=True) if partial.is_dir() else partial.unlink(missing_ok=True)
+            raise
+        partial.rename(local)
+    return local
+
+
+def _verify(local: Path, ref: ArtifactRef) -> None:
     actual = "sha256:" + file_sha256(local) if ref.kind == "raw" else directory_content_hash(local)
     if actual != ref.content_hash:
         raise ArtifactError(
-            f"{ref.uri}: content hash {actual[:19]} does not match its manifest ({ref.content_hash[:19]}); the artifact is corrupt or was edited"
+            f"{ref.uri}: content hash {actual[:19]} does not match its manifest ({ref.content_hash[:19]}); "
+            "the artifact is corrupt or was edited"
         )
-    return local
 
 
 # --------------------------------------------------------------------------- writing
@@ -263,28 +285,37 @@ def _is_empty_location(uri: str) -> bool:
     if not fs.isdir(path):
         return False
     entries = [Path(e).name for e in fs.ls(path, detail=False)]
-    return not entries or entries == [INCOMPLETE_MARKER] or INCOMPLETE_MARKER in entries
+    return not entries or INCOMPLETE_MARKER in entries  # an interrupted write may be replaced
 
 
 def _publish_local(staging: Path, dest: Path) -> None:
     """Swap the finished staging directory into place with renames on one filesystem."""
-    if dest.exists():
-        retired = dest.with_name(f".{dest.name}.retired-{uuid.uuid4().hex[:8]}")
-        dest.rename(retired)
+    if not dest.exists():
         staging.rename(dest)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
+        return
+    retired = dest.with_name(f".{dest.name}.retired-{uuid.uuid4().hex[:8]}")
+    dest.rename(retired)
+    try:
         staging.rename(dest)
+    except OSError:
+        retired.rename(dest)  # put the previous artifact back
+        raise
+    shutil.rmtree(retired, ignore_errors=True)
 
 
 def _publish_remote(staging: Path, dest: str) -> None:
-    """Object stores have no rename: mark incomplete, upload, write the manifest, unmark."""
+    """Object stores have no rename: unpublish what was there (its manifest first, so it is
+    never complete and half-replaced), mark incomplete, upload, write the manifest, unmark.
+    An overwrite on an object store is therefore not atomic: once it starts, the previous
+    version is gone (keep history with bucket versioning or the DVC remote)."""
     fs, path = _fs(dest)
     path = path.rstrip("/")
+    if fs.exists(f"{path}/{MANIFEST_NAME}"):
+        fs.rm_file(f"{path}/{MANIFEST_NAME}")
     if fs.exists(path):
         fs.rm(path, recursive=True)
     fs.pipe_file(f"{path}/{INCOMPLETE_MARKER}", b"")
-    for local in sorted(p for p in staging.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
+    for local in _content_files(staging):
         fs.put_file(str(local), f"{path}/{local.relative_to(staging).as_posix()}")
     fs.put_file(str(staging / MANIFEST_NAME), f"{path}/{MANIFEST_NAME}")
     fs.rm_file(f"{path}/{INCOMPLETE_MARKER}")
@@ -307,12 +338,13 @@ def produce(
     `build(out_dir, input_paths)` writes the artifact's files into `out_dir` and returns its
     metrics. If `dest` already holds the artifact this exact config and these inputs make,
     it is returned untouched (no work). If it holds a different artifact, that is an error
-    unless `overwrite` is set. A failure anywhere leaves `dest` as it was.
+    unless `overwrite` is set, which also forces a rebuild of an up-to-date one. A failure
+    anywhere leaves `dest` as it was.
     """
     input_refs = {name: input_ref(uri) for name, uri in inputs.items()}
     key = cache_key(spec, config, input_refs)
     existing = try_read_manifest(dest)
-    if existing is not None and existing.cache_key == key:
+    if existing is not None and existing.cache_key == key and not overwrite:
         log.info("%s: up to date at %s", spec.name, dest)
         return existing
     if not overwrite and existing is not None:
@@ -329,7 +361,9 @@ def produce(
     if remote:
         staging = Path(tempfile.mkdtemp(prefix="crucible-staging-"))
     else:
-        dest_path = Path(dest)
+        dest_path = local_path(dest).absolute()
+        if dest_path == Path(dest_path.anchor) or dest_path == Path.cwd():
+            raise ArtifactError(f"{dest}: an artifact needs a directory of its own, not the root or the working directory")
         dest_path.parent.mkdir(parents=True, exist_ok=True)
         staging = dest_path.with_name(f".{dest_path.name}.staging-{uuid.uuid4().hex[:8]}")
         staging.mkdir()
@@ -353,7 +387,7 @@ def produce(
         if remote:
             _publish_remote(staging, dest)
         else:
-            _publish_local(staging, Path(dest))
+            _publish_local(staging, dest_path)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -397,5 +431,8 @@ def lineage_lines(
             lines.append(f"{child_indent}{name}: {ref.uri}  [raw] {ref.content_hash[:19]}  {state}")
         else:
             lines.append(f"{child_indent}{name}:")
-            lines.extend(lineage_lines(ref.uri, child_indent + "  ", ref.content_hash, seen))
+            try:
+                lines.extend(lineage_lines(ref.uri, child_indent + "  ", ref.content_hash, seen))
+            except ArtifactError as error:
+                lines.append(f"{child_indent}  {ref.uri}  MISSING now ({error})")
     return lines

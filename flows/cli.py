@@ -52,6 +52,8 @@ def _build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--output", metavar="URI", help="Output artifact (default: ARTIFACTS_ROOT/%s)." % stage.name)
         sub.add_argument("--overwrite", action="store_true",
                          help="Replace an output location that holds a different artifact.")
+        if stage.name == "estimate":
+            sub.set_defaults(config=None)  # so an explicit --config can be told from the default
     return parser
 
 
@@ -85,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             estimate_cli.run_adhoc(args)
         else:
             stage = STAGES_BY_NAME[args.command]
-            params = load_params(args.config)
+            params = load_params(args.config or DEFAULT_PARAMS_FILE)
             overrides = {k: getattr(args, k) for k in stage.inputs if getattr(args, k) is not None}
             manifest = run_stage(stage, params, overrides, dest=args.output, overwrite=args.overwrite)
             print(f"{stage.name}: {manifest.output.uri} {manifest.output.content_hash[:19]}")

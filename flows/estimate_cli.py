@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from components.errors import ConfigError
-from components.feasibility.estimate import FeasibilityConfig, estimate, render_markdown, run_estimate
+from components.feasibility.estimate import FeasibilityConfig, estimate, read_estimate, render_markdown, run_estimate
 
 # config key path -> the flag a user typed, so errors name the flag
 FLAGS = {
@@ -35,43 +35,70 @@ SHAPE_FLAGS = {"layers": "num_layers", "d_model": "d_model", "heads": "num_heads
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every estimator flag defaults to None: unset flags take FeasibilityConfig's defaults,
+    and a flag given where it has no effect is an error rather than silently ignored."""
     model = parser.add_argument_group("model (one of: --model-config, the shape flags, --params)")
     model.add_argument("--model-config", help="transformers config.json, or a directory holding one")
     for flag in SHAPE_FLAGS:
         model.add_argument(f"--{flag.replace('_', '-')}", type=int)
-    model.add_argument("--mlp", choices=["swiglu", "gelu"], default=None, help="MLP type for shape flags (default swiglu)")
-    model.add_argument("--tie-embeddings", action="store_true", help="input and output embeddings shared")
+    model.add_argument("--mlp", choices=["swiglu", "gelu"], help="MLP type for the shape flags (default swiglu)")
+    model.add_argument("--tie-embeddings", action="store_true", default=None, help="shape flags: shared embeddings")
     model.add_argument("--params", type=float, help="parameter count only (6N FLOPs; no activation estimate)")
     run = parser.add_argument_group("run and hardware")
-    run.add_argument("--tokens", type=float, help="training tokens")
-    run.add_argument("--gpu", default="H100-SXM", help="accelerator name (see the catalog; default %(default)s)")
-    run.add_argument("--num-gpus", type=int, default=8)
-    run.add_argument("--gpus-per-node", type=int, default=8)
+    run.add_argument("--tokens", type=float, help="training tokens (required)")
+    run.add_argument("--gpu", help="accelerator name from the catalog (default H100-SXM)")
+    run.add_argument("--num-gpus", type=int, help="default 8")
+    run.add_argument("--gpus-per-node", type=int, help="default 8")
     run.add_argument("--hardware-catalog", help="YAML file extending the accelerator catalog")
-    run.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation (default %(default)s)")
+    run.add_argument("--mfu", type=float, help="model FLOPs utilisation (default 0.4)")
     run.add_argument("--price-per-gpu-hour", type=float)
     run.add_argument("--compute-budget", type=float, help="FLOP budget: adds compute_optimal params/tokens/loss")
-    run.add_argument("--scaling-law", choices=["epoch2024", "chinchilla", "tokens_per_param"], default="epoch2024")
+    run.add_argument("--scaling-law", choices=["epoch2024", "chinchilla", "tokens_per_param"], help="default epoch2024")
     plan = parser.add_argument_group("parallelism")
-    plan.add_argument("--zero-stage", type=int, default=1)
-    plan.add_argument("--offload-optimizer", action="store_true")
-    plan.add_argument("--offload-params", action="store_true")
-    plan.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
-    plan.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree")
-    plan.add_argument("--sequence-parallel", action="store_true")
-    plan.add_argument("--activation-checkpointing", choices=["none", "selective", "full"], default="none")
-    plan.add_argument("--micro-batch", type=int, default=1)
-    plan.add_argument("--grad-accum", type=int, default=1)
-    plan.add_argument("--precision", choices=["bf16", "fp16", "fp8", "fp32"], default="bf16")
-    plan.add_argument("--no-flash-attention", action="store_true", help="attention that stores s x s scores")
-    plan.add_argument("--dropout", action="store_true")
+    plan.add_argument("--zero-stage", type=int, help="default 1")
+    plan.add_argument("--offload-optimizer", action="store_true", default=None)
+    plan.add_argument("--offload-params", action="store_true", default=None)
+    plan.add_argument("--tp", type=int, help="tensor-parallel degree (default 1)")
+    plan.add_argument("--pp", type=int, help="pipeline-parallel degree (default 1)")
+    plan.add_argument("--sequence-parallel", action="store_true", default=None)
+    plan.add_argument("--activation-checkpointing", choices=["none", "selective", "full"])
+    plan.add_argument("--micro-batch", type=int, help="default 1")
+    plan.add_argument("--grad-accum", type=int, help="default 1")
+    plan.add_argument("--precision", choices=["bf16", "fp16", "fp8", "fp32"], help="default bf16")
+    plan.add_argument("--no-flash-attention", action="store_true", default=None, help="attention that stores s x s scores")
+    plan.add_argument("--dropout", action="store_true", default=None)
     out = parser.add_argument_group("output")
     out.add_argument("--sweep", help="what-if sweep, e.g. num-gpus=64,128,256")
-    out.add_argument("--json", action="store_true", help="print one JSON object")
+    out.add_argument("--json", action="store_true", default=None, help="print one JSON object")
+
+
+RUN_FLAGS = {"tokens": "tokens", "gpu": "gpu", "num_gpus": "num_gpus", "mfu": "mfu",
+             "price_per_gpu_hour": "price_per_gpu_hour", "compute_budget": "compute_budget_flops",
+             "scaling_law": "scaling_law", "hardware_catalog": "hardware_catalog"}
+PLAN_FLAGS = {"zero_stage": "zero_stage", "offload_optimizer": "offload_optimizer", "offload_params": "offload_params",
+              "tp": "tensor_parallel", "pp": "pipeline_parallel", "sequence_parallel": "sequence_parallel",
+              "activation_checkpointing": "activation_checkpointing", "micro_batch": "micro_batch_size",
+              "grad_accum": "gradient_accumulation_steps", "precision": "precision", "dropout": "dropout",
+              "gpus_per_node": "gpus_per_node"}
+ADHOC_ONLY = [*SHAPE_FLAGS, "model_config", "params", "mlp", "tie_embeddings", *RUN_FLAGS, *PLAN_FLAGS,
+              "no_flash_attention", "sweep", "json"]
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def wants_adhoc(args: argparse.Namespace) -> bool:
-    return any(getattr(args, name) is not None for name in ("model_config", "params", *SHAPE_FLAGS))
+    """Model flags select the ad-hoc estimator; any other estimator flag without them is an error."""
+    if any(getattr(args, name) is not None for name in ("model_config", "params", *SHAPE_FLAGS)):
+        if args.tokenizer is not None or args.config is not None:
+            raise ConfigError("--config/--tokenizer: only for the pipeline stage (no model flags)")
+        return True
+    stray = [_flag(name) for name in ADHOC_ONLY if getattr(args, name) is not None]
+    if stray:
+        raise ConfigError(f"{', '.join(stray)}: need a model (--model-config, the shape flags or --params); "
+                          "without one `crucible estimate` runs the pipeline stage from the params file")
+    return False
 
 
 def _sweep(text: str | None) -> list[int]:
@@ -86,30 +113,35 @@ def _sweep(text: str | None) -> list[int]:
         raise ConfigError(f"--sweep: GPU counts must be integers (got {values!r})") from None
 
 
+def _given(args: argparse.Namespace, mapping: dict[str, str]) -> dict[str, Any]:
+    return {key: getattr(args, flag) for flag, key in mapping.items() if getattr(args, flag) is not None}
+
+
 def config_from_args(args: argparse.Namespace) -> FeasibilityConfig:
-    model: dict[str, Any] = {}
+    shape_given = [flag for flag in SHAPE_FLAGS if flag != "seq_len" and getattr(args, flag) is not None]
+    sources = [name for name, on in (("--model-config", args.model_config is not None),
+                                     ("--params", args.params is not None), ("shape flags", bool(shape_given))) if on]
+    if len(sources) > 1:
+        raise ConfigError(f"{' and '.join(sources)}: give exactly one way to describe the model")
+    if not shape_given and (args.mlp is not None or args.tie_embeddings):
+        raise ConfigError("--mlp/--tie-embeddings: only with the shape flags (a config file says these itself)")
+    if args.params is not None and args.seq_len is not None:
+        raise ConfigError("--seq-len: has no effect with --params (no attention or activation estimate)")
     if args.model_config is not None:
-        model = {"config_path": args.model_config, "seq_len": args.seq_len}
+        model: dict[str, Any] = {"config_path": args.model_config, "seq_len": args.seq_len}
     elif args.params is not None:
         model = {"params": args.params}
-    if any(getattr(args, f) is not None for f in SHAPE_FLAGS if f != "seq_len") or (not model and args.seq_len):
-        model["shape"] = {key: getattr(args, flag) for flag, key in SHAPE_FLAGS.items() if getattr(args, flag) is not None}
-        model["shape"].update({"mlp": args.mlp or "swiglu", "tie_word_embeddings": args.tie_embeddings})
-        model["shape"].setdefault("num_kv_heads", model["shape"].get("num_heads"))
+    else:
+        shape = _given(args, SHAPE_FLAGS)
+        shape.update({"mlp": args.mlp or "swiglu", "tie_word_embeddings": bool(args.tie_embeddings)})
+        shape.setdefault("num_kv_heads", shape.get("num_heads"))
+        model = {"shape": shape}
     if args.tokens is None:
         raise ConfigError("--tokens: required (training tokens)")
-    data = {
-        "model": model, "tokens": args.tokens, "gpu": args.gpu, "num_gpus": args.num_gpus, "mfu": args.mfu,
-        "price_per_gpu_hour": args.price_per_gpu_hour, "compute_budget_flops": args.compute_budget,
-        "scaling_law": args.scaling_law, "hardware_catalog": args.hardware_catalog, "sweep_num_gpus": _sweep(args.sweep),
-        "plan": {
-            "zero_stage": args.zero_stage, "offload_optimizer": args.offload_optimizer, "offload_params": args.offload_params,
-            "tensor_parallel": args.tp, "pipeline_parallel": args.pp, "sequence_parallel": args.sequence_parallel,
-            "activation_checkpointing": args.activation_checkpointing, "micro_batch_size": args.micro_batch,
-            "gradient_accumulation_steps": args.grad_accum, "precision": args.precision,
-            "flash_attention": not args.no_flash_attention, "dropout": args.dropout, "gpus_per_node": args.gpus_per_node,
-        },
-    }
+    plan = _given(args, PLAN_FLAGS)
+    if args.no_flash_attention:
+        plan["flash_attention"] = False
+    data = {"model": model, **_given(args, RUN_FLAGS), "sweep_num_gpus": _sweep(args.sweep), "plan": plan}
     try:
         return FeasibilityConfig.model_validate(data)
     except ValidationError as error:
@@ -124,7 +156,5 @@ def config_from_args(args: argparse.Namespace) -> FeasibilityConfig:
 
 def run_adhoc(args: argparse.Namespace) -> None:
     config = config_from_args(args)
-    result = estimate(config)
-    if args.output:
-        run_estimate(config, args.output, overwrite=args.overwrite)
+    result = read_estimate(run_estimate(config, args.output, args.overwrite)) if args.output else estimate(config)
     print(json.dumps(result, indent=2) if args.json else render_markdown(result))

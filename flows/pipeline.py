@@ -22,7 +22,7 @@ from components.artifacts import (
     ArtifactRef, Manifest, cache_key, input_ref, materialize, orchestrator_run_id, try_read_manifest,
 )
 from components.config import StrictConfig
-from components.feasibility.estimate import FeasibilityConfig, estimate, render_markdown, run_estimate
+from components.feasibility.estimate import FeasibilityConfig, estimate, read_estimate, render_markdown, run_estimate
 from flows.params import DEFAULT_PARAMS_FILE, PipelineParams, load_params
 from flows.stages import STAGES, STAGES_BY_NAME, Stage
 
@@ -62,7 +62,10 @@ def submit_stage(
     state = component_task.with_options(name=stage.name, refresh_cache=not output_current)(
         stage.name, config, inputs, dest, overwrite, return_state=True
     )
-    return state.result(), state.name == "Cached"
+    manifest = state.result()
+    # The manifest on disk is the truth: a driver (DVC, the CLI) may have rebuilt the output
+    # with the same key since Prefect cached its result.
+    return (existing if output_current else manifest), state.name == "Cached"
 
 
 def _metrics_rows(manifest: Manifest) -> list[dict[str, Any]]:
@@ -132,17 +135,17 @@ def pipeline(params_file: str = DEFAULT_PARAMS_FILE, params: PipelineParams | No
 
 
 @task(name="estimate")
-def estimate_task(config: FeasibilityConfig) -> dict[str, Any]:
-    return estimate(config)
+def estimate_task(config: FeasibilityConfig, output: str | None) -> dict[str, Any]:
+    if output is None:
+        return estimate(config)
+    return read_estimate(run_estimate(config, output, overwrite=True))
 
 
 @flow(name="feasibility", description="Estimate FLOPs, memory, time, cost and a DeepSpeed plan for any run.")
 def feasibility_flow(config: FeasibilityConfig, output: str | None = None) -> dict[str, Any]:
     """The estimator on its own (what `crucible estimate` computes), with a Prefect report;
     `output` also publishes it as an artifact."""
-    result = estimate_task(config)
-    if output is not None:
-        run_estimate(config, output, overwrite=True)
+    result = estimate_task(config, output)
     create_markdown_artifact(key="feasibility-estimate", markdown=render_markdown(result))
     return result
 

@@ -174,3 +174,24 @@ def test_s3_artifacts_round_trip(tmp_path: Path, raw: Path, monkeypatch: pytest.
     finally:
         fsspec.config.conf.pop("s3", None)
         server.stop()
+
+
+def test_overwrite_forces_a_rebuild_and_file_uris_are_local_paths(tmp_path: Path, raw: Path) -> None:
+    calls: list[str] = []
+    dest = f"file://{tmp_path}/out"
+    upper(UpperConfig(), str(raw), dest, calls)
+    assert (tmp_path / "out" / MANIFEST_NAME).is_file()
+    upper(UpperConfig(), str(raw), dest, calls)
+    upper(UpperConfig(), str(raw), dest, calls, overwrite=True)
+    assert len(calls) == 2
+    with pytest.raises(ArtifactError, match="needs a directory of its own"):
+        upper(UpperConfig(), str(raw), "/", calls, overwrite=True)
+
+
+def test_lineage_reports_a_missing_upstream(tmp_path: Path, raw: Path) -> None:
+    import shutil
+
+    upper(UpperConfig(), str(raw), str(tmp_path / "a"))
+    upper(UpperConfig(), str(tmp_path / "a"), str(tmp_path / "b"))
+    shutil.rmtree(tmp_path / "a")
+    assert "MISSING now" in "\n".join(lineage_lines(str(tmp_path / "b")))

@@ -317,3 +317,68 @@ def test_training_stage_refuses_a_run_that_does_not_fit(tmp_path: Path) -> None:
                            estimate={"gpu": "Tiny", "hardware_catalog": str(tmp_path / "hw.yaml")})
     stale = run_cli("pretrain", "--config", str(changed))
     assert "the estimate is for a different run (max_steps differ)" in stale.stderr
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--gpu", "L4"], "--gpu: need a model"),
+    (["--params", "1e9", "--tokens", "1e9", "--mlp", "gelu"], "--mlp/--tie-embeddings: only with the shape flags"),
+    (["--params", "1e9", "--tokens", "1e9", "--seq-len", "2048"], "--seq-len: has no effect with --params"),
+    (["--params", "1e9", "--tokens", "1e9", "--layers", "2"], "--params and shape flags: give exactly one"),
+    (["--params", "1e9", "--tokens", "1e9", "--config", "params.yaml"], "--config/--tokenizer: only for the pipeline"),
+])
+def test_flags_that_would_be_ignored_are_refused(args: list[str], expected: str) -> None:
+    result = run_cli("estimate", *args)
+    assert result.returncode == 1 and expected in result.stderr, result.stderr
+
+
+def test_estimate_artifact_records_its_files_and_changes_with_them(tmp_path: Path) -> None:
+    config = _config(*SMALL_CONFIGS[0])
+    config.save_pretrained(tmp_path / "model")
+    catalog = tmp_path / "hw.yaml"
+    catalog.write_text("Chip:\n  peak_tflops: {bf16: 100}\n  memory_gib: 16\n  interconnect_gb_per_s: 1\n  source: t\n")
+    args = ["estimate", "--model-config", str(tmp_path / "model"), "--tokens", "1e9", "--gpu", "Chip",
+            "--hardware-catalog", str(catalog), "--num-gpus", "1", "--json", "--output", str(tmp_path / "est")]
+    first = json.loads(run_cli(*args, check=True).stdout)
+    manifest = json.loads((tmp_path / "est/manifest.json").read_text())
+    assert manifest["inputs"]["model_config"]["uri"].endswith("model/config.json")
+    assert manifest["inputs"]["hardware_catalog"]["kind"] == "raw"
+    catalog.write_text(catalog.read_text().replace("bf16: 100", "bf16: 200"))
+    refused = run_cli(*args)
+    assert "already holds a different artifact" in refused.stderr  # the edit is seen, not served stale
+    second = json.loads(run_cli(*args, "--overwrite", check=True).stdout)
+    assert second["gpu_hours"] == pytest.approx(first["gpu_hours"] / 2)
+
+
+def test_unsupported_model_types_are_refused(tmp_path: Path) -> None:
+    from transformers import AutoConfig
+
+    AutoConfig.for_model("gpt_neox", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=256, vocab_size=100).save_pretrained(tmp_path / "neox")
+    result = run_cli("estimate", "--model-config", str(tmp_path / "neox"), "--tokens", "1e9")
+    assert result.returncode == 1
+    assert "model_type 'gpt_neox' is not supported by the shape reader" in result.stderr
+
+
+def test_plan_search_keeps_the_global_batch_while_it_can() -> None:
+    # fp32 on 4 GPUs: nothing but more GPUs makes room for the sharded weights and gradients
+    config = FeasibilityConfig(model=LLAMA1_65B, tokens=1e12, gpu="A100-80GB", num_gpus=4,
+                               plan=ParallelPlan(zero_stage=3, activation_checkpointing="full", micro_batch_size=1,
+                                                 gradient_accumulation_steps=64, precision="fp32"))
+    result = estimate(config)
+    recommendation = result["recommendation"]
+    assert recommendation["fits"] and recommendation["num_gpus"] > 4
+    ds = result["deepspeed_config"]
+    assert ds["train_batch_size"] == 1 * 64 * 4  # more GPUs, proportionally less accumulation
+    assert ds["gradient_accumulation_steps"] == 64 * 4 // recommendation["num_gpus"]
+
+
+def test_gate_refuses_targets_the_trainer_does_not_run(tmp_path: Path) -> None:
+    from tests.conftest import write_params
+
+    params = write_params(tmp_path / "p.yaml", str(tmp_path / "artifacts"),
+                          estimate={"gpu": "H100-SXM", "num_gpus": 8, "zero_stage": 2, "precision": "bf16"})
+    for stage in ["curate", "tokenizer", "pack", "estimate"]:
+        run_cli(stage, "--config", str(params), check=True)
+    refused = run_cli("pretrain", "--config", str(params))
+    assert refused.returncode == 1
+    assert "the trainer cannot run the estimated target: estimate.num_gpus=8" in refused.stderr

@@ -47,6 +47,8 @@ def format_record(template: str, record: dict[str, Any], where: str) -> str:
         return template.format_map(record)
     except KeyError as error:
         raise DataError(f"{where}: missing field {error.args[0]!r} (record has {sorted(record)})") from None
+    except (IndexError, ValueError, AttributeError) as error:
+        raise DataError(f"text_template {template!r} cannot be filled from a record: {error}") from None
 
 
 def write_shards(out_dir: Path, columns: dict[str, Sequence[Any]], rows_per_shard: int) -> int:

@@ -83,7 +83,7 @@ def _memory(shape: ModelShape | None, params: int, plan: ParallelPlan, gpus: int
     largest = shape.largest_layer_parameters() / plan.tensor_parallel if shape else params / 100
     states = model_state_bytes(
         params / model_parallel, largest, plan.zero_stage, data_parallel, min(plan.gpus_per_node, gpus),
-        max(1, gpus // plan.gpus_per_node), plan.mixed_precision, plan.offload_optimizer, plan.offload_params,
+        -(-gpus // plan.gpus_per_node), plan.mixed_precision, plan.offload_optimizer, plan.offload_params,
     )
     activations = 0.0
     if shape is not None:
@@ -156,6 +156,7 @@ def estimate(config: FeasibilityConfig) -> dict[str, Any]:
         "tokens": config.tokens,
         "gpu": config.gpu,
         "num_gpus": config.num_gpus,
+        "interconnect_gb_per_s": device.interconnect_gb_per_s,
         "mfu": config.mfu,
         "hfu": config.mfu * hardware_flops / flops_per_token,
         "tokens_per_s_per_gpu": config.mfu * device.peak_flops_per_s(plan.precision) / flops_per_token,
@@ -173,12 +174,11 @@ def estimate(config: FeasibilityConfig) -> dict[str, Any]:
         result["compute_optimal"] = {**compute_optimal(config.compute_budget_flops, config.scaling_law),
                                      "scaling_law": config.scaling_law}
     if config.sweep_num_gpus:
-        result["sweep"] = [
-            {"num_gpus": gpus, **_time_and_cost(config, training_flops, device, gpus),
-             "memory_per_gpu_gib": _memory(shape, params, plan, gpus)["total"],
-             "fits": _memory(shape, params, plan, gpus)["total"] <= limit_gib}
-            for gpus in config.sweep_num_gpus
-        ]
+        result["sweep"] = []
+        for gpus in config.sweep_num_gpus:
+            total = _memory(shape, params, plan, gpus)["total"]
+            result["sweep"].append({"num_gpus": gpus, **_time_and_cost(config, training_flops, device, gpus),
+                                    "memory_per_gpu_gib": total, "fits": total <= limit_gib})
     return result
 
 
@@ -259,16 +259,33 @@ def _summary_metrics(result: dict[str, Any]) -> dict[str, Any]:
         "memory_per_gpu_gib": result["memory_per_gpu_gib"]["total"]}
 
 
+def file_inputs(config: FeasibilityConfig) -> dict[str, str]:
+    """Files the estimate reads, recorded (and hashed) as raw inputs: editing them changes it."""
+    inputs = {}
+    if config.model.config_path:
+        path = Path(config.model.config_path)
+        inputs["model_config"] = str(path / "config.json" if path.is_dir() else path)
+    if config.hardware_catalog:
+        inputs["hardware_catalog"] = config.hardware_catalog
+    return inputs
+
+
 def run_estimate(config: FeasibilityConfig, dest: str, overwrite: bool = False) -> Manifest:
     """Estimate and publish `estimate.json`, `estimate.md` (and `sweep.png`) as an artifact."""
-    inputs = {"model_config": config.model.config_path} if config.model.config_path else {}
 
     def build(out_dir: Path, paths: dict[str, Path]) -> dict[str, Any]:
         result = estimate(config)
         write_estimate(result, out_dir)
         return _summary_metrics(result)
 
-    return produce(SPEC, config, inputs, dest, build, overwrite=overwrite)
+    return produce(SPEC, config, file_inputs(config), dest, build, overwrite=overwrite)
+
+
+def read_estimate(manifest: Manifest) -> dict[str, Any]:
+    """The estimate.json of a published estimate artifact."""
+    from components.artifacts import materialize
+
+    return json.loads((materialize(manifest.output) / ESTIMATE_FILE).read_text(encoding="utf-8"))
 
 
 class NotFeasibleError(ConfigError):

@@ -61,7 +61,10 @@ def load_catalog(extra_yaml: str | Path | None = None) -> dict[str, Accelerator]
     path = Path(extra_yaml)
     if not path.is_file():
         raise ConfigError(f"{path}: hardware catalog not found")
-    entries = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        entries = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}".replace("\n", " ")) from None
     if not isinstance(entries, dict):
         raise ConfigError(f"{path}: expected a mapping of accelerator name -> fields")
     for name, fields in entries.items():

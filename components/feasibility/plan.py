@@ -84,7 +84,7 @@ def _more_recompute(plan: ParallelPlan, gpus: int):
 
 
 def _halve_micro_batch(plan: ParallelPlan, gpus: int):
-    if plan.micro_batch_size == 1:
+    if plan.micro_batch_size % 2:  # keep the global batch: micro x accumulation x data parallel
         return None
     return plan.model_copy(update={
         "micro_batch_size": plan.micro_batch_size // 2,
@@ -105,6 +105,10 @@ def _offload_params(plan: ParallelPlan, gpus: int):
 
 
 def _double_gpus(plan: ParallelPlan, gpus: int):
+    """More data parallelism, with half the accumulation so the global batch stays the same;
+    once accumulation is 1 the global batch doubles (said in the change's description)."""
+    if plan.gradient_accumulation_steps % 2 == 0:
+        return plan.model_copy(update={"gradient_accumulation_steps": plan.gradient_accumulation_steps // 2}), gpus * 2
     return plan, gpus * 2
 
 
@@ -117,7 +121,7 @@ CHANGES: tuple[Change, ...] = (
     ("halve micro-batch, double gradient accumulation", _halve_micro_batch),
     ("offload optimizer states to CPU", _offload_optimizer),
     ("offload parameters to CPU", _offload_params),
-    ("double the number of GPUs", _double_gpus),
+    ("double the number of GPUs (global batch kept while accumulation allows)", _double_gpus),
 )
 
 

@@ -81,6 +81,11 @@ class ModelShape(StrictConfig):
         return max(self.embedding_parameters(), self.d_model * self.ffn_dim, self.d_model * self.d_model)
 
 
+# Decoder-only families whose layers the shape describes exactly (checked against the
+# instantiated parameter count on every read).
+SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "gpt2"}
+
+
 def _get(config: Any, *names: str, default: Any = None) -> Any:
     for name in names:
         value = getattr(config, name, None)
@@ -107,8 +112,16 @@ def shape_from_hf_config(config_or_path: Any, seq_len: int | None = None) -> tup
             raise ConfigError(f"--model-config: {path}: not valid JSON ({error.msg})") from None
         if "model_type" not in data:
             raise ConfigError(f"--model-config: {path}: missing key 'model_type'")
-        config = AutoConfig.for_model(**data)
+        try:
+            config = AutoConfig.for_model(**data)
+        except ValueError as error:
+            raise ConfigError(f"--model-config: {path}: {error}") from None
     model_type = config.model_type
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"--model-config: model_type {model_type!r} is not supported by the shape reader "
+            f"(supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))}); give the shape flags instead"
+        )
     gpt2_style = model_type in {"gpt2"}
     d_model = _get(config, "hidden_size", "n_embd")
     heads = _get(config, "num_attention_heads", "n_head")
@@ -127,9 +140,17 @@ def shape_from_hf_config(config_or_path: Any, seq_len: int | None = None) -> tup
         norm_bias=gpt2_style,
         linear_bias=gpt2_style or bool(getattr(config, "attention_bias", False)),
     )
+    head_dim = getattr(config, "head_dim", None)
+    if head_dim is not None and head_dim != shape.head_dim:
+        raise ConfigError(f"--model-config: head_dim {head_dim} differs from hidden_size / heads ({shape.head_dim}); not supported")
     import torch
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     exact = sum(p.numel() for p in model.parameters())  # shared (tied) tensors are yielded once
+    if exact != shape.parameter_count():  # the shape would give wrong FLOPs and memory
+        raise ConfigError(
+            f"--model-config: the {model_type} model has {exact:,} parameters but its shape accounts for "
+            f"{shape.parameter_count():,}; this variant is not supported, give the shape flags instead"
+        )
     return shape, exact

@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import Field
 
 from components.artifacts import ComponentSpec, Manifest, produce, read_manifest
-from components.config import StrictConfig
+from components.config import StrictConfig, validate_config
 from components.feasibility.estimate import (
     ESTIMATE_FILE, FeasibilityConfig, ModelSource, NotFeasibleError, _summary_metrics, estimate, write_estimate,
 )
@@ -72,6 +72,9 @@ def feasibility_config(config: TrainingEstimateConfig, vocab_size: int) -> Feasi
 
 def estimate_training(config: TrainingEstimateConfig, tokenizer: str, dest: str, overwrite: bool = False) -> Manifest:
     """Estimate the pretraining run `config` describes, with the vocabulary of `tokenizer`."""
+    inputs = {"tokenizer": tokenizer}
+    if config.target.hardware_catalog:
+        inputs["hardware_catalog"] = config.target.hardware_catalog
 
     def build(out_dir: Path, paths: dict[str, Path]) -> dict[str, Any]:
         from transformers import AutoTokenizer
@@ -81,13 +84,26 @@ def estimate_training(config: TrainingEstimateConfig, tokenizer: str, dest: str,
         write_estimate(result, out_dir)
         return _summary_metrics(result)
 
-    return produce(SPEC, config, {"tokenizer": tokenizer}, dest, build, overwrite=overwrite)
+    return produce(SPEC, config, inputs, dest, build, overwrite=overwrite)
+
+
+# What the single-process trainer runs today; an estimate for anything else would approve a
+# run the trainer does not make.
+SINGLE_PROCESS_TARGET = {"num_gpus": 1, "zero_stage": 0, "precision": "fp32", "activation_checkpointing": "none"}
 
 
 def require_feasible(estimate_dir: Path, model: ModelConfig, seq_len_tokens: int, batch_size_blocks: int,
-                     max_steps: int) -> dict[str, Any]:
-    """The gate: the estimate must describe this run and say it fits; returns the estimate."""
-    planned = TrainingEstimateConfig.model_validate(read_manifest(str(estimate_dir)).config)
+                     max_steps: int, supported: dict[str, Any] = SINGLE_PROCESS_TARGET) -> dict[str, Any]:
+    """The gate: the estimate must describe this run, on a target the trainer supports, and
+    say it fits; returns the estimate."""
+    manifest = read_manifest(str(estimate_dir))
+    if manifest.component.name != SPEC.name:
+        raise NotFeasibleError(f"{estimate_dir}: expected a training estimate ({SPEC.name}), found {manifest.component.name}")
+    planned = validate_config(TrainingEstimateConfig, manifest.config, f"{estimate_dir}/manifest.json: config")
+    unsupported = [f"estimate.{key}={getattr(planned.target, key)!r} (trainer runs {value!r})"
+                   for key, value in supported.items() if getattr(planned.target, key) != value]
+    if unsupported:
+        raise NotFeasibleError(f"the trainer cannot run the estimated target: {', '.join(unsupported)}")
     run = {"model": model, "seq_len_tokens": seq_len_tokens, "batch_size_blocks": batch_size_blocks, "max_steps": max_steps}
     differing = [key for key, value in run.items() if getattr(planned, key) != value]
     if differing:
