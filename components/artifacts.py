@@ -211,7 +211,14 @@ def input_ref(uri: str) -> ArtifactRef:
         return ArtifactRef(uri=display_uri(uri), content_hash=content_hash, kind="raw")
     if not fs.exists(path):
         raise ArtifactError(f"{uri}: input not found")
+    if try_read_manifest(uri) is None and not is_remote(uri) and _is_hf_dataset(local_path(uri)):
+        return ArtifactRef(uri=display_uri(uri), content_hash=directory_content_hash(local_path(uri)), kind="raw")
     return read_manifest(uri).output.model_copy(update={"uri": display_uri(uri)})
+
+
+def _is_hf_dataset(path: Path) -> bool:
+    """A `datasets.Dataset.save_to_disk` directory: raw input, hashed over its files."""
+    return (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
 
 
 def _cache_root() -> Path:
@@ -228,14 +235,12 @@ def materialize(ref: ArtifactRef) -> Path:
         local = local_path(ref.uri)
         _verify(local, ref)
         return local
-    local = _cache_root() / ref.content_hash.replace(":", "-")
-    if ref.kind == "raw":
-        local = local / Path(ref.uri).name
+    local = _cache_root() / ref.content_hash.replace(":", "-") / Path(ref.uri).name
     if not local.exists():
         fs, path = _fs(ref.uri)
         partial = local.with_name(local.name + f".partial-{uuid.uuid4().hex}")
         partial.parent.mkdir(parents=True, exist_ok=True)
-        fs.get(path, str(partial), recursive=ref.kind == "artifact")
+        fs.get(path, str(partial), recursive=fs.isdir(path))
         try:
             _verify(partial, ref)  # never let a bad download into the cache
         except ArtifactError:
@@ -246,7 +251,7 @@ def materialize(ref: ArtifactRef) -> Path:
 
 
 def _verify(local: Path, ref: ArtifactRef) -> None:
-    actual = "sha256:" + file_sha256(local) if ref.kind == "raw" else directory_content_hash(local)
+    actual = directory_content_hash(local) if local.is_dir() else "sha256:" + file_sha256(local)
     if actual != ref.content_hash:
         raise ArtifactError(
             f"{ref.uri}: content hash {actual[:19]} does not match its manifest ({ref.content_hash[:19]}); "

@@ -61,9 +61,9 @@ def _run_flow(name: str, config_path: str) -> None:
     params = load_params(config_path)  # fail before any Prefect or component work starts
     for key, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    from flows.pipeline import FLOWS
+    from flows.pipeline import run_flow
 
-    result = FLOWS[name](params_file=config_path, params=params)
+    result = run_flow(name, params, config_path)
     if name == "pipeline":
         report_dir = materialize(input_ref(result["report"]["uri"]))
         print((report_dir / REPORT_FILE).read_text(encoding="utf-8"))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import Literal
+
 from pydantic import Field
 
 from components.config import StrictConfig, load_yaml_config
@@ -23,10 +25,29 @@ class DataPaths(StrictConfig):
     raw_heldout: str = Field("data/raw/gsm8k/test.jsonl", description="Raw held-out records (jsonl).")
 
 
+def heldout_curation() -> CurateConfig:
+    """Evaluation data is normalised only: filtering or deduplicating it would change the benchmark."""
+    return CurateConfig.model_validate({
+        "filters": {"gopher_quality": {"enabled": False}, "gopher_repetition": {"enabled": False}},
+        "pii": {"enabled": False}, "decontamination": {"enabled": False},
+        "exact_dedup": {"enabled": False}, "fuzzy_dedup": {"enabled": False}, "num_shards": 1,
+    })
+
+
+class TaskRunnerConfig(StrictConfig):
+    """Where flows run their tasks (curation shards fan out over it)."""
+
+    kind: Literal["threads", "dask"] = Field("threads", description="Prefect's thread pool, or Dask via prefect-dask.")
+    max_workers: int | None = Field(None, ge=1, description="Threads, or local Dask worker processes.")
+    dask_address: str | None = Field(None, description="A running Dask scheduler (tcp://host:8786); else a LocalCluster.")
+
+
 class PipelineParams(StrictConfig):
     artifacts_root: str = Field("artifacts", description="Directory or s3:// prefix; each stage writes ROOT/<stage>.")
     data: DataPaths = DataPaths()
+    task_runner: TaskRunnerConfig = TaskRunnerConfig()
     curate: CurateConfig = CurateConfig()
+    curate_heldout: CurateConfig = Field(default_factory=heldout_curation)
     tokenizer: TokenizerConfig = TokenizerConfig()
     pack: PackConfig = PackConfig()
     estimate: TrainingTarget = TrainingTarget()

@@ -14,8 +14,10 @@ import hashlib
 from typing import Any
 
 from prefect import flow, task
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import TaskRunContext
+from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 
 from components.artifacts import (
@@ -23,49 +25,74 @@ from components.artifacts import (
 )
 from components.config import StrictConfig
 from components.feasibility.estimate import FeasibilityConfig, estimate, read_estimate, render_markdown, run_estimate
-from flows.params import DEFAULT_PARAMS_FILE, PipelineParams, load_params
-from flows.stages import STAGES, STAGES_BY_NAME, Stage
+from flows.params import DEFAULT_PARAMS_FILE, PipelineParams, TaskRunnerConfig, load_params
+from components.data import curate
+from flows.stages import COMPONENT_ENTRIES, STAGES, Stage
 
 
 def _task_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    stage = STAGES_BY_NAME[parameters["stage_name"]]
-    key = cache_key(stage.spec, parameters["config"], parameters["inputs"])
+    spec, _ = COMPONENT_ENTRIES[parameters["component"]]
+    key = cache_key(spec, parameters["config"], parameters["inputs"])
     dest_digest = hashlib.sha256(parameters["dest"].encode()).hexdigest()[:16]
-    return f"{stage.spec.name}-v{stage.spec.version}-{key}-{dest_digest}"
+    return f"{spec.name}-v{spec.version}-{key}-{dest_digest}"
 
 
 @task(cache_key_fn=_task_cache_key, persist_result=True)
 def component_task(
-    stage_name: str, config: StrictConfig, inputs: dict[str, ArtifactRef], dest: str, overwrite: bool
+    component: str, config: StrictConfig, inputs: dict[str, ArtifactRef], dest: str, overwrite: bool
 ) -> Manifest:
-    stage = STAGES_BY_NAME[stage_name]
+    _, entry = COMPONENT_ENTRIES[component]
     token = orchestrator_run_id.set(flow_run.get_id())
     try:
-        return stage.entry(config, dest=dest, overwrite=overwrite, **{k: ref.uri for k, ref in inputs.items()})
+        return entry(config, dest=dest, overwrite=overwrite, **{k: ref.uri for k, ref in inputs.items()})
     finally:
         orchestrator_run_id.reset(token)
+
+
+Submitted = tuple[PrefectFuture, Manifest | None]
+
+
+def _submit(component: str, task_name: str, config: StrictConfig, inputs: dict[str, ArtifactRef], dest: str,
+            overwrite: bool) -> Submitted:
+    """Submit one component run to the flow's task runner. Prefect's cache is trusted only
+    while `dest` still holds the artifact the key describes; otherwise the task is refreshed."""
+    spec, _ = COMPONENT_ENTRIES[component]
+    existing = try_read_manifest(dest)
+    current = existing if existing is not None and existing.cache_key == cache_key(spec, config, inputs) else None
+    future = component_task.with_options(name=task_name, refresh_cache=current is None).submit(
+        component, config, inputs, dest, overwrite)
+    return future, current
+
+
+def _resolve(submitted: Submitted) -> tuple[Manifest, bool]:
+    future, current = submitted
+    manifest = future.result()
+    # The manifest on disk is the truth: a driver (DVC, the CLI) may have rebuilt the output
+    # with the same key since Prefect cached its result.
+    return (current or manifest), future.state.name == "Cached"
 
 
 def submit_stage(
     stage: Stage, params: PipelineParams, upstream: dict[str, Manifest], overwrite: bool = True
 ) -> tuple[Manifest, bool]:
-    """Run one stage as a task; returns its manifest and whether it came from cache."""
+    """Run one stage as tasks; returns its manifest and whether everything came from cache.
+
+    A sharded stage (curation) fans its shards out over the task runner, then merges."""
     defaults = stage.input_uris(params)
     inputs = {
         keyword: upstream[source].output if source in upstream else input_ref(defaults[keyword])
         for keyword, source in stage.inputs.items()
     }
-    dest = stage.dest(params)
-    config = stage.config(params)
-    existing = try_read_manifest(dest)
-    output_current = existing is not None and existing.cache_key == cache_key(stage.spec, config, inputs)
-    state = component_task.with_options(name=stage.name, refresh_cache=not output_current)(
-        stage.name, config, inputs, dest, overwrite, return_state=True
-    )
-    manifest = state.result()
-    # The manifest on disk is the truth: a driver (DVC, the CLI) may have rebuilt the output
-    # with the same key since Prefect cached its result.
-    return (existing if output_current else manifest), state.name == "Cached"
+    dest, config = stage.dest(params), stage.config(params)
+    if not stage.sharded:
+        return _resolve(_submit(stage.spec.name, stage.name, config, inputs, dest, overwrite))
+    jobs = curate.plan_shards(config, inputs["input"].uri, dest)
+    shards = [_resolve(future) for future in [
+        _submit(curate.SHARD_SPEC.name, f"{stage.name}-shard-{shard.index}", shard, inputs, shard_dest, overwrite)
+        for shard, shard_dest in jobs]]
+    merge_inputs = {**inputs, **{curate.shard_input_name(i): m.output for i, (m, _) in enumerate(shards)}}
+    manifest, cached = _resolve(_submit(stage.spec.name, stage.name, config, merge_inputs, dest, overwrite))
+    return manifest, cached and all(shard_cached for _, shard_cached in shards)
 
 
 def _metrics_rows(manifest: Manifest) -> list[dict[str, Any]]:
@@ -151,3 +178,20 @@ def feasibility_flow(config: FeasibilityConfig, output: str | None = None) -> di
 
 
 FLOWS = {"pipeline": pipeline, **STAGE_FLOWS}
+
+
+def make_task_runner(config: TaskRunnerConfig) -> TaskRunner:
+    """Prefect's thread pool, or Dask (a running scheduler, else a LocalCluster of processes)."""
+    if config.kind == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if config.dask_address:
+            return DaskTaskRunner(address=config.dask_address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": config.max_workers or 2, "threads_per_worker": 1,
+                                              "processes": True})
+    return ThreadPoolTaskRunner(max_workers=config.max_workers)
+
+
+def run_flow(name: str, params: PipelineParams, params_file: str = DEFAULT_PARAMS_FILE) -> dict[str, Any]:
+    """Run a flow on the task runner `params.task_runner` describes."""
+    return FLOWS[name].with_options(task_runner=make_task_runner(params.task_runner))(params_file=params_file, params=params)

@@ -38,6 +38,7 @@ class Stage:
     help: str
     build_config: Callable[[PipelineParams], StrictConfig] | None = None  # when not just params[section]
     markdown_file: str | None = None  # a report in its artifact that flows publish as a Prefect artifact
+    sharded: bool = False  # flows fan its shards out as tasks (components.data.curate)
 
     def config(self, params: PipelineParams) -> StrictConfig:
         return self.build_config(params) if self.build_config else getattr(params, self.section)
@@ -57,10 +58,12 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("curate", "curate", curate.SPEC, curate.curate, {"input": "data.raw_train"},
-          "Normalise and exact-dedup the raw training records into a text dataset."),
-    Stage("curate_heldout", "curate", curate.SPEC, curate.curate, {"input": "data.raw_heldout"},
-          "Curate the held-out records the same way (for evaluation)."),
+    Stage("curate", "curate", curate.SPEC, curate.curate,
+          {"input": "data.raw_train", "decontaminate_against": "data.raw_heldout"},
+          "Filter, redact PII, decontaminate against the held-out set, exact- and fuzzy-dedup the training records.",
+          sharded=True),
+    Stage("curate_heldout", "curate_heldout", curate.SPEC, curate.curate, {"input": "data.raw_heldout"},
+          "Normalise the held-out records (evaluation data: no filtering).", sharded=True),
     Stage("tokenizer", "tokenizer", tokenizer.SPEC, tokenizer.train_tokenizer, {"dataset": "curate"},
           "Train a byte-level BPE tokenizer with a chat template."),
     Stage("pack", "pack", pack.SPEC, pack.pack, {"dataset": "curate", "tokenizer": "tokenizer"},
@@ -78,6 +81,14 @@ STAGES: tuple[Stage, ...] = (
           "Markdown report, metrics.json and the loss curve.", markdown_file=report.REPORT_FILE),
 )
 STAGES_BY_NAME = {stage.name: stage for stage in STAGES}
+
+# Every component a flow task can run, by component name. A sharded stage runs as its
+# shard component on each shard, then its own component (the merge) on the shards.
+COMPONENT_ENTRIES: dict[str, tuple[ComponentSpec, Callable[..., Manifest]]] = {
+    **{stage.spec.name: (stage.spec, stage.entry) for stage in STAGES if not stage.sharded},
+    curate.SPEC.name: (curate.SPEC, curate.merge_shards),
+    curate.SHARD_SPEC.name: (curate.SHARD_SPEC, curate.curate_shard),
+}
 
 
 def run_stage(

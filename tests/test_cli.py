@@ -37,7 +37,7 @@ def test_stages_chain_from_the_cli_and_lineage_reaches_raw_data(tiny_params: Pat
     again = run_cli("curate", "--config", str(tiny_params), check=True).stdout
     assert again.startswith(f"curate: {tmp_path}/artifacts/curate sha256:")
     other = tmp_path / "elsewhere"
-    run_cli("curate", "--config", str(tiny_params), "--input", str(REPO_ROOT / "data/raw/gsm8k/test.jsonl"),
+    run_cli("curate_heldout", "--config", str(tiny_params), "--input", str(REPO_ROOT / "data/raw/gsm8k/test.jsonl"),
             "--output", str(other), check=True)
     assert (other / "manifest.json").is_file()
 

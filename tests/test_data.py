@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
 
@@ -12,56 +11,14 @@ from components.data.curate import CurateConfig, curate
 from components.data.pack import PackConfig, pack, pack_stream
 from components.data.records import read_column
 from components.data.tokenizer import TokenizerConfig, train_tokenizer
-from components.errors import DataError
+from flows.params import heldout_curation
+
+NORMALISE_ONLY = heldout_curation()  # no filters or dedup: these tests need every document
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return path
-
-
-def test_curate_normalises_and_drops_exact_duplicates(tmp_path: Path) -> None:
-    raw = write_jsonl(tmp_path / "raw.jsonl", [
-        {"question": "Cafe\u0301  costs?", "answer": "  4 \t dollars "},   # decomposed é, messy spaces
-        {"question": "Caf\u00e9 costs?", "answer": "4 dollars"},          # same text once normalised
-        {"question": "Other", "answer": "5"},
-    ])
-    manifest = curate(CurateConfig(), str(raw), str(tmp_path / "out"))
-    assert read_column(tmp_path / "out", "text") == ["Question: Caf\u00e9 costs?\nAnswer: 4 dollars", "Question: Other\nAnswer: 5"]
-    assert read_column(tmp_path / "out", "source_line") == [1, 3]
-    assert manifest.metrics["docs_in"] == 3
-    assert manifest.metrics["removed_exact_duplicate"] == 1
-
-
-def test_curate_without_dedup_keeps_duplicates(tmp_path: Path) -> None:
-    raw = write_jsonl(tmp_path / "raw.jsonl", [{"question": "a", "answer": "b"}] * 2)
-    curate(CurateConfig(exact_dedup=False), str(raw), str(tmp_path / "out"))
-    assert len(read_column(tmp_path / "out", "text")) == 2
-
-
-def test_curate_reads_gzip(tmp_path: Path) -> None:
-    path = tmp_path / "raw.jsonl.gz"
-    with gzip.open(path, "wt", encoding="utf-8") as handle:
-        handle.write(json.dumps({"question": "q", "answer": "a"}) + "\n")
-    assert curate(CurateConfig(), str(path), str(tmp_path / "out")).metrics["docs_out"] == 1
-
-
-@pytest.mark.parametrize(
-    ("content", "expected"),
-    [
-        (b'{"question": "q", "answer": "a"}\n{"question": \n', r"raw.jsonl:2: malformed JSON"),
-        (b'{"question": "q"}\n', r"raw.jsonl:1: missing field 'answer'"),
-        (b'[1, 2]\n', r"raw.jsonl:1: expected a JSON object, got list"),
-        (b'{"question": "q\xff", "answer": "a"}\n', r"raw.jsonl: not valid UTF-8"),
-        (b"\n\n", r"raw.jsonl: empty corpus"),
-    ],
-)
-def test_curate_bad_input_is_named_and_nothing_is_published(tmp_path: Path, content: bytes, expected: str) -> None:
-    raw = tmp_path / "raw.jsonl"
-    raw.write_bytes(content)
-    with pytest.raises(DataError, match=expected):
-        curate(CurateConfig(), str(raw), str(tmp_path / "out"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw.jsonl"]
 
 
 def test_pack_stream_joins_with_eos_and_drops_the_tail() -> None:
@@ -75,7 +32,7 @@ def test_pack_stream_joins_with_eos_and_drops_the_tail() -> None:
 @pytest.fixture
 def corpus(tmp_path: Path) -> Path:
     rows = [{"question": f"What is {i} plus {i + 1}?", "answer": f"It is {2 * i + 1}. #### {2 * i + 1}"} for i in range(200)]
-    curate(CurateConfig(), str(write_jsonl(tmp_path / "raw.jsonl", rows)), str(tmp_path / "dataset"))
+    curate(NORMALISE_ONLY, str(write_jsonl(tmp_path / "raw.jsonl", rows)), str(tmp_path / "dataset"))
     return tmp_path / "dataset"
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from components.data.curate import CurateConfig, curate
+from components.data.curate import curate
 from components.data.pack import PackConfig, pack
 from components.data.records import read_column
 from components.data.tokenizer import TokenizerConfig, train_tokenizer
@@ -20,6 +20,7 @@ from components.eval.report import LOSS_CSV, LOSS_PNG, REPORT_FILE, ReportConfig
 from components.models.factory import ModelConfig
 from components.train.loop import OptimConfig, lr_multiplier
 from components.train.pretrain import METRICS_FILE, PretrainConfig, pretrain
+from flows.params import heldout_curation
 from tests.conftest import REPO_ROOT
 
 TINY_MODEL = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
@@ -40,8 +41,11 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor() -> None:
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("chain")
-    curate(CurateConfig(max_docs=200), str(REPO_ROOT / "data/raw/gsm8k/train.jsonl"), str(root / "train"))
-    curate(CurateConfig(max_docs=10), str(REPO_ROOT / "data/raw/gsm8k/test.jsonl"), str(root / "heldout"))
+    normalise_only = heldout_curation()
+    curate(normalise_only.model_copy(update={"max_docs": 200}), str(REPO_ROOT / "data/raw/gsm8k/train.jsonl"),
+           str(root / "train"))
+    curate(normalise_only.model_copy(update={"max_docs": 10}), str(REPO_ROOT / "data/raw/gsm8k/test.jsonl"),
+           str(root / "heldout"))
     train_tokenizer(TokenizerConfig(vocab_size=300), str(root / "train"), str(root / "tok"))
     pack(PackConfig(seq_len_tokens=32), str(root / "train"), str(root / "tok"), str(root / "blocks"))
     return root

@@ -1,89 +1,342 @@
-"""Curate raw records into a text dataset: format, normalise, drop empties and exact duplicates.
+"""Curate raw text into training-ready documents: normalise, filter, redact PII,
+decontaminate, exact- and fuzzy-dedup — sharded and resumable.
 
-This is the spine's first stage; the full curation component (quality filters, fuzzy
-dedup, decontamination, PII) extends it behind the same entry point.
+Two phases, each a component run with its own artifact (so a crash redoes only what was
+not published):
+
+1. per shard (`curate_shard`): read a contiguous range of records, build each document's
+   text, normalise it, apply the quality filters, drop documents that share a 13-gram with
+   the evaluation set, redact PII, and compute the exact-dedup key and MinHash signature
+   of what survives. Shards are independent, so a driver may run them in parallel: the
+   entry point takes a `map_shards` function (the built-in sequential `map` by default;
+   the Prefect flow passes one that fans out over its task runner, Dask included).
+2. merge (`curate`): exact dedup then MinHash-LSH fuzzy dedup across all shards, in shard
+   order, keeping the first document of each cluster. Only keys and signatures are held in
+   memory (the LSH index); texts stream through shard by shard.
+
+Every removed document is kept in `removed/` with its `reason` (and `cluster_id`, the
+`doc_id` of the document kept in its place, for duplicates; `matched_eval_ids` for
+decontamination), so a user can see why any document went.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 import unicodedata
+from collections import Counter
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from pydantic import Field
 
 from components.artifacts import ComponentSpec, Manifest, produce
 from components.config import StrictConfig
-from components.data.records import format_record, read_jsonl, write_shards
+from components.data.decontaminate import DecontaminationConfig, NgramIndex
+from components.data.dedup import (
+    ExactDedupConfig, FuzzyDedupConfig, exact_key, fuzzy_clusters, make_permutations, minhash_signature,
+)
+from components.data.filters import FiltersConfig, english_word_tokenizer, run_filters
+from components.data.pii import PIIConfig, redact_pii
+from components.data.records import DATA_DIR, count_records, format_record, iter_records
 from components.errors import DataError
 
-SPEC = ComponentSpec(name="curate", version="1")
+SPEC = ComponentSpec(name="curate", version="2")
+SHARD_SPEC = ComponentSpec(name="curate_shard", version="1")
+REMOVED_DIR = "removed"
+KEPT_FILE = "kept.parquet"
+REMOVED_FILE = "removed.parquet"
 
 _HORIZONTAL_SPACE = re.compile(r"[ \t\f\v\u00a0]+")
+T = TypeVar("T")
+R = TypeVar("R")
+MapShards = Callable[[Callable[[T], R], list[T]], Iterable[R]]
+
+
+class NormalizeConfig(StrictConfig):
+    unicode_form: Literal["NFC", "NFKC"] = Field("NFC", description="Unicode normalisation of the kept text.")
+    collapse_whitespace: bool = Field(True, description="Collapse runs of spaces/tabs and strip each line.")
+    lowercase_for_matching: bool = Field(
+        True, description="Lowercase for dedup keys only; the kept text keeps its case."
+    )
 
 
 class CurateConfig(StrictConfig):
+    text_field: str | None = Field(None, description="Use this field as the text (else `text_template`).")
     text_template: str = Field(
         "Question: {question}\nAnswer: {answer}",
-        description="str.format template applied to each raw JSON record to make a document.",
+        description="str.format template applied to each record when `text_field` is not set.",
     )
-    unicode_form: Literal["NFC", "NFKC"] = Field("NFC", description="Unicode normalisation of the kept text.")
-    collapse_whitespace: bool = Field(True, description="Collapse runs of spaces/tabs, strip each line.")
-    exact_dedup: bool = Field(True, description="Drop documents whose normalised text was already seen.")
-    min_chars: int = Field(1, ge=0, description="Drop documents shorter than this after normalisation.")
+    on_error: Literal["fail", "skip"] = Field("fail", description="A malformed record fails the run, or is skipped and counted.")
     max_docs: int | None = Field(None, gt=0, description="Read only the first N records (smoke runs).")
-    rows_per_shard: int = Field(50_000, gt=0, description="Rows per output parquet shard.")
+    num_shards: int = Field(4, ge=1, description="Shards processed independently (in parallel under a task runner).")
+    min_chars: int = Field(1, ge=0, description="Drop documents shorter than this after normalisation.")
+    normalize: NormalizeConfig = NormalizeConfig()
+    filters: FiltersConfig = FiltersConfig()
+    pii: PIIConfig = PIIConfig()
+    decontamination: DecontaminationConfig = DecontaminationConfig()
+    exact_dedup: ExactDedupConfig = ExactDedupConfig()
+    fuzzy_dedup: FuzzyDedupConfig = FuzzyDedupConfig()
+    rows_per_shard: int = Field(50_000, gt=0, description="Rows per output parquet file.")
 
 
-def normalize_text(text: str, config: CurateConfig) -> str:
+class ShardConfig(StrictConfig):
+    curate: CurateConfig
+    index: int = Field(ge=0)
+    num_shards: int = Field(ge=1)
+    total_records: int = Field(ge=0)
+
+    @property
+    def row_range(self) -> tuple[int, int]:
+        start = self.index * self.total_records // self.num_shards
+        return start, (self.index + 1) * self.total_records // self.num_shards
+
+
+def normalize_text(text: str, config: NormalizeConfig) -> str:
     text = unicodedata.normalize(config.unicode_form, text)
     if config.collapse_whitespace:
         text = "\n".join(_HORIZONTAL_SPACE.sub(" ", line).strip() for line in text.splitlines()).strip()
     return text
 
 
-def _build(config: CurateConfig, source: Path, out_dir: Path) -> dict[str, Any]:
-    texts: list[str] = []
-    source_rows: list[int] = []
-    seen: set[bytes] = set()
-    docs_in = removed_short = removed_duplicate = 0
-    for line_no, record in read_jsonl(source):
-        if config.max_docs is not None and docs_in >= config.max_docs:
-            break
-        docs_in += 1
-        text = normalize_text(format_record(config.text_template, record, f"{source}:{line_no}"), config)
-        if len(text) < config.min_chars:
-            removed_short += 1
+def _record_text(config: CurateConfig, record: dict[str, Any], where: str) -> str:
+    if config.text_field is None:
+        return format_record(config.text_template, record, where)
+    if config.text_field not in record:
+        raise DataError(f"{where}: missing field {config.text_field!r} (record has {sorted(record)})")
+    value = record[config.text_field]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {config.text_field!r} is {type(value).__name__}, expected a string")
+    return value
+
+
+def _eval_index(config: CurateConfig, eval_path: Path | None) -> NgramIndex | None:
+    if eval_path is None or not config.decontamination.enabled:
+        return None
+    texts, ids = [], []
+    for row, record in iter_records(eval_path):
+        if isinstance(record, DataError):
+            raise record
+        texts.append(normalize_text(_record_text(config, record, f"{eval_path}:{row}"), config.normalize))
+        ids.append(f"{eval_path.name}:{row}")
+    return NgramIndex.from_texts(texts, ids, config.decontamination.ngram_words)
+
+
+def _matching_text(text: str, config: NormalizeConfig) -> str:
+    return text.lower() if config.lowercase_for_matching else text
+
+
+def _build_shard(shard: ShardConfig, source: Path, eval_path: Path | None, out_dir: Path) -> dict[str, Any]:
+    config = shard.curate
+    start, stop = shard.row_range
+    tokenizer = english_word_tokenizer()
+    eval_index = _eval_index(config, eval_path)
+    permutations = make_permutations(config.fuzzy_dedup)
+    kept: dict[str, list] = {"text": [], "source_row": [], "exact_key": [], "signature": []}
+    removed: dict[str, list] = {"text": [], "source_row": [], "reason": [], "matched_eval_ids": [], "detail": []}
+    reasons: Counter[str] = Counter()
+    pii_counts: Counter[str] = Counter()
+    words_in = words_out = 0
+
+    def drop(text: str, row: int, reason: str, matched: list[str] | None = None, detail: str | None = None) -> None:
+        reasons[reason] += 1
+        removed["text"].append(text)
+        removed["source_row"].append(row)
+        removed["reason"].append(reason)
+        removed["matched_eval_ids"].append(matched or [])
+        removed["detail"].append(detail)
+
+    for row, record in iter_records(source, start, stop):
+        try:
+            if isinstance(record, DataError):
+                raise record
+            raw_text = _record_text(config, record, f"{source}:{row}")
+        except DataError as error:
+            if config.on_error == "fail":
+                raise
+            drop("", row, "malformed_record", detail=str(error))
             continue
-        if config.exact_dedup:
-            digest = hashlib.sha256(text.encode()).digest()
-            if digest in seen:
-                removed_duplicate += 1
-                continue
-            seen.add(digest)
-        texts.append(text)
-        source_rows.append(line_no)
-    if docs_in == 0:
-        raise DataError(f"{source}: empty corpus (no records)")
-    if not texts:
-        raise DataError(f"{source}: every one of {docs_in} documents was removed; nothing to publish")
-    shards = write_shards(out_dir, {"text": texts, "source_line": source_rows}, config.rows_per_shard)
+        text = normalize_text(raw_text, config.normalize)
+        words_in += len(text.split())
+        if len(text) < config.min_chars:
+            drop(text, row, "too_short")
+            continue
+        filtered, reason = run_filters(text, config.filters, tokenizer)
+        if filtered is None:
+            drop(text, row, reason or "filtered")
+            continue
+        text = filtered
+        # Decontaminate before redaction, so a placeholder cannot break a 13-gram match.
+        if eval_index is not None and (matched := eval_index.matches(text)):
+            drop(text, row, "decontaminated", matched)
+            continue
+        if config.pii.enabled:
+            text, counts = redact_pii(text, config.pii)
+            pii_counts.update(counts)
+        matching = _matching_text(text, config.normalize)
+        kept["text"].append(text)
+        kept["source_row"].append(row)
+        kept["exact_key"].append(exact_key(matching))
+        kept["signature"].append(minhash_signature(matching, config.fuzzy_dedup, permutations).tolist())
+        words_out += len(text.split())
+
+    pq.write_table(pa.table({
+        "text": pa.array(kept["text"], pa.string()),
+        "source_row": pa.array(kept["source_row"], pa.int64()),
+        "exact_key": pa.array(kept["exact_key"], pa.binary()),
+        "signature": pa.array(kept["signature"], pa.list_(pa.uint64())),
+    }), out_dir / KEPT_FILE)
+    pq.write_table(_removed_table(removed), out_dir / REMOVED_FILE)
     return {
-        "docs_in": docs_in,
-        "docs_out": len(texts),
-        "removed_short": removed_short,
-        "removed_exact_duplicate": removed_duplicate,
-        "chars_out": sum(map(len, texts)),
-        "shards": shards,
+        "shard": shard.index, "rows": [start, stop], "docs_in": stop - start, "docs_kept": len(kept["text"]),
+        "words_in": words_in, "words_kept": words_out, "removed": dict(sorted(reasons.items())),
+        "pii_redacted": dict(sorted(pii_counts.items())),
     }
 
 
-def curate(config: CurateConfig, input: str, dest: str, overwrite: bool = False) -> Manifest:
-    """Curate the raw jsonl at `input` into a text dataset artifact at `dest`."""
+def _removed_table(removed: dict[str, list]) -> pa.Table:
+    return pa.table({
+        "text": pa.array(removed["text"], pa.string()),
+        "source_row": pa.array(removed["source_row"], pa.int64()),
+        "reason": pa.array(removed["reason"], pa.string()),
+        "cluster_id": pa.array(removed.get("cluster_id", [None] * len(removed["text"])), pa.string()),
+        "matched_eval_ids": pa.array(removed["matched_eval_ids"], pa.list_(pa.string())),
+        "detail": pa.array(removed["detail"], pa.string()),
+    })
+
+
+def curate_shard(shard: ShardConfig, input: str, dest: str, decontaminate_against: str | None = None,
+                 overwrite: bool = False) -> Manifest:
+    """Phase 1 for one shard: its own artifact, so a rerun after a crash skips it if done."""
+    inputs = {"input": input, **({"decontaminate_against": decontaminate_against} if decontaminate_against else {})}
     return produce(
-        SPEC, config, {"input": input}, dest,
-        lambda out_dir, paths: _build(config, paths["input"], out_dir),
+        SHARD_SPEC, shard, inputs, dest,
+        lambda out_dir, paths: _build_shard(shard, paths["input"], paths.get("decontaminate_against"), out_dir),
         overwrite=overwrite,
     )
+
+
+def _doc_id(shard_index: int, row: int) -> str:
+    return f"{shard_index}:{row}"
+
+
+def _merge(config: CurateConfig, shard_dirs: list[Path], out_dir: Path) -> dict[str, Any]:
+    """Exact then fuzzy dedup over all shards, in order; the first document of a cluster stays."""
+    keys: list[tuple[int, int, bytes]] = []  # (shard, row, exact key) of every phase-1 survivor
+    signatures: list[np.ndarray] = []
+    for shard_index, shard_dir in enumerate(shard_dirs):
+        table = pq.read_table(shard_dir / KEPT_FILE, columns=["source_row", "exact_key", "signature"])
+        rows, exact = table.column("source_row").to_pylist(), table.column("exact_key").to_pylist()
+        keys.extend((shard_index, row, key) for row, key in zip(rows, exact))
+        if len(table):
+            signatures.append(np.asarray(table.column("signature").to_pylist(), dtype=np.uint64))
+    total = len(keys)
+    duplicate_of: dict[int, tuple[str, str]] = {}  # position -> (reason, doc_id kept instead)
+    if config.exact_dedup.enabled:
+        first_seen: dict[bytes, int] = {}
+        for position, (shard_index, row, key) in enumerate(keys):
+            if key in first_seen:
+                kept_shard, kept_row, _ = keys[first_seen[key]]
+                duplicate_of[position] = ("exact_duplicate", _doc_id(kept_shard, kept_row))
+            else:
+                first_seen[key] = position
+    if config.fuzzy_dedup.enabled and total:
+        survivors = np.array([p for p in range(total) if p not in duplicate_of], dtype=np.int64)
+        all_signatures = np.concatenate(signatures)[survivors]
+        clusters = fuzzy_clusters(all_signatures, config.fuzzy_dedup)  # smallest member index per doc
+        for member, root in enumerate(clusters):
+            if root != member:
+                kept_shard, kept_row, _ = keys[survivors[root]]
+                duplicate_of[int(survivors[member])] = ("fuzzy_duplicate", _doc_id(kept_shard, kept_row))
+
+    (out_dir / DATA_DIR).mkdir()
+    (out_dir / REMOVED_DIR).mkdir()
+    reasons: Counter[str] = Counter()
+    per_shard = []
+    position = 0
+    for shard_index, shard_dir in enumerate(shard_dirs):
+        kept_table = pq.read_table(shard_dir / KEPT_FILE, columns=["text", "source_row"])
+        removed = pq.read_table(shard_dir / REMOVED_FILE).to_pydict()
+        removed["cluster_id"] = [None] * len(removed["text"])
+        reasons.update(removed["reason"])
+        texts, rows, doc_ids = [], [], []
+        for text, row in zip(kept_table.column("text").to_pylist(), kept_table.column("source_row").to_pylist()):
+            if position in duplicate_of:
+                reason, cluster = duplicate_of[position]
+                reasons[reason] += 1
+                for column, value in (("text", text), ("source_row", row), ("reason", reason),
+                                      ("cluster_id", cluster), ("matched_eval_ids", []), ("detail", None)):
+                    removed[column].append(value)
+            else:
+                texts.append(text)
+                rows.append(row)
+                doc_ids.append(_doc_id(shard_index, row))
+            position += 1
+        name = f"part-{shard_index:05d}.parquet"
+        pq.write_table(pa.table({"text": pa.array(texts, pa.string()), "source_line": pa.array(rows, pa.int64()),
+                                 "doc_id": pa.array(doc_ids, pa.string())}), out_dir / DATA_DIR / name)
+        pq.write_table(_removed_table(removed), out_dir / REMOVED_DIR / name)
+        per_shard.append({"shard": shard_index, "docs_out": len(texts)})
+    docs_out = sum(s["docs_out"] for s in per_shard)
+    docs_in = docs_out + sum(reasons.values())
+    if docs_in and not docs_out:
+        raise DataError(f"every one of {docs_in} documents was removed ({dict(reasons)}); nothing to publish")
+    return {"docs_in": docs_in, "docs_out": docs_out, "removed": dict(sorted(reasons.items())),
+            "shards": per_shard}
+
+
+def shard_location(dest: str, index: int, num_shards: int) -> str:
+    return f"{dest.rstrip('/')}.shards/shard-{index:05d}-of-{num_shards:05d}"
+
+
+def shard_input_name(index: int) -> str:
+    return f"shard_{index:05d}"
+
+
+def plan_shards(config: CurateConfig, input: str, dest: str) -> list[tuple[ShardConfig, str]]:
+    """The shard jobs for `input`: contiguous record ranges and where each is published."""
+    from components.artifacts import input_ref, materialize
+
+    total = count_records(materialize(input_ref(input)))
+    if config.max_docs is not None:
+        total = min(total, config.max_docs)
+    if total == 0:
+        raise DataError(f"{input}: empty corpus (no records)")
+    num_shards = min(config.num_shards, total)
+    return [(ShardConfig(curate=config, index=i, num_shards=num_shards, total_records=total),
+             shard_location(dest, i, num_shards)) for i in range(num_shards)]
+
+
+def merge_shards(config: CurateConfig, dest: str, input: str, decontaminate_against: str | None = None,
+                 overwrite: bool = False, **shards: str) -> Manifest:
+    """Phase 2: dedup across the published shards (`shard_00000=URI, ...`) into `dest`."""
+    from components.artifacts import read_manifest
+
+    names = sorted(shards)
+    inputs = {"input": input, **({"decontaminate_against": decontaminate_against} if decontaminate_against else {}),
+              **{name: shards[name] for name in names}}
+
+    def build(out_dir: Path, paths: dict[str, Path]) -> dict[str, Any]:
+        metrics = _merge(config, [paths[name] for name in names], out_dir)
+        metrics["per_shard"] = [read_manifest(shards[name]).metrics for name in names]
+        return metrics
+
+    return produce(SPEC, config, inputs, dest, build, overwrite=overwrite)
+
+
+def curate(config: CurateConfig, input: str, dest: str, decontaminate_against: str | None = None,
+           overwrite: bool = False, map_shards: MapShards = map) -> Manifest:
+    """Curate the raw records at `input` into a dataset artifact at `dest`.
+
+    Shard artifacts are published next to it (`DEST.shards/`); `map_shards(fn, jobs)` runs
+    the shard jobs (sequentially by default; the Prefect flow fans them out itself).
+    """
+    def run(job: tuple[ShardConfig, str]) -> Manifest:
+        return curate_shard(job[0], input, job[1], decontaminate_against, overwrite=overwrite)
+
+    shard_manifests = list(map_shards(run, plan_shards(config, input, dest)))
+    shards = {shard_input_name(i): m.output.uri for i, m in enumerate(shard_manifests)}
+    return merge_shards(config, dest, input, decontaminate_against, overwrite=overwrite, **shards)

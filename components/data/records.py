@@ -16,29 +16,79 @@ from components.errors import DataError
 DATA_DIR = "data"  # parquet shards of a dataset artifact live under this directory
 
 
-def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (1-based line number, record) from a .jsonl or .jsonl.gz file.
-
-    Blank lines are skipped; anything else that is not a JSON object fails with the file
-    and line number.
-    """
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, bytes]]:
     opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rt", encoding="utf-8") as handle:
+        with opener(path, "rb") as handle:
             for line_no, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise DataError(f"{path}:{line_no}: malformed JSON: {error.msg}") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
-                yield line_no, record
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not valid UTF-8 (byte offset {error.start})") from None
+                if line.strip():
+                    yield line_no, line
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
+    except (OSError, EOFError) as error:  # e.g. a truncated or non-gzip .gz file
+        raise DataError(f"{path}: cannot read: {error}") from None
+
+
+def _parse_jsonl_line(path: Path, line_no: int, line: bytes) -> dict[str, Any] | DataError:
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return DataError(f"{path}:{line_no}: not valid UTF-8 (byte {error.start} of the line)")
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as error:
+        return DataError(f"{path}:{line_no}: malformed JSON: {error.msg}")
+    if not isinstance(record, dict):
+        return DataError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+    return record
+
+
+def iter_records(path: Path, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, dict[str, Any] | DataError]]:
+    """Yield (row number, record or the DataError that row raised) for records [start, stop).
+
+    Reads .jsonl / .jsonl.gz (row number = 1-based line; blank lines are not records),
+    .parquet files and `datasets.save_to_disk` directories (row number = 1-based row).
+    Bad rows are yielded, not raised, so the caller can fail or skip and count them.
+    """
+    if path.is_dir():
+        from datasets import load_from_disk
+
+        dataset = load_from_disk(str(path))
+        stop = len(dataset) if stop is None else min(stop, len(dataset))
+        for index in range(start, stop):
+            yield index + 1, dataset[index]
+    elif path.suffix == ".parquet":
+        table = pq.read_table(path)
+        stop = table.num_rows if stop is None else min(stop, table.num_rows)
+        for offset, record in enumerate(table.slice(start, max(0, stop - start)).to_pylist()):
+            yield start + offset + 1, record
+    else:
+        for index, (line_no, line) in enumerate(_jsonl_lines(path)):
+            if index < start:
+                continue
+            if stop is not None and index >= stop:
+                return
+            yield line_no, _parse_jsonl_line(path, line_no, line)
+
+
+def count_records(path: Path) -> int:
+    """Number of records `iter_records` would yield (cheap: no JSON parsing)."""
+    if path.is_dir():
+        from datasets import load_from_disk
+
+        return len(load_from_disk(str(path)))
+    if path.suffix == ".parquet":
+        return pq.ParquetFile(path).metadata.num_rows
+    return sum(1 for _ in _jsonl_lines(path))
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (1-based line number, record) from a .jsonl or .jsonl.gz file; the first bad
+    line fails with the file and line number."""
+    for line_no, record in iter_records(path):
+        if isinstance(record, DataError):
+            raise record
+        yield line_no, record
 
 
 def format_record(template: str, record: dict[str, Any], where: str) -> str:
