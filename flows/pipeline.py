@@ -11,6 +11,7 @@ the task is refreshed (its output was deleted or replaced by another run).
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
 from prefect import flow, task
@@ -37,16 +38,23 @@ def _task_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     return f"{spec.name}-v{spec.version}-{key}-{dest_digest}"
 
 
-@task(cache_key_fn=_task_cache_key, persist_result=True)
-def component_task(
-    component: str, config: StrictConfig, inputs: dict[str, ArtifactRef], dest: str, overwrite: bool
-) -> Manifest:
+def run_component(component: str, config: StrictConfig, inputs: dict[str, ArtifactRef], dest: str, overwrite: bool,
+                  flow_run_id: str | None) -> Manifest:
     _, entry = COMPONENT_ENTRIES[component]
-    token = orchestrator_run_id.set(flow_run.get_id())
+    token = orchestrator_run_id.set(flow_run_id)
     try:
         return entry(config, dest=dest, overwrite=overwrite, **{k: ref.uri for k, ref in inputs.items()})
     finally:
         orchestrator_run_id.reset(token)
+
+
+@task(cache_key_fn=_task_cache_key, persist_result=True)
+def component_task(
+    component: str, config: StrictConfig, inputs: dict[str, ArtifactRef], dest: str, overwrite: bool
+) -> Manifest:
+    # The body stays a call to a module-level function: Dask ships tasks with cloudpickle,
+    # which pickles this function by value (its name is bound to the Task object).
+    return run_component(component, config, inputs, dest, overwrite, flow_run.get_id())
 
 
 Submitted = tuple[PrefectFuture, Manifest | None]
@@ -109,6 +117,10 @@ def publish_stage_artifacts(stage: Stage, manifest: Manifest, cached: bool) -> N
     if stage.markdown_file:
         markdown = (materialize(manifest.output) / stage.markdown_file).read_text(encoding="utf-8")
         create_markdown_artifact(key=f"{key}-report", markdown=markdown)
+    if stage.tables_file:
+        tables = json.loads((materialize(manifest.output) / stage.tables_file).read_text(encoding="utf-8"))
+        for name, rows in tables.items():
+            create_table_artifact(key=f"{key}-{name}", table=rows)
 
 
 def _flow_params(params_file: str, params: PipelineParams | None) -> PipelineParams:
@@ -146,7 +158,7 @@ def pipeline(params_file: str = DEFAULT_PARAMS_FILE, params: PipelineParams | No
     summary: dict[str, Any] = {}
     for stage in STAGES:
         manifest, cached = submit_stage(stage, params, upstream)
-        if stage.markdown_file:
+        if stage.markdown_file or stage.tables_file:
             publish_stage_artifacts(stage, manifest, cached)
         upstream[stage.name] = manifest
         summary[stage.name] = {

@@ -39,6 +39,7 @@ class Stage:
     build_config: Callable[[PipelineParams], StrictConfig] | None = None  # when not just params[section]
     markdown_file: str | None = None  # a report in its artifact that flows publish as a Prefect artifact
     sharded: bool = False  # flows fan its shards out as tasks (components.data.curate)
+    tables_file: str | None = None  # JSON {name: rows} in its artifact, published as Prefect tables
 
     def config(self, params: PipelineParams) -> StrictConfig:
         return self.build_config(params) if self.build_config else getattr(params, self.section)
@@ -61,7 +62,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("curate", "curate", curate.SPEC, curate.curate,
           {"input": "data.raw_train", "decontaminate_against": "data.raw_heldout"},
           "Filter, redact PII, decontaminate against the held-out set, exact- and fuzzy-dedup the training records.",
-          sharded=True),
+          sharded=True, tables_file=curate.TABLES_FILE),
     Stage("curate_heldout", "curate_heldout", curate.SPEC, curate.curate, {"input": "data.raw_heldout"},
           "Normalise the held-out records (evaluation data: no filtering).", sharded=True),
     Stage("tokenizer", "tokenizer", tokenizer.SPEC, tokenizer.train_tokenizer, {"dataset": "curate"},

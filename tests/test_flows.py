@@ -56,7 +56,8 @@ def test_pipeline_caches_unchanged_stages_and_reruns_changed_ones(prefect_api, t
             return {a.key: a for a in found if a.key}
 
     artifacts = asyncio.run(read_artifacts())
-    assert {"pipeline-stages", "pipeline-metrics", "report-report", "estimate-report"} <= artifacts.keys()
+    assert {"pipeline-stages", "pipeline-metrics", "report-report", "estimate-report",
+            "curate-removed-by-reason", "curate-shards"} <= artifacts.keys()
     assert "held-out perplexity" in artifacts["report-report"].data
 
 
@@ -90,3 +91,24 @@ def test_feasibility_flow_publishes_the_estimate(prefect_api, tmp_path: Path) ->
             return found[-1].data
 
     assert "| GPU-hours |" in asyncio.run(latest_markdown())
+
+
+@pytest.mark.slow
+def test_curation_fans_out_over_a_dask_cluster_with_the_same_result(prefect_api, tmp_path: Path) -> None:
+    """Shards run as tasks on a local Dask cluster (prefect-dask) and give the bytes the
+    sequential CLI path gives."""
+    pytest.importorskip("prefect_dask")
+    from components.artifacts import read_manifest
+    from flows.pipeline import run_flow
+    from flows.stages import STAGES_BY_NAME, run_stage
+
+    threads = load_params(write_params(tmp_path / "seq.yaml", str(tmp_path / "sequential")))
+    run_stage(STAGES_BY_NAME["curate"], threads)
+    dask = load_params(write_params(tmp_path / "dask.yaml", str(tmp_path / "dask"),
+                                    task_runner={"kind": "dask", "max_workers": 2}))
+    result = run_flow("curate", dask)
+    assert not result["cached"]
+    shard_runs = json.loads((tmp_path / "dask/curate/manifest.json").read_text())["metrics"]["per_shard"]
+    assert len(shard_runs) == 2
+    assert read_manifest(str(tmp_path / "dask/curate")).output.content_hash == \
+        read_manifest(str(tmp_path / "sequential/curate")).output.content_hash

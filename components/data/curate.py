@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+import json
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -49,6 +50,8 @@ SHARD_SPEC = ComponentSpec(name="curate_shard", version="1")
 REMOVED_DIR = "removed"
 KEPT_FILE = "kept.parquet"
 REMOVED_FILE = "removed.parquet"
+METRICS_FILE = "metrics.json"  # flat counts, declared as DVC metrics
+TABLES_FILE = "tables.json"  # per-reason and per-shard rows, published as Prefect tables
 
 _HORIZONTAL_SPACE = re.compile(r"[ \t\f\v\u00a0]+")
 T = TypeVar("T")
@@ -288,6 +291,19 @@ def _merge(config: CurateConfig, shard_dirs: list[Path], out_dir: Path) -> dict[
             "shards": per_shard}
 
 
+def _write_stats(metrics: dict[str, Any], out_dir: Path) -> None:
+    """Counts by rule and by shard: flat for DVC metrics, as rows for Prefect tables."""
+    flat = {"docs_in": metrics["docs_in"], "docs_out": metrics["docs_out"],
+            **{f"removed_{reason}": count for reason, count in metrics["removed"].items()}}
+    (out_dir / METRICS_FILE).write_text(json.dumps(flat, indent=2) + "\n", encoding="utf-8")
+    by_shard = [{"shard": s["shard"], "docs_in": s["docs_in"], "docs_kept_before_dedup": s["docs_kept"],
+                 "words_in": s["words_in"], "words_kept_before_dedup": s["words_kept"]}
+                for s in metrics["per_shard"]]
+    by_reason = [{"reason": reason, "docs": count} for reason, count in metrics["removed"].items()]
+    (out_dir / TABLES_FILE).write_text(json.dumps({"removed-by-reason": by_reason, "shards": by_shard}, indent=2)
+                                       + "\n", encoding="utf-8")
+
+
 def shard_location(dest: str, index: int, num_shards: int) -> str:
     return f"{dest.rstrip('/')}.shards/shard-{index:05d}-of-{num_shards:05d}"
 
@@ -322,6 +338,7 @@ def merge_shards(config: CurateConfig, dest: str, input: str, decontaminate_agai
     def build(out_dir: Path, paths: dict[str, Path]) -> dict[str, Any]:
         metrics = _merge(config, [paths[name] for name in names], out_dir)
         metrics["per_shard"] = [read_manifest(shards[name]).metrics for name in names]
+        _write_stats(metrics, out_dir)
         return metrics
 
     return produce(SPEC, config, inputs, dest, build, overwrite=overwrite)
