@@ -141,11 +141,13 @@ def _build_shard(shard: ShardConfig, source: Path, eval_path: Path | None, out_d
     kept: dict[str, list] = {"text": [], "source_row": [], "exact_key": [], "signature": []}
     removed: dict[str, list] = {"text": [], "source_row": [], "reason": [], "matched_eval_ids": [], "detail": []}
     reasons: Counter[str] = Counter()
+    removed_words: Counter[str] = Counter()
     pii_counts: Counter[str] = Counter()
     words_in = words_out = 0
 
     def drop(text: str, row: int, reason: str, matched: list[str] | None = None, detail: str | None = None) -> None:
         reasons[reason] += 1
+        removed_words[reason] += len(text.split())
         removed["text"].append(text)
         removed["source_row"].append(row)
         removed["reason"].append(reason)
@@ -196,6 +198,7 @@ def _build_shard(shard: ShardConfig, source: Path, eval_path: Path | None, out_d
     return {
         "shard": shard.index, "rows": [start, stop], "docs_in": stop - start, "docs_kept": len(kept["text"]),
         "words_in": words_in, "words_kept": words_out, "removed": dict(sorted(reasons.items())),
+        "removed_words": dict(sorted(removed_words.items())),
         "pii_redacted": dict(sorted(pii_counts.items())),
     }
 
@@ -258,6 +261,7 @@ def _merge(config: CurateConfig, shard_dirs: list[Path], out_dir: Path) -> dict[
     (out_dir / DATA_DIR).mkdir()
     (out_dir / REMOVED_DIR).mkdir()
     reasons: Counter[str] = Counter()
+    removed_words: Counter[str] = Counter()
     per_shard = []
     position = 0
     for shard_index, shard_dir in enumerate(shard_dirs):
@@ -265,11 +269,14 @@ def _merge(config: CurateConfig, shard_dirs: list[Path], out_dir: Path) -> dict[
         removed = pq.read_table(shard_dir / REMOVED_FILE).to_pydict()
         removed["cluster_id"] = [None] * len(removed["text"])
         reasons.update(removed["reason"])
+        for reason, text in zip(removed["reason"], removed["text"]):
+            removed_words[reason] += len(text.split())
         texts, rows, doc_ids = [], [], []
         for text, row in zip(kept_table.column("text").to_pylist(), kept_table.column("source_row").to_pylist()):
             if position in duplicate_of:
                 reason, cluster = duplicate_of[position]
                 reasons[reason] += 1
+                removed_words[reason] += len(text.split())
                 for column, value in (("text", text), ("source_row", row), ("reason", reason),
                                       ("cluster_id", cluster), ("matched_eval_ids", []), ("detail", None)):
                     removed[column].append(value)
@@ -282,24 +289,27 @@ def _merge(config: CurateConfig, shard_dirs: list[Path], out_dir: Path) -> dict[
         pq.write_table(pa.table({"text": pa.array(texts, pa.string()), "source_line": pa.array(rows, pa.int64()),
                                  "doc_id": pa.array(doc_ids, pa.string())}), out_dir / DATA_DIR / name)
         pq.write_table(_removed_table(removed), out_dir / REMOVED_DIR / name)
-        per_shard.append({"shard": shard_index, "docs_out": len(texts)})
+        per_shard.append({"shard": shard_index, "docs_out": len(texts), "words_out": sum(len(t.split()) for t in texts)})
     docs_out = sum(s["docs_out"] for s in per_shard)
     docs_in = docs_out + sum(reasons.values())
     if docs_in and not docs_out:
         raise DataError(f"every one of {docs_in} documents was removed ({dict(reasons)}); nothing to publish")
-    return {"docs_in": docs_in, "docs_out": docs_out, "removed": dict(sorted(reasons.items())),
+    return {"docs_in": docs_in, "docs_out": docs_out, "words_out": sum(s["words_out"] for s in per_shard),
+            "removed": dict(sorted(reasons.items())), "removed_words": dict(sorted(removed_words.items())),
             "shards": per_shard}
 
 
 def _write_stats(metrics: dict[str, Any], out_dir: Path) -> None:
     """Counts by rule and by shard: flat for DVC metrics, as rows for Prefect tables."""
-    flat = {"docs_in": metrics["docs_in"], "docs_out": metrics["docs_out"],
+    flat = {"docs_in": metrics["docs_in"], "docs_out": metrics["docs_out"], "words_out": metrics["words_out"],
             **{f"removed_{reason}": count for reason, count in metrics["removed"].items()}}
     (out_dir / METRICS_FILE).write_text(json.dumps(flat, indent=2) + "\n", encoding="utf-8")
     by_shard = [{"shard": s["shard"], "docs_in": s["docs_in"], "docs_kept_before_dedup": s["docs_kept"],
-                 "words_in": s["words_in"], "words_kept_before_dedup": s["words_kept"]}
-                for s in metrics["per_shard"]]
-    by_reason = [{"reason": reason, "docs": count} for reason, count in metrics["removed"].items()]
+                 "docs_out": out["docs_out"], "words_in": s["words_in"], "words_kept_before_dedup": s["words_kept"],
+                 "words_out": out["words_out"]}
+                for s, out in zip(metrics["per_shard"], metrics["shards"])]
+    by_reason = [{"reason": reason, "docs": count, "words": metrics["removed_words"][reason]}
+                 for reason, count in metrics["removed"].items()]
     (out_dir / TABLES_FILE).write_text(json.dumps({"removed-by-reason": by_reason, "shards": by_shard}, indent=2)
                                        + "\n", encoding="utf-8")
 
