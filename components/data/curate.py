@@ -46,7 +46,7 @@ from components.data.records import DATA_DIR, count_records, format_record, iter
 from components.errors import DataError
 
 SPEC = ComponentSpec(name="curate", version="2")
-SHARD_SPEC = ComponentSpec(name="curate_shard", version="1")
+SHARD_SPEC = ComponentSpec(name="curate_shard", version="2")
 REMOVED_DIR = "removed"
 KEPT_FILE = "kept.parquet"
 REMOVED_FILE = "removed.parquet"
@@ -185,14 +185,14 @@ def _build_shard(shard: ShardConfig, source: Path, eval_path: Path | None, out_d
         kept["text"].append(text)
         kept["source_row"].append(row)
         kept["exact_key"].append(exact_key(matching))
-        kept["signature"].append(minhash_signature(matching, config.fuzzy_dedup, permutations).tolist())
+        kept["signature"].append(minhash_signature(matching, config.fuzzy_dedup, permutations))
         words_out += len(text.split())
 
     pq.write_table(pa.table({
         "text": pa.array(kept["text"], pa.string()),
         "source_row": pa.array(kept["source_row"], pa.int64()),
         "exact_key": pa.array(kept["exact_key"], pa.binary()),
-        "signature": pa.array(kept["signature"], pa.list_(pa.uint64())),
+        "signature": _signature_column(kept["signature"], config.fuzzy_dedup.num_hashes),
     }), out_dir / KEPT_FILE)
     pq.write_table(_removed_table(removed), out_dir / REMOVED_FILE)
     return {
@@ -201,6 +201,11 @@ def _build_shard(shard: ShardConfig, source: Path, eval_path: Path | None, out_d
         "removed_words": dict(sorted(removed_words.items())),
         "pii_redacted": dict(sorted(pii_counts.items())),
     }
+
+
+def _signature_column(signatures: list[np.ndarray], num_hashes: int) -> pa.FixedSizeListArray:
+    flat = np.concatenate(signatures) if signatures else np.empty(0, dtype=np.uint64)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.uint64()), num_hashes)
 
 
 def _removed_table(removed: dict[str, list]) -> pa.Table:
@@ -229,35 +234,51 @@ def _doc_id(shard_index: int, row: int) -> str:
     return f"{shard_index}:{row}"
 
 
+_KEPT, _EXACT, _FUZZY = 0, 1, 2
+_DUPLICATE_REASONS = {_EXACT: "exact_duplicate", _FUZZY: "fuzzy_duplicate"}
+
+
+def _duplicates(config: CurateConfig, shard_dirs: list[Path]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(status, kept_position, source_rows) over every phase-1 survivor in shard order.
+
+    Only fixed-width arrays are held: 16-byte exact keys and the signature matrix (the LSH
+    index), filled shard by shard straight from Arrow buffers, with no per-document objects.
+    """
+    counts = [pq.ParquetFile(d / KEPT_FILE).metadata.num_rows for d in shard_dirs]
+    total, num_hashes = sum(counts), config.fuzzy_dedup.num_hashes
+    exact = np.empty(total, dtype="S16")
+    signatures = np.empty((total, num_hashes), dtype=np.uint64) if config.fuzzy_dedup.enabled else None
+    rows = np.empty(total, dtype=np.int64)
+    offset = 0
+    for count, shard_dir in zip(counts, shard_dirs):
+        table = pq.read_table(shard_dir / KEPT_FILE, columns=["source_row", "exact_key", "signature"])
+        rows[offset:offset + count] = table.column("source_row").to_numpy()
+        exact[offset:offset + count] = table.column("exact_key").to_numpy(zero_copy_only=False)
+        if signatures is not None and count:
+            flat = table.column("signature").combine_chunks().flatten().to_numpy()
+            signatures[offset:offset + count] = flat.reshape(count, num_hashes)
+        offset += count
+    status = np.zeros(total, dtype=np.int8)
+    kept_position = np.arange(total, dtype=np.int64)
+    if config.exact_dedup.enabled and total:
+        _, first, inverse = np.unique(exact, return_index=True, return_inverse=True)
+        first_of_key = first[inverse]  # np.unique's index is the first occurrence
+        is_copy = first_of_key != kept_position
+        status[is_copy], kept_position[is_copy] = _EXACT, first_of_key[is_copy]
+    if signatures is not None and total:
+        # Exact copies share their original's signature, so they join its cluster and the
+        # cluster's smallest index is never a copy: clustering everything needs no filtered copy.
+        roots = fuzzy_clusters(signatures, config.fuzzy_dedup)
+        is_near = (roots != np.arange(total)) & (status == _KEPT)
+        status[is_near], kept_position[is_near] = _FUZZY, roots[is_near]
+    return status, kept_position, rows
+
+
 def _merge(config: CurateConfig, shard_dirs: list[Path], out_dir: Path) -> dict[str, Any]:
     """Exact then fuzzy dedup over all shards, in order; the first document of a cluster stays."""
-    keys: list[tuple[int, int, bytes]] = []  # (shard, row, exact key) of every phase-1 survivor
-    signatures: list[np.ndarray] = []
-    for shard_index, shard_dir in enumerate(shard_dirs):
-        table = pq.read_table(shard_dir / KEPT_FILE, columns=["source_row", "exact_key", "signature"])
-        rows, exact = table.column("source_row").to_pylist(), table.column("exact_key").to_pylist()
-        keys.extend((shard_index, row, key) for row, key in zip(rows, exact))
-        if len(table):
-            signatures.append(np.asarray(table.column("signature").to_pylist(), dtype=np.uint64))
-    total = len(keys)
-    duplicate_of: dict[int, tuple[str, str]] = {}  # position -> (reason, doc_id kept instead)
-    if config.exact_dedup.enabled:
-        first_seen: dict[bytes, int] = {}
-        for position, (shard_index, row, key) in enumerate(keys):
-            if key in first_seen:
-                kept_shard, kept_row, _ = keys[first_seen[key]]
-                duplicate_of[position] = ("exact_duplicate", _doc_id(kept_shard, kept_row))
-            else:
-                first_seen[key] = position
-    if config.fuzzy_dedup.enabled and total:
-        survivors = np.array([p for p in range(total) if p not in duplicate_of], dtype=np.int64)
-        all_signatures = np.concatenate(signatures)[survivors]
-        clusters = fuzzy_clusters(all_signatures, config.fuzzy_dedup)  # smallest member index per doc
-        for member, root in enumerate(clusters):
-            if root != member:
-                kept_shard, kept_row, _ = keys[survivors[root]]
-                duplicate_of[int(survivors[member])] = ("fuzzy_duplicate", _doc_id(kept_shard, kept_row))
-
+    status, kept_position, rows_all = _duplicates(config, shard_dirs)
+    shard_of = np.repeat(np.arange(len(shard_dirs)),
+                         [pq.ParquetFile(d / KEPT_FILE).metadata.num_rows for d in shard_dirs])
     (out_dir / DATA_DIR).mkdir()
     (out_dir / REMOVED_DIR).mkdir()
     reasons: Counter[str] = Counter()
@@ -273,8 +294,10 @@ def _merge(config: CurateConfig, shard_dirs: list[Path], out_dir: Path) -> dict[
             removed_words[reason] += len(text.split())
         texts, rows, doc_ids = [], [], []
         for text, row in zip(kept_table.column("text").to_pylist(), kept_table.column("source_row").to_pylist()):
-            if position in duplicate_of:
-                reason, cluster = duplicate_of[position]
+            if status[position] != _KEPT:
+                reason = _DUPLICATE_REASONS[int(status[position])]
+                kept = int(kept_position[position])
+                cluster = _doc_id(int(shard_of[kept]), int(rows_all[kept]))
                 reasons[reason] += 1
                 removed_words[reason] += len(text.split())
                 for column, value in (("text", text), ("source_row", row), ("reason", reason),
