@@ -83,7 +83,6 @@ class CurateConfig(StrictConfig):
     decontamination: DecontaminationConfig = DecontaminationConfig()
     exact_dedup: ExactDedupConfig = ExactDedupConfig()
     fuzzy_dedup: FuzzyDedupConfig = FuzzyDedupConfig()
-    rows_per_shard: int = Field(50_000, gt=0, description="Rows per output parquet file.")
 
 
 class ShardConfig(StrictConfig):
