@@ -333,7 +333,7 @@ BuildFn = Callable[[Path, dict[str, Path]], dict[str, Any]]
 def produce(
     spec: ComponentSpec,
     config: StrictConfig,
-    inputs: Mapping[str, str],
+    inputs: Mapping[str, str | ArtifactRef],
     dest: str,
     build: BuildFn,
     overwrite: bool = False,
@@ -344,9 +344,11 @@ def produce(
     metrics. If `dest` already holds the artifact this exact config and these inputs make,
     it is returned untouched (no work). If it holds a different artifact, that is an error
     unless `overwrite` is set, which also forces a rebuild of an up-to-date one. A failure
-    anywhere leaves `dest` as it was.
+    anywhere leaves `dest` as it was. An input given as an `ArtifactRef` is not hashed again
+    (a caller running many components over one input resolves it once); its bytes are still
+    verified against that hash before use.
     """
-    input_refs = {name: input_ref(uri) for name, uri in inputs.items()}
+    input_refs = {name: uri if isinstance(uri, ArtifactRef) else input_ref(uri) for name, uri in inputs.items()}
     key = cache_key(spec, config, input_refs)
     existing = try_read_manifest(dest)
     if existing is not None and existing.cache_key == key and not overwrite:

@@ -34,7 +34,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from components.artifacts import ComponentSpec, Manifest, produce
+from components.artifacts import (
+    ArtifactRef, ComponentSpec, Manifest, input_ref, materialize, produce, read_manifest,
+)
 from components.config import StrictConfig
 from components.data.decontaminate import DecontaminationConfig, NgramIndex
 from components.data.dedup import (
@@ -218,7 +220,8 @@ def _removed_table(removed: dict[str, list]) -> pa.Table:
     })
 
 
-def curate_shard(shard: ShardConfig, input: str, dest: str, decontaminate_against: str | None = None,
+def curate_shard(shard: ShardConfig, input: str | ArtifactRef, dest: str,
+                 decontaminate_against: str | ArtifactRef | None = None,
                  overwrite: bool = False) -> Manifest:
     """Phase 1 for one shard: its own artifact, so a rerun after a crash skips it if done."""
     inputs = {"input": input, **({"decontaminate_against": decontaminate_against} if decontaminate_against else {})}
@@ -237,8 +240,8 @@ _KEPT, _EXACT, _FUZZY = 0, 1, 2
 _DUPLICATE_REASONS = {_EXACT: "exact_duplicate", _FUZZY: "fuzzy_duplicate"}
 
 
-def _duplicates(config: CurateConfig, shard_dirs: list[Path]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(status, kept_position, source_rows) over every phase-1 survivor in shard order.
+def _duplicates(config: CurateConfig, shard_dirs: list[Path]) -> tuple[np.ndarray, ...]:
+    """(status, kept_position, source_rows, shard_index) over every phase-1 survivor in shard order.
 
     Only fixed-width arrays are held: 16-byte exact keys and the signature matrix (the LSH
     index), filled shard by shard straight from Arrow buffers, with no per-document objects.
@@ -270,14 +273,12 @@ def _duplicates(config: CurateConfig, shard_dirs: list[Path]) -> tuple[np.ndarra
         roots = fuzzy_clusters(signatures, config.fuzzy_dedup)
         is_near = (roots != np.arange(total)) & (status == _KEPT)
         status[is_near], kept_position[is_near] = _FUZZY, roots[is_near]
-    return status, kept_position, rows
+    return status, kept_position, rows, np.repeat(np.arange(len(shard_dirs)), counts)
 
 
 def _merge(config: CurateConfig, shard_dirs: list[Path], out_dir: Path) -> dict[str, Any]:
     """Exact then fuzzy dedup over all shards, in order; the first document of a cluster stays."""
-    status, kept_position, rows_all = _duplicates(config, shard_dirs)
-    shard_of = np.repeat(np.arange(len(shard_dirs)),
-                         [pq.ParquetFile(d / KEPT_FILE).metadata.num_rows for d in shard_dirs])
+    status, kept_position, rows_all, shard_of = _duplicates(config, shard_dirs)
     (out_dir / DATA_DIR).mkdir()
     (out_dir / REMOVED_DIR).mkdir()
     reasons: Counter[str] = Counter()
@@ -340,36 +341,37 @@ def shard_location(dest: str, index: int, num_shards: int) -> str:
     return f"{dest.rstrip('/')}.shards/shard-{index:05d}-of-{num_shards:05d}"
 
 
+def _uri(location: str | ArtifactRef) -> str:
+    return location.uri if isinstance(location, ArtifactRef) else location
+
+
 def shard_input_name(index: int) -> str:
     return f"shard_{index:05d}"
 
 
-def plan_shards(config: CurateConfig, input: str, dest: str) -> list[tuple[ShardConfig, str]]:
+def plan_shards(config: CurateConfig, input: str | ArtifactRef, dest: str) -> list[tuple[ShardConfig, str]]:
     """The shard jobs for `input`: contiguous record ranges and where each is published."""
-    from components.artifacts import input_ref, materialize
-
-    total = count_records(materialize(input_ref(input)))
+    total = count_records(materialize(input if isinstance(input, ArtifactRef) else input_ref(input)))
     if config.max_docs is not None:
         total = min(total, config.max_docs)
     if total == 0:
-        raise DataError(f"{input}: empty corpus (no records)")
+        raise DataError(f"{_uri(input)}: empty corpus (no records)")
     num_shards = min(config.num_shards, total)
     return [(ShardConfig(curate=config, index=i, num_shards=num_shards, total_records=total),
              shard_location(dest, i, num_shards)) for i in range(num_shards)]
 
 
-def merge_shards(config: CurateConfig, dest: str, input: str, decontaminate_against: str | None = None,
-                 overwrite: bool = False, **shards: str) -> Manifest:
+def merge_shards(config: CurateConfig, dest: str, input: str | ArtifactRef,
+                 decontaminate_against: str | ArtifactRef | None = None,
+                 overwrite: bool = False, **shards: str | ArtifactRef) -> Manifest:
     """Phase 2: dedup across the published shards (`shard_00000=URI, ...`) into `dest`."""
-    from components.artifacts import read_manifest
-
     names = sorted(shards)
     inputs = {"input": input, **({"decontaminate_against": decontaminate_against} if decontaminate_against else {}),
               **{name: shards[name] for name in names}}
 
     def build(out_dir: Path, paths: dict[str, Path]) -> dict[str, Any]:
         metrics = _merge(config, [paths[name] for name in names], out_dir)
-        metrics["per_shard"] = [read_manifest(shards[name]).metrics for name in names]
+        metrics["per_shard"] = [read_manifest(_uri(shards[name])).metrics for name in names]
         _write_stats(metrics, out_dir)
         return metrics
 
@@ -383,9 +385,13 @@ def curate(config: CurateConfig, input: str, dest: str, decontaminate_against: s
     Shard artifacts are published next to it (`DEST.shards/`); `map_shards(fn, jobs)` runs
     the shard jobs (sequentially by default; the Prefect flow fans them out itself).
     """
-    def run(job: tuple[ShardConfig, str]) -> Manifest:
-        return curate_shard(job[0], input, job[1], decontaminate_against, overwrite=overwrite)
+    # Resolve (hash) the raw inputs once, not once per shard and again at the merge.
+    source = input_ref(input)
+    evaluation = input_ref(decontaminate_against) if decontaminate_against else None
 
-    shard_manifests = list(map_shards(run, plan_shards(config, input, dest)))
-    shards = {shard_input_name(i): m.output.uri for i, m in enumerate(shard_manifests)}
-    return merge_shards(config, dest, input, decontaminate_against, overwrite=overwrite, **shards)
+    def run(job: tuple[ShardConfig, str]) -> Manifest:
+        return curate_shard(job[0], source, job[1], evaluation, overwrite=overwrite)
+
+    shard_manifests = list(map_shards(run, plan_shards(config, source, dest)))
+    shards = {shard_input_name(i): m.output for i, m in enumerate(shard_manifests)}
+    return merge_shards(config, dest, source, evaluation, overwrite=overwrite, **shards)
