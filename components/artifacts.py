@@ -44,6 +44,11 @@ orchestrator_run_id: contextvars.ContextVar[str | None] = contextvars.ContextVar
     "orchestrator_run_id", default=None
 )
 
+# The cache key of the component run being built, set by `produce` around `build`: a build
+# that keeps state across attempts (a trainer's checkpoints) keys that state by it, so a
+# rerun of the same config on the same inputs resumes and any other run starts afresh.
+current_build_key: contextvars.ContextVar[str | None] = contextvars.ContextVar("current_build_key", default=None)
+
 
 class ComponentSpec(BaseModel):
     """Name and semantic version of a component. Bump the version when outputs change meaning."""
@@ -376,7 +381,11 @@ def produce(
         staging.mkdir()
     try:
         started_at = _now()
-        metrics = build(staging, input_paths)
+        key_token = current_build_key.set(key)
+        try:
+            metrics = build(staging, input_paths)
+        finally:
+            current_build_key.reset(key_token)
         manifest = Manifest(
             component=spec,
             config=config.model_dump(mode="json"),

@@ -24,7 +24,7 @@ def training_estimate_config(params: PipelineParams) -> feasibility.TrainingEsti
     """The run the pretrain stage will make, on the devices of the `estimate` section."""
     return feasibility.TrainingEstimateConfig(
         target=params.estimate, model=params.pretrain.model, seq_len_tokens=params.pack.seq_len_tokens,
-        batch_size_blocks=params.pretrain.batch_size_blocks, max_steps=params.pretrain.max_steps,
+        batch_size_blocks=params.pretrain.train.batch_size_rows, max_steps=params.pretrain.train.max_steps,
     )
 
 

@@ -36,8 +36,7 @@ TINY_PARAMS = {
     "pretrain": {
         "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
                   "intermediate_size": 64, "max_position_embeddings": 128},
-        "batch_size_blocks": 4,
-        "max_steps": 8,
+        "train": {"batch_size_rows": 4, "max_steps": 8},
     },
     "evaluate": {"max_docs": 20},
     "report": {"title": "tiny"},

@@ -19,7 +19,9 @@ from components.eval.perplexity import PerplexityConfig, evaluate_perplexity
 from components.eval.report import LOSS_CSV, LOSS_PNG, REPORT_FILE, ReportConfig, report
 from components.models.factory import ModelConfig
 from components.train.loop import OptimConfig, lr_multiplier
-from components.train.pretrain import METRICS_FILE, PretrainConfig, pretrain
+from components.train.engine import TrainConfig
+from components.train.pretrain import PretrainConfig, pretrain
+from components.train.trainer import METRICS_JSONL as METRICS_FILE
 from flows.params import heldout_curation
 from tests.conftest import REPO_ROOT
 
@@ -54,7 +56,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def run_pretrain(config: PretrainConfig, prepared: Path, name: str):
     """Estimate this exact run on a CPU (the gate), then pretrain."""
     estimate = TrainingEstimateConfig(target=TrainingTarget(), model=config.model, seq_len_tokens=32,
-                                      batch_size_blocks=config.batch_size_blocks, max_steps=config.max_steps)
+                                      batch_size_blocks=config.train.batch_size_rows, max_steps=config.train.max_steps)
     estimate_training(estimate, str(prepared / "tok"), str(prepared / f"{name}_estimate"))
     return pretrain(config, str(prepared / "blocks"), str(prepared / "tok"), str(prepared / f"{name}_estimate"),
                     str(prepared / name))
@@ -69,14 +71,15 @@ def _weights(model_dir: Path) -> dict:
 def test_pretraining_learns_and_is_deterministic(prepared: Path) -> None:
     import torch
 
-    config = PretrainConfig(model=TINY_MODEL, batch_size_blocks=8, max_steps=40,
-                            optim=OptimConfig(learning_rate=1e-2, warmup_steps=5))
+    config = PretrainConfig(model=TINY_MODEL, train=TrainConfig(
+        batch_size_rows=8, max_steps=40, optim=OptimConfig(learning_rate=1e-2, warmup_steps=5)))
     manifest = run_pretrain(config, prepared, "model_a")
     records = [json.loads(l) for l in (prepared / "model_a" / METRICS_FILE).read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 41))
     assert records[0]["loss"] == pytest.approx(math.log(300), rel=0.05)  # untrained: about uniform
     assert manifest.metrics["final_loss"] < records[0]["loss"] - 1.0
-    assert all(r["grad_norm"] > 0 and r["tokens"] == 8 * 31 for r in records)
+    assert all(r["grad_norm"] > 0 and r["loss_tokens"] == 8 * 31 and r["tokens"] == 8 * 32 for r in records)
+    assert all(0 < r["mfu"] < 1 and r["peak_memory_gib"] > 0 for r in records)
 
     run_pretrain(config, prepared, "model_b")
     a, b = _weights(prepared / "model_a"), _weights(prepared / "model_b")
@@ -86,7 +89,7 @@ def test_pretraining_learns_and_is_deterministic(prepared: Path) -> None:
 def test_pretrain_refuses_blocks_longer_than_the_context(prepared: Path) -> None:
     short = TINY_MODEL.model_copy(update={"max_position_embeddings": 16})
     with pytest.raises(ConfigError, match=r"max_position_embeddings \(16\) is shorter than the packed blocks \(32"):
-        run_pretrain(PretrainConfig(model=short, max_steps=1), prepared, "never")
+        run_pretrain(PretrainConfig(model=short, train=TrainConfig(max_steps=1)), prepared, "never")
     assert not (prepared / "never").exists()
 
 
@@ -95,7 +98,7 @@ def test_perplexity_matches_an_independent_computation(prepared: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = prepared / "model_eval"
-    run_pretrain(PretrainConfig(model=TINY_MODEL, batch_size_blocks=8, max_steps=5), prepared, "model_eval")
+    run_pretrain(PretrainConfig(model=TINY_MODEL, train=TrainConfig(batch_size_rows=8, max_steps=5)), prepared, "model_eval")
     manifest = evaluate_perplexity(PerplexityConfig(batch_size_docs=3), str(model_dir), str(prepared / "heldout"),
                                    str(prepared / "blocks"), str(prepared / "eval"))
     metrics = manifest.metrics

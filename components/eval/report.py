@@ -13,7 +13,7 @@ from pydantic import Field
 from components.artifacts import ComponentSpec, Manifest, produce, read_manifest
 from components.config import StrictConfig
 from components.eval.perplexity import METRICS_FILE as EVAL_METRICS_FILE
-from components.train.pretrain import METRICS_FILE as TRAIN_METRICS_FILE
+from components.train.trainer import METRICS_JSONL as TRAIN_METRICS_FILE
 
 SPEC = ComponentSpec(name="report", version="1")
 REPORT_FILE = "report.md"

@@ -1,29 +1,16 @@
-"""The training loop shared by every trainer: AdamW, warmup + decay, clipping, step metrics.
-
-A trainer builds the model and a batch iterator; this module only steps the optimizer and
-records what happened, one JSON line per step.
-"""
+"""Optimizer and learning-rate schedule of the training loop (`components.train.engine`)."""
 
 from __future__ import annotations
 
-import json
 import math
-import time
-from collections.abc import Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
 from components.config import StrictConfig
-from components.errors import CrucibleError
 
 if TYPE_CHECKING:
     import torch
-
-
-class TrainingDivergedError(CrucibleError):
-    """The loss became NaN or infinite."""
 
 
 class OptimConfig(StrictConfig):
@@ -63,56 +50,3 @@ def make_optimizer(model: "torch.nn.Module", config: OptimConfig) -> "torch.opti
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2))
-
-
-def train_steps(
-    model: "torch.nn.Module",
-    batches: Iterator[dict[str, "torch.Tensor"]],
-    max_steps: int,
-    config: OptimConfig,
-    metrics_path: Path,
-    progress_desc: str = "train",
-) -> list[dict[str, Any]]:
-    """Run `max_steps` optimizer steps; append one JSON record per step to `metrics_path`.
-
-    Each batch is passed to `model(**batch)`, which must return an object with `.loss`;
-    `tokens` counts label positions that contribute to the loss.
-    """
-    import torch
-    from tqdm import tqdm
-
-    optimizer = make_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, max_steps, config))
-    model.train()
-    records: list[dict[str, Any]] = []
-    started = time.perf_counter()
-    with open(metrics_path, "a", encoding="utf-8") as sink, tqdm(total=max_steps, desc=progress_desc) as bar:
-        for step in range(max_steps):
-            batch = next(batches)
-            step_started = time.perf_counter()
-            loss = model(**batch).loss
-            if not torch.isfinite(loss):
-                raise TrainingDivergedError(f"loss became {loss.item()} at step {step}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            max_norm = config.grad_clip_norm if config.grad_clip_norm is not None else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            step_time_s = time.perf_counter() - step_started
-            tokens = int((batch["labels"][:, 1:] != -100).sum())
-            record = {
-                "step": step + 1,
-                "loss": loss.item(),
-                "learning_rate": lr,
-                "grad_norm": grad_norm,
-                "tokens": tokens,
-                "tokens_per_s": tokens / step_time_s,
-                "elapsed_s": time.perf_counter() - started,
-            }
-            records.append(record)
-            sink.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{record['loss']:.3f}")
-            bar.update()
-    return records

@@ -1,10 +1,10 @@
-"""Pretrain a causal LM from scratch on packed token blocks."""
+"""Pretrain a causal LM from a config on packed token blocks, with the shared training loop."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import Field
 
@@ -12,71 +12,60 @@ from components.artifacts import ComponentSpec, Manifest, produce
 from components.config import StrictConfig
 from components.data.records import read_column
 from components.errors import ConfigError
+from components.feasibility.estimate import ESTIMATE_FILE
 from components.feasibility.training import require_feasible
 from components.models.factory import ModelConfig, build_causal_lm
-from components.train.loop import OptimConfig, train_steps
+from components.train.engine import TrainConfig, TrainData, resolve_precision
+from components.train.launch import run_directory, run_job
+from components.train.trainer import publish_metrics, summarize, world_size_of, zero_stage_of
 
-if TYPE_CHECKING:
-    import torch
-
-SPEC = ComponentSpec(name="pretrain", version="1")
-METRICS_FILE = "train_metrics.jsonl"
+SPEC = ComponentSpec(name="pretrain", version="2")
 
 
 class PretrainConfig(StrictConfig):
     model: ModelConfig = ModelConfig()
-    optim: OptimConfig = OptimConfig()
-    batch_size_blocks: int = Field(16, gt=0, description="Packed blocks per optimizer step.")
-    max_steps: int = Field(400, gt=0, description="Optimizer steps.")
-    seed: int = 0
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(max_steps=400, batch_size_rows=16))
 
 
-def epoch_batches(blocks: "torch.Tensor", batch_size: int, seed: int) -> Iterator[dict[str, "torch.Tensor"]]:
-    """Endless batches: a fresh seeded permutation of the blocks each epoch."""
+def _blocks_tensor(blocks_dir: Path) -> Any:
     import torch
 
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        order = torch.randperm(len(blocks), generator=generator)
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            input_ids = blocks[order[start:start + batch_size]]
-            yield {"input_ids": input_ids, "labels": input_ids}
+    return torch.tensor(read_column(blocks_dir, "input_ids"), dtype=torch.long)
 
 
-def _build(config: PretrainConfig, blocks_dir: Path, tokenizer_dir: Path, estimate_dir: Path, out_dir: Path) -> dict[str, Any]:
+def train_job(job: dict[str, Any]) -> dict[str, Any]:
+    """One rank's (or the only process's) pretraining run."""
     import torch
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    blocks = torch.tensor(read_column(blocks_dir, "input_ids"), dtype=torch.long)
-    seq_len = blocks.shape[1]
-    require_feasible(estimate_dir, config.model, seq_len, config.batch_size_blocks, config.max_steps)
-    if seq_len > config.model.max_position_embeddings:
-        raise ConfigError(
-            f"pretrain.model.max_position_embeddings ({config.model.max_position_embeddings}) is shorter "
-            f"than the packed blocks ({seq_len} tokens)"
-        )
-    if len(blocks) < config.batch_size_blocks:
-        raise ConfigError(f"pretrain.batch_size_blocks ({config.batch_size_blocks}) exceeds the {len(blocks)} packed blocks")
-    torch.manual_seed(config.seed)
+    from components.train.engine import train
+    from components.train.modules import CausalLMLoss
+
+    config = PretrainConfig.model_validate(job["config"])
+    paths = {name: Path(path) for name, path in job["inputs"].items()}
+    run_dir, out_dir = Path(job["run_dir"]), Path(job["out_dir"])
+    tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"])
+    blocks = _blocks_tensor(paths["blocks"])
+    estimate = json.loads((paths["estimate"] / ESTIMATE_FILE).read_text(encoding="utf-8"))
+    torch.manual_seed(config.train.seed)
     model = build_causal_lm(config.model, tokenizer)
-    records = train_steps(
-        model, epoch_batches(blocks, config.batch_size_blocks, config.seed), config.max_steps,
-        config.optim, out_dir / METRICS_FILE, progress_desc="pretrain",
+    params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
+
+    def save_model(module: CausalLMLoss, directory: Path) -> None:
+        module.model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    result = train(
+        CausalLMLoss(model), TrainData({"input_ids": blocks, "labels": blocks}, source=str(paths["blocks"])),
+        config.train, run_dir, save_model=save_model, flops_per_token=estimate["flops_per_token"],
+        final_dir=out_dir, estimate_ds_config=estimate["deepspeed_config"], description="pretrain",
     )
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    tail = records[-min(10, len(records)):]
-    train_time_s = records[-1]["elapsed_s"]
-    tokens_trained = sum(r["tokens"] for r in records)
+    if result.rank != 0:
+        return {}
     return {
-        "params": sum(p.numel() for p in model.parameters()),
-        "steps": len(records),
-        "tokens_trained": tokens_trained,
-        "epochs": round(config.max_steps * config.batch_size_blocks / len(blocks), 3),
-        "final_loss": sum(r["loss"] for r in tail) / len(tail),
-        "train_time_s": round(train_time_s, 2),
-        "tokens_per_s": round(tokens_trained / train_time_s, 1),
+        "params": params,
+        "epochs": round(config.train.max_steps * config.train.batch_size_rows / len(blocks), 3),
+        **summarize(result, run_dir),
     }
 
 
@@ -85,11 +74,37 @@ def pretrain(
 ) -> Manifest:
     """Train a model from `config.model` on the packed `blocks` artifact; save it in HF format.
 
-    `estimate` is the feasibility estimate of this very run (the `estimate` stage); a run
-    it says does not fit the configured devices is refused before any step.
+    `estimate` is the feasibility estimate of this very run (the `estimate` stage): a run it
+    says does not fit, or an estimate for other devices, ranks, ZeRO stage or precision than
+    the run's, is refused before any step. Without a DeepSpeed config of its own, a
+    `deepspeed` launch uses the estimate's recommended one.
     """
-    return produce(
-        SPEC, config, {"blocks": blocks, "tokenizer": tokenizer, "estimate": estimate}, dest,
-        lambda out_dir, paths: _build(config, paths["blocks"], paths["tokenizer"], paths["estimate"], out_dir),
-        overwrite=overwrite,
-    )
+    def build(out_dir: Path, paths: dict[str, Path]) -> dict[str, Any]:
+        import torch
+
+        blocks_tensor = _blocks_tensor(paths["blocks"])
+        seq_len = int(blocks_tensor.shape[1])
+        if seq_len > config.model.max_position_embeddings:
+            raise ConfigError(
+                f"pretrain.model.max_position_embeddings ({config.model.max_position_embeddings}) is shorter "
+                f"than the packed blocks ({seq_len} tokens)"
+            )
+        planned = json.loads((paths["estimate"] / ESTIMATE_FILE).read_text(encoding="utf-8"))
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        run_target = {
+            "num_gpus": world_size_of(config.train, planned),
+            "zero_stage": zero_stage_of(config.train, planned),
+            "precision": resolve_precision(config.train.precision, device),
+            "activation_checkpointing": "full" if config.train.gradient_checkpointing else "none",
+        }
+        require_feasible(paths["estimate"], config.model, seq_len, config.train.batch_size_rows,
+                         config.train.max_steps, supported=run_target)
+        run_dir = run_directory(dest)
+        job = {"trainer": "pretrain", "config": config.model_dump(mode="json"),
+               "inputs": {name: str(path) for name, path in paths.items()}, "out_dir": str(out_dir), "run_dir": str(run_dir)}
+        metrics = run_job(job, config.train.distributed, run_target["num_gpus"])
+        publish_metrics(run_dir, out_dir, "Pretraining", metrics)
+        return metrics
+
+    return produce(SPEC, config, {"blocks": blocks, "tokenizer": tokenizer, "estimate": estimate}, dest, build,
+                   overwrite=overwrite)

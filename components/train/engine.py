@@ -1,0 +1,639 @@
+"""The one training loop every trainer uses: in one process (plain torch) or on every rank
+of a `deepspeed` launch (ZeRO 0-3), with the same batches, loss normalisation, learning-rate
+schedule, checkpoints and metrics either way.
+
+A trainer hands over
+- a *loss module*: an `nn.Module` whose `forward(**micro_batch)` returns the **sum** of its
+  per-token losses (a scalar tensor); its trainable parameters are what gets optimised;
+- `TrainData`: equal-width tensors, one row per sequence (packed blocks or padded examples);
+- a `save_model(module, directory)` callback that writes the model in its published format
+  (HF `save_pretrained`, a LoRA adapter, a soft prompt).
+
+Each optimizer step consumes one *global batch* of `batch_size_rows` rows, the same rows on
+every rank in the same order; rank r takes its share as micro-batches. The loss is the
+token-weighted mean over the whole global batch: each micro-batch's loss sum is divided by
+the global batch's count of loss tokens, so gradient accumulation and data parallelism give
+the same gradient as one big batch (the normalisation HF transformers adopted in 4.46 with
+`num_items_in_batch`, instead of averaging per-micro-batch means).
+
+Checkpoints (every `checkpoint_every_steps`, the last `keep_last_checkpoints` kept) hold the
+model in its published format, the optimizer (or DeepSpeed's partitioned states), the step,
+the sampler position and every rank's RNG state, so a resumed run continues with exactly the
+batches and random numbers the interrupted one would have used. A checkpoint directory is
+written under a temporary name and renamed when complete, so a kill never leaves a
+half-written checkpoint that looks valid.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field
+
+from components.config import StrictConfig
+from components.errors import ConfigError, CrucibleError, DataError
+from components.train.loop import OptimConfig, lr_multiplier, make_optimizer
+from components.train.progress import notify_step
+
+if TYPE_CHECKING:
+    import torch
+
+IGNORE_INDEX = -100
+CHECKPOINTS_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+STATE_FILE = "trainer_state.json"
+SHAPES_FILE = "shapes.json"
+MODEL_DIR = "model"
+
+
+class TrainingDivergedError(CrucibleError):
+    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+class DistributedConfig(StrictConfig):
+    launcher: Literal["none", "deepspeed"] = Field(
+        "none", description="none: this process (plain torch); deepspeed: the `deepspeed` launcher starts the ranks.",
+    )
+    num_procs: int | None = Field(
+        None, ge=1, description="Ranks per node for the deepspeed launcher; default: the estimate's num_gpus, else 1.",
+    )
+    hostfile: str | None = Field(None, description="DeepSpeed hostfile for multi-node runs.")
+    master_port: int | None = Field(None, ge=1024, le=65535, description="Default: a free port.")
+    deepspeed_config: dict[str, Any] | None = Field(
+        None, description="A DeepSpeed config; default: the feasibility estimate's recommended `deepspeed_config`.",
+    )
+
+
+class TrainConfig(StrictConfig):
+    optim: OptimConfig = OptimConfig()
+    max_steps: int = Field(100, gt=0, description="Optimizer steps.")
+    batch_size_rows: int = Field(16, gt=0, description="Rows (packed blocks or examples) per optimizer step, all ranks.")
+    micro_batch_rows: int | None = Field(
+        None, gt=0, description="Rows per forward pass per rank; default: the DeepSpeed config's, else the whole share.",
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on a CUDA device that supports it, fp32 otherwise.",
+    )
+    gradient_checkpointing: bool = False
+    checkpoint_every_steps: int = Field(100, ge=0, description="0 disables intermediate checkpoints.")
+    keep_last_checkpoints: int = Field(2, ge=1)
+    resume: bool = Field(True, description="Continue from this run's latest checkpoint if one exists.")
+    resume_from: str | None = Field(None, description="A checkpoint directory to continue from instead.")
+    seed: int = 0
+    peak_tflops: float | None = Field(None, gt=0, description="Device peak for MFU; default: the hardware catalog's.")
+    distributed: DistributedConfig = DistributedConfig()
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class TrainData:
+    """Rows of equal-width tensors (`input_ids`, `labels`, optionally `position_ids`, ...)."""
+
+    columns: dict[str, torch.Tensor]
+    pad_token_id: int | None = None
+    source: str = "dataset"
+
+    def __post_init__(self) -> None:
+        if "labels" not in self.columns or "input_ids" not in self.columns:
+            raise DataError(f"{self.source}: training data needs input_ids and labels, has {sorted(self.columns)}")
+        shapes = {name: tuple(tensor.shape) for name, tensor in self.columns.items()}
+        if len({shape for shape in shapes.values()}) != 1:
+            raise DataError(f"{self.source}: columns differ in shape: {shapes}")
+        if len(self) == 0:
+            raise DataError(f"{self.source}: the dataset is empty")
+        if int((self.columns["labels"][:, 1:] != IGNORE_INDEX).sum()) == 0:
+            raise DataError(f"{self.source}: no row has a token to train on (every label is {IGNORE_INDEX})")
+
+    def __len__(self) -> int:
+        return int(self.columns["input_ids"].shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.columns["input_ids"].shape[1])
+
+    def rows(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: tensor[indices] for name, tensor in self.columns.items()}
+
+
+class EpochSampler:
+    """Global batches from a fresh seeded permutation each epoch; the state is (epoch, cursor).
+
+    The permutation of epoch e depends only on (seed, e), so restoring (epoch, cursor)
+    reproduces the remaining batches exactly. The tail that does not fill a batch is dropped.
+    """
+
+    def __init__(self, num_rows: int, batch_size: int, seed: int) -> None:
+        if num_rows < batch_size:
+            raise ConfigError(f"batch_size_rows ({batch_size}) exceeds the {num_rows} rows of the training data")
+        self.num_rows, self.batch_size, self.seed = num_rows, batch_size, seed
+        self.epoch, self.cursor = 0, 0
+        self._permutation: torch.Tensor | None = None
+
+    def _order(self) -> torch.Tensor:
+        import torch
+
+        if self._permutation is None:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            self._permutation = torch.randperm(self.num_rows, generator=generator)
+        return self._permutation
+
+    def next_batch(self) -> torch.Tensor:
+        if self.cursor == self.num_rows // self.batch_size:
+            self.epoch, self.cursor, self._permutation = self.epoch + 1, 0, None
+        start = self.cursor * self.batch_size
+        self.cursor += 1
+        return self._order()[start:start + self.batch_size]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.cursor, self._permutation = int(state["epoch"]), int(state["cursor"]), None
+
+
+def count_loss_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Positions that contribute to a next-token loss: labels shifted by one, not ignored."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def count_real_tokens(batch: dict[str, torch.Tensor], pad_token_id: int | None) -> int:
+    """Non-padding tokens (the "effective" tokens of a throughput figure)."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    if pad_token_id is None:
+        return int(batch["input_ids"].numel())
+    return int((batch["input_ids"] != pad_token_id).sum())
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    import torch
+
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def peak_flops_per_s(config: TrainConfig, device: torch.device, precision: str) -> float | None:
+    """Peak dense FLOP/s of one device, for MFU: the config's, else the hardware catalog's entry
+    for this device (`CPU` on a CPU; a catalog name contained in the CUDA device name)."""
+    import torch
+
+    from components.feasibility.hardware import load_catalog
+
+    if config.peak_tflops is not None:
+        return config.peak_tflops * 1e12
+    catalog = load_catalog()
+    if device.type == "cpu":
+        return catalog["CPU"].peak_flops_per_s(precision)
+    name = torch.cuda.get_device_name(device).upper()
+    for key, accelerator in catalog.items():
+        if key.split("-")[0].upper() in name and precision in accelerator.peak_tflops:
+            return accelerator.peak_flops_per_s(precision)
+    return None
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak allocated CUDA memory, or the process's peak resident set on a CPU."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
+
+
+# --------------------------------------------------------------------------- backends
+
+
+class TorchBackend:
+    """This process alone: autocast for bf16 (fp32 master weights), torch clipping and AdamW."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, module: torch.nn.Module, config: TrainConfig, device: torch.device, precision: str) -> None:
+        self.module, self.device, self.precision = module.to(device), device, precision
+        self.optimizer = make_optimizer(module, config.optim)
+        self.grad_clip_norm = config.optim.grad_clip_norm
+
+    def forward_backward(self, batch: dict[str, torch.Tensor], scale: float, last: bool) -> torch.Tensor:
+        import torch
+
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            loss_sum = self.module(**batch)
+        (loss_sum * scale).backward()
+        return loss_sum.detach().float()
+
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        return values
+
+    def optimizer_step(self, learning_rate: float) -> float:
+        import torch
+
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        max_norm = self.grad_clip_norm if self.grad_clip_norm is not None else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def discard_gradients(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def save_state(self, directory: Path) -> None:
+        import torch
+
+        torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+
+    def load_state(self, directory: Path) -> None:
+        import torch
+
+        load_module_state(self.module, directory / MODEL_DIR / "trainable.pt")
+        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+
+    def gathered_parameters(self):  # noqa: ANN201 - a context manager
+        from contextlib import nullcontext
+
+        return nullcontext()
+
+    def barrier(self) -> None:
+        pass
+
+
+class DeepSpeedBackend:
+    """One rank of a `deepspeed` launch: DeepSpeed's engine (ZeRO partitioning, gradient
+    all-reduce, clipping) around our AdamW, given as DeepSpeed's client optimizer (its fused
+    optimizers need CUDA; a torch optimizer runs on CPU ranks as well)."""
+
+    def __init__(self, module: torch.nn.Module, config: TrainConfig, ds_config: dict[str, Any]) -> None:
+        import deepspeed
+
+        optimizer = make_optimizer(module, config.optim)
+        self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
+        self.module, self.device = self.engine.module, self.engine.device
+        self.rank, self.world_size = self.engine.global_rank, self.engine.world_size
+        self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+        self.precision = "bf16" if ds_config.get("bf16", {}).get("enabled") else "fp32"
+
+    def forward_backward(self, batch: dict[str, torch.Tensor], scale: float, last: bool) -> torch.Tensor:
+        loss_sum = self.engine(**batch)
+        # DeepSpeed averages gradients over ranks; multiplying by the world size turns that
+        # average back into the sum our global-token normalisation expects.
+        self.engine.backward(loss_sum * (scale * self.world_size), scale_wrt_gas=False)
+        if not last:
+            self.engine.step()  # a micro-step: DeepSpeed only counts it
+        return loss_sum.detach().float()
+
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        values = values.to(self.device)
+        dist.all_reduce(values)
+        return values.cpu()
+
+    def optimizer_step(self, learning_rate: float) -> float:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = learning_rate
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def discard_gradients(self) -> None:
+        self.engine.zero_grad()
+
+    def save_state(self, directory: Path) -> None:
+        self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state")
+
+    def load_state(self, directory: Path) -> None:
+        # DeepSpeed's checkpoint holds the module weights (every partition) and the optimizer.
+        path, _ = self.engine.load_checkpoint(str(directory / "deepspeed"), tag="state")
+        if path is None:
+            raise CrucibleError(f"{directory}: DeepSpeed found no checkpoint to load")
+
+    def gathered_parameters(self):  # noqa: ANN201 - a context manager
+        """Under ZeRO-3 every rank holds a slice of each weight; gather full weights to save them."""
+        from contextlib import nullcontext
+
+        import deepspeed
+
+        if self.zero_stage != 3:
+            return nullcontext()
+        return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def deepspeed_config_for(config: TrainConfig, estimate_ds_config: dict[str, Any] | None, world_size: int) -> dict[str, Any]:
+    """The run's DeepSpeed config: the trainer config's, else the estimate's recommended one,
+    with batch sizes and clipping made to agree with the trainer config."""
+    base = config.distributed.deepspeed_config or estimate_ds_config
+    if base is None:
+        base = {"zero_optimization": {"stage": 0}}
+    ds = json.loads(json.dumps(base))
+    micro = config.micro_batch_rows or ds.get("train_micro_batch_size_per_gpu") or config.batch_size_rows // world_size
+    if config.batch_size_rows % (micro * world_size):
+        raise ConfigError(
+            f"batch_size_rows ({config.batch_size_rows}) is not a multiple of micro_batch_rows ({micro}) x "
+            f"{world_size} ranks"
+        )
+    ds["train_micro_batch_size_per_gpu"] = micro
+    ds["gradient_accumulation_steps"] = config.batch_size_rows // (micro * world_size)
+    ds["train_batch_size"] = config.batch_size_rows
+    ds["gradient_clipping"] = config.optim.grad_clip_norm or 0.0
+    ds.pop("optimizer", None)  # ours (AdamW with decoupled weight decay on matrices) is passed in
+    ds.pop("scheduler", None)  # the loop sets the learning rate itself
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _parameter_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
+    shapes = {}
+    for name, param in module.named_parameters():
+        shape = getattr(param, "ds_shape", None) or param.shape  # ZeRO-3 keeps the full shape in ds_shape
+        shapes[name] = list(shape)
+    return shapes
+
+
+def checkpoint_steps(checkpoint_root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under `checkpoint_root`, oldest first (partial ones are ignored)."""
+    if not checkpoint_root.is_dir():
+        return []
+    found = []
+    for entry in checkpoint_root.iterdir():
+        if entry.name.startswith("step-") and entry.name[5:].isdigit() and (entry / STATE_FILE).is_file():
+            found.append((int(entry.name[5:]), entry))
+    return sorted(found)
+
+
+def check_checkpoint_shapes(checkpoint: Path, module: torch.nn.Module) -> None:
+    saved = json.loads((checkpoint / SHAPES_FILE).read_text(encoding="utf-8"))
+    current = _parameter_shapes(module)
+    problems = [f"{name}: checkpoint {saved.get(name)} vs model {current.get(name)}"
+                for name in sorted(set(saved) | set(current)) if saved.get(name) != current.get(name)]
+    if problems:
+        shown = "; ".join(problems[:4]) + (f"; ... {len(problems) - 4} more" if len(problems) > 4 else "")
+        raise ConfigError(f"{checkpoint}: the checkpoint is of a different model shape: {shown}")
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class TrainResult:
+    records: list[dict[str, Any]]
+    resumed_from_step: int | None
+    world_size: int
+    rank: int
+    precision: str
+    backend: str
+    checkpoints: list[str] = field(default_factory=list)
+
+
+def _rng_state() -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train(
+    module: torch.nn.Module,
+    data: TrainData,
+    config: TrainConfig,
+    run_dir: Path,
+    *,
+    save_model: Callable[[torch.nn.Module, Path], None],
+    flops_per_token: float,
+    final_dir: Path | None = None,
+    estimate_ds_config: dict[str, Any] | None = None,
+    description: str = "train",
+) -> TrainResult:
+    """Run `config.max_steps` optimizer steps of `module` on `data`; resume from `run_dir`.
+
+    The trained model is written with `save_model` into `final_dir` (by rank 0).
+    `run_dir` holds the live metrics (`metrics.jsonl`, one record per step) and the
+    checkpoints. Under a `deepspeed` launch (the environment has `WORLD_SIZE`) the DeepSpeed
+    backend is used, else plain torch. `flops_per_token` is the training FLOPs per token of
+    the model (the feasibility estimator's 6N + attention), for MFU.
+    """
+    import torch
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or config.distributed.launcher == "deepspeed"
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    if distributed:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=None)
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        ds_config = deepspeed_config_for(config, estimate_ds_config, world_size)
+        if config.gradient_checkpointing and hasattr(module, "enable_gradient_checkpointing"):
+            module.enable_gradient_checkpointing()
+        backend: TorchBackend | DeepSpeedBackend = DeepSpeedBackend(module, config, ds_config)
+        micro_rows = ds_config["train_micro_batch_size_per_gpu"]
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        precision = resolve_precision(config.precision, device)
+        micro_rows = config.micro_batch_rows or config.batch_size_rows
+        if config.batch_size_rows % micro_rows:
+            raise ConfigError(f"batch_size_rows ({config.batch_size_rows}) is not a multiple of micro_batch_rows ({micro_rows})")
+        if config.gradient_checkpointing and hasattr(module, "enable_gradient_checkpointing"):
+            module.enable_gradient_checkpointing()
+        backend = TorchBackend(module, config, device, precision)
+    rank, world_size = backend.rank, backend.world_size
+    sampler = EpochSampler(len(data), config.batch_size_rows, config.seed)
+    checkpoint_root = run_dir / CHECKPOINTS_DIR
+    metrics_path = run_dir / METRICS_FILE
+    if rank == 0:
+        checkpoint_root.mkdir(parents=True, exist_ok=True)
+
+    # ---- resume
+    start_step, resumed_from = 0, None
+    source = Path(config.resume_from) if config.resume_from else None
+    if source is None and config.resume:
+        complete = checkpoint_steps(checkpoint_root)
+        source = complete[-1][1] if complete else None
+    if source is not None:
+        if not (source / STATE_FILE).is_file():
+            raise ConfigError(f"resume_from: {source} is not a checkpoint (no {STATE_FILE})")
+        check_checkpoint_shapes(source, backend.module)
+        state = json.loads((source / STATE_FILE).read_text(encoding="utf-8"))
+        if state["world_size"] != world_size:
+            raise ConfigError(f"{source}: written by {state['world_size']} ranks, this run has {world_size}")
+        backend.load_state(source)
+        sampler.load_state_dict(state["sampler"])
+        _set_rng_state(torch.load(source / f"rng-rank{rank}.pt", weights_only=False))
+        start_step = resumed_from = int(state["step"])
+    if rank == 0:
+        kept = []
+        if metrics_path.is_file():
+            kept = [line for line in metrics_path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line)["step"] <= start_step]
+        metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    device = backend.device
+    precision = backend.precision
+    peak = peak_flops_per_s(config, device, precision)
+    accumulation = config.batch_size_rows // (micro_rows * world_size)
+    share = micro_rows * accumulation
+    backend.module.train()
+    records: list[dict[str, Any]] = []
+    last_good = checkpoint_steps(checkpoint_root)[-1][1] if checkpoint_steps(checkpoint_root) else None
+    started = time.perf_counter()
+    for step in range(start_step, config.max_steps):
+        step_started = time.perf_counter()
+        indices = sampler.next_batch()
+        global_batch = data.rows(indices)
+        loss_tokens = count_loss_tokens(global_batch)
+        real_tokens = count_real_tokens(global_batch, data.pad_token_id)
+        mine = {name: tensor[rank * share:(rank + 1) * share] for name, tensor in global_batch.items()}
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for micro in range(accumulation):
+            batch = {name: tensor[micro * micro_rows:(micro + 1) * micro_rows].to(device) for name, tensor in mine.items()}
+            loss_sum += backend.forward_backward(batch, 1.0 / loss_tokens, last=micro == accumulation - 1).double().cpu()
+        total_loss_sum = float(backend.all_reduce_sum(loss_sum.reshape(1))[0])
+        loss = total_loss_sum / loss_tokens
+        if not math.isfinite(loss):
+            backend.discard_gradients()
+            where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written before it"
+            raise TrainingDivergedError(f"{description}: loss became {loss} at step {step + 1}; stopped ({where})")
+        learning_rate = config.optim.learning_rate * lr_multiplier(step, config.max_steps, config.optim)
+        grad_norm = backend.optimizer_step(learning_rate)
+        step_time_s = time.perf_counter() - step_started
+        tokens_per_s = real_tokens / step_time_s
+        record = {
+            "step": step + 1,
+            "loss": loss,
+            "learning_rate": learning_rate,
+            "grad_norm": grad_norm,
+            "tokens": real_tokens,
+            "loss_tokens": loss_tokens,
+            "tokens_per_s": tokens_per_s,
+            "mfu": tokens_per_s * flops_per_token / (peak * world_size) if peak else None,
+            "peak_memory_gib": peak_memory_gib(device),
+            "step_time_s": step_time_s,
+            "elapsed_s": time.perf_counter() - started,
+            "epoch": sampler.epoch,
+        }
+        records.append(record)
+        if rank == 0:
+            with open(metrics_path, "a", encoding="utf-8") as sink:
+                sink.write(json.dumps(record) + "\n")
+            notify_step(description, record, config.max_steps)
+        done = step + 1
+        if config.checkpoint_every_steps and done % config.checkpoint_every_steps == 0 and done < config.max_steps:
+            last_good = save_checkpoint(backend, sampler, done, checkpoint_root, save_model, config.keep_last_checkpoints)
+    with backend.gathered_parameters():
+        digest = weights_digest(backend.module)
+        if final_dir is not None and rank == 0:
+            save_model(backend.module, final_dir)
+    (run_dir / f"weights-rank{rank}.sha256").write_text(digest + "\n", encoding="utf-8")
+    backend.barrier()
+    return TrainResult(
+        records=records, resumed_from_step=resumed_from, world_size=world_size, rank=rank, precision=precision,
+        backend="deepspeed" if distributed else "torch",
+        checkpoints=[str(path) for _, path in checkpoint_steps(checkpoint_root)],
+    )
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-256 over every parameter's bytes: equal on all ranks of a correct data-parallel run."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, param in module.named_parameters():
+        digest.update(name.encode())
+        digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters the optimizer updates (all of a full fine-tune; the adapter or the soft prompt otherwise)."""
+    return {name: param.detach().cpu().clone() for name, param in module.named_parameters() if param.requires_grad}
+
+
+def load_module_state(module: torch.nn.Module, path: Path) -> None:
+    import torch
+
+    state = torch.load(path, weights_only=True)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if param.requires_grad:
+                if name not in state:
+                    raise ConfigError(f"{path}: the checkpoint has no parameter {name}")
+                param.copy_(state[name].to(param.device, param.dtype))
+
+
+def save_checkpoint(
+    backend: TorchBackend | DeepSpeedBackend,
+    sampler: EpochSampler,
+    step: int,
+    checkpoint_root: Path,
+    save_model: Callable[[torch.nn.Module, Path], None],
+    keep_last: int,
+) -> Path:
+    """Write checkpoint `step-N` (collective under DeepSpeed) and drop all but the last `keep_last`."""
+    import torch
+
+    final = checkpoint_root / f"step-{step:08d}"
+    partial = checkpoint_root / f"step-{step:08d}.partial"
+    if backend.rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        (partial / MODEL_DIR).mkdir(parents=True)
+    backend.barrier()
+    backend.save_state(partial)  # collective for DeepSpeed: every rank writes its partition
+    torch.save(_rng_state(), partial / f"rng-rank{backend.rank}.pt")
+    with backend.gathered_parameters():
+        if backend.rank == 0:
+            torch.save(trainable_state(backend.module), partial / MODEL_DIR / "trainable.pt")
+            save_model(backend.module, partial / MODEL_DIR)
+            (partial / SHAPES_FILE).write_text(json.dumps(_parameter_shapes(backend.module)), encoding="utf-8")
+    backend.barrier()
+    if backend.rank == 0:
+        state = {"step": step, "sampler": sampler.state_dict(), "world_size": backend.world_size}
+        (partial / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")  # last: marks it complete
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+        for _, old in checkpoint_steps(checkpoint_root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    backend.barrier()
+    return final
+

@@ -1,0 +1,103 @@
+"""Where a trainer runs: in this process, or on the ranks of a `deepspeed` launch.
+
+A trainer's component build describes its run as a *job* (trainer name, config, input
+paths, output and run directories) and calls `run_job`. Without a launcher the job runs
+here; with `launcher: deepspeed` this process starts `deepspeed [--hostfile H] --num_gpus N
+--module components.train.worker job.json`, every rank runs the same job (the training loop
+picks the DeepSpeed backend), rank 0 writes the model and `result.json`, and this process
+reads the result back. A failed launch raises with the tail of the ranks' output.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from components.artifacts import current_build_key, is_remote, local_path
+from components.errors import CrucibleError
+from components.train.engine import DistributedConfig
+
+# trainer name -> "module:function" taking the job dict and returning its metrics (on rank 0)
+TRAINERS = {
+    "pretrain": "components.train.pretrain:train_job",
+    "sft": "components.train.sft:train_job",
+    "prompt_tuning": "components.train.prompt_tuning:train_job",
+}
+RESULT_FILE = "result.json"
+JOB_FILE = "job.json"
+LAUNCH_LOG = "launch.log"
+
+
+class LaunchError(CrucibleError):
+    """The deepspeed launcher or one of its ranks failed."""
+
+
+def run_directory(dest: str) -> Path:
+    """Where a run keeps its live metrics and checkpoints: next to a local destination
+    (`<dest>.runs/<cache key>`), else under `$CRUCIBLE_RUNS_DIR` (default ~/.cache/crucible/runs).
+    Keyed by the component run's cache key, so only the same config on the same inputs resumes."""
+    key = (current_build_key.get() or "no-key").split(":")[-1][:16]
+    if is_remote(dest):
+        root = Path(os.environ.get("CRUCIBLE_RUNS_DIR", Path.home() / ".cache" / "crucible" / "runs"))
+        return root / dest.replace("://", "/").strip("/") / key
+    dest_path = local_path(dest).absolute()
+    return dest_path.with_name(f"{dest_path.name}.runs") / key
+
+
+def execute_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Run a job in this process (or this rank); rank 0 writes its metrics to run_dir/result.json."""
+    module_name, function_name = TRAINERS[job["trainer"]].split(":")
+    metrics = getattr(importlib.import_module(module_name), function_name)(job)
+    if int(os.environ.get("RANK", "0")) == 0:
+        run_dir = Path(job["run_dir"])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RESULT_FILE).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    return metrics
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def deepspeed_command(distributed: DistributedConfig, num_procs: int, job_path: Path) -> list[str]:
+    """`deepspeed` on this node's ranks (master on 127.0.0.1), or on a hostfile's nodes."""
+    launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
+    where = ["--hostfile", distributed.hostfile] if distributed.hostfile else ["--master_addr", "127.0.0.1"]
+    return [launcher, *where, "--num_gpus", str(num_procs), "--master_port", str(distributed.master_port or _free_port()),
+            "--module", "components.train.worker", str(job_path)]
+
+
+def run_job(job: dict[str, Any], distributed: DistributedConfig, num_procs: int) -> dict[str, Any]:
+    """Run `job` here or under the deepspeed launcher with `num_procs` ranks per node."""
+    run_dir = Path(job["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RESULT_FILE).unlink(missing_ok=True)
+    if distributed.launcher == "none":
+        return execute_job(job)
+    job_path = run_dir / JOB_FILE
+    job_path.write_text(json.dumps(job, indent=2), encoding="utf-8")
+    env = dict(os.environ)
+    import torch
+
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    repo_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo_root, env.get("PYTHONPATH")]))
+    command = deepspeed_command(distributed, num_procs, job_path)
+    log_path = run_dir / LAUNCH_LOG
+    with open(log_path, "w", encoding="utf-8") as log:
+        returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=repo_root).returncode
+    result_path = run_dir / RESULT_FILE
+    if returncode != 0 or not result_path.is_file():
+        tail = "".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-25:])
+        raise LaunchError(f"deepspeed launch of {job['trainer']} failed (exit {returncode}); see {log_path}:\n{tail}")
+    return json.loads(result_path.read_text(encoding="utf-8"))
