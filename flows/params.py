@@ -15,7 +15,10 @@ from components.data.tokenizer import TokenizerConfig
 from components.eval.perplexity import PerplexityConfig
 from components.feasibility.training import TrainingTarget
 from components.eval.report import ReportConfig
+from components.data.sft_data import SFTDataConfig
 from components.train.pretrain import PretrainConfig
+from components.train.prompt_tuning import PromptTuningStudyConfig
+from components.train.sft import SFTConfig
 
 DEFAULT_PARAMS_FILE = "params.yaml"
 
@@ -54,6 +57,9 @@ class PipelineParams(StrictConfig):
     pretrain: PretrainConfig = PretrainConfig()
     evaluate: PerplexityConfig = PerplexityConfig()
     report: ReportConfig = ReportConfig()
+    sft_data: SFTDataConfig = SFTDataConfig()
+    sft: SFTConfig = SFTConfig()
+    prompt_tuning: PromptTuningStudyConfig = PromptTuningStudyConfig()
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS_FILE) -> PipelineParams:

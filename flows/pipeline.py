@@ -27,8 +27,8 @@ from components.artifacts import (
 from components.config import StrictConfig
 from components.feasibility.estimate import FeasibilityConfig, estimate, read_estimate, render_markdown, run_estimate
 from flows.params import DEFAULT_PARAMS_FILE, PipelineParams, TaskRunnerConfig, load_params
-from components.data import curate
-from flows.stages import COMPONENT_ENTRIES, STAGES, Stage
+from components.train.progress import step_observer
+from flows.stages import COMPONENT_ENTRIES, PIPELINE_STAGES, STAGES, Stage
 
 
 def _task_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -38,13 +38,39 @@ def _task_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     return f"{spec.name}-v{spec.version}-{key}-{dest_digest}"
 
 
+class TrainingProgress:
+    """Shows a trainer's steps in Prefect: a progress artifact and a log line every ~5 % of steps."""
+
+    def __init__(self) -> None:
+        self.artifact_id: Any = None
+        self.shown = -1
+
+    def __call__(self, trainer: str, record: dict[str, Any], max_steps: int) -> None:
+        from prefect import get_run_logger
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+        percent = int(100 * record["step"] / max_steps)
+        if percent // 5 == self.shown // 5 and record["step"] != max_steps:
+            return
+        self.shown = percent
+        if self.artifact_id is None:
+            self.artifact_id = create_progress_artifact(progress=percent, description=f"{trainer} steps")
+        else:
+            update_progress_artifact(self.artifact_id, progress=percent)
+        get_run_logger().info(
+            "%s step %d/%d loss %.4f lr %.2e grad_norm %.3f tokens/s %.0f", trainer, record["step"], max_steps,
+            record["loss"], record["learning_rate"], record["grad_norm"], record["tokens_per_s"])
+
+
 def run_component(component: str, config: StrictConfig, inputs: dict[str, ArtifactRef], dest: str, overwrite: bool,
                   flow_run_id: str | None) -> Manifest:
     _, entry = COMPONENT_ENTRIES[component]
     token = orchestrator_run_id.set(flow_run_id)
+    observer = step_observer.set(TrainingProgress())
     try:
         return entry(config, dest=dest, overwrite=overwrite, **{k: ref.uri for k, ref in inputs.items()})
     finally:
+        step_observer.reset(observer)
         orchestrator_run_id.reset(token)
 
 
@@ -85,22 +111,26 @@ def submit_stage(
 ) -> tuple[Manifest, bool]:
     """Run one stage as tasks; returns its manifest and whether everything came from cache.
 
-    A sharded stage (curation) fans its shards out over the task runner, then merges."""
+    A fanned-out stage (curation shards, prompt-tuning trials) runs its parts as tasks on the
+    task runner, then merges."""
     defaults = stage.input_uris(params)
     inputs = {
         keyword: upstream[source].output if source in upstream else input_ref(defaults[keyword])
         for keyword, source in stage.inputs.items()
     }
     dest, config = stage.dest(params), stage.config(params)
-    if not stage.sharded:
+    fan_out = stage.fan_out
+    if fan_out is None:
         return _resolve(_submit(stage.spec.name, stage.name, config, inputs, dest, overwrite))
-    jobs = curate.plan_shards(config, inputs["input"].uri, dest)
-    shards = [_resolve(future) for future in [
-        _submit(curate.SHARD_SPEC.name, f"{stage.name}-shard-{shard.index}", shard, inputs, shard_dest, overwrite)
-        for shard, shard_dest in jobs]]
-    merge_inputs = {**inputs, **{curate.shard_input_name(i): m.output for i, (m, _) in enumerate(shards)}}
-    manifest, cached = _resolve(_submit(stage.spec.name, stage.name, config, merge_inputs, dest, overwrite))
-    return manifest, cached and all(shard_cached for _, shard_cached in shards)
+    part_inputs = {name: ref for name, ref in inputs.items() if name in fan_out.part_inputs}
+    plan = fan_out.plan(config, inputs, dest)
+    parts = [_resolve(future) for future in [
+        _submit(fan_out.part, f"{stage.name}-{name}", part_config, part_inputs, part_dest, overwrite)
+        for name, part_config, part_dest in plan]]
+    merge_inputs = {**{name: ref for name, ref in inputs.items() if name in fan_out.merge_inputs},
+                    **{name: manifest.output for (name, _, _), (manifest, _) in zip(plan, parts)}}
+    manifest, cached = _resolve(_submit(fan_out.merge, stage.name, config, merge_inputs, dest, overwrite))
+    return manifest, cached and all(part_cached for _, part_cached in parts)
 
 
 def _metrics_rows(manifest: Manifest) -> list[dict[str, Any]]:
@@ -149,14 +179,17 @@ estimate_flow = STAGE_FLOWS["estimate"]
 pretrain_flow = STAGE_FLOWS["pretrain"]
 evaluate_flow = STAGE_FLOWS["evaluate"]
 report_flow = STAGE_FLOWS["report"]
+sft_data_flow = STAGE_FLOWS["sft_data"]
+sft_flow = STAGE_FLOWS["sft"]
+prompt_tuning_flow = STAGE_FLOWS["prompt_tuning"]
 
 
-@flow(name="pipeline", description="The whole chain: curate -> tokenizer -> pack -> estimate -> pretrain -> evaluate -> report.")
+@flow(name="pipeline", description="The whole chain: curate -> tokenizer -> pack -> estimate -> pretrain -> evaluate -> report -> sft_data -> sft.")
 def pipeline(params_file: str = DEFAULT_PARAMS_FILE, params: PipelineParams | None = None) -> dict[str, Any]:
     params = _flow_params(params_file, params)
     upstream: dict[str, Manifest] = {}
     summary: dict[str, Any] = {}
-    for stage in STAGES:
+    for stage in PIPELINE_STAGES:
         manifest, cached = submit_stage(stage, params, upstream)
         if stage.markdown_file or stage.tables_file:
             publish_stage_artifacts(stage, manifest, cached)

@@ -8,13 +8,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from components.artifacts import ComponentSpec, Manifest
+from components.artifacts import ArtifactRef, ComponentSpec, Manifest
 from components.config import StrictConfig
-from components.data import curate, pack, tokenizer
+from components.data import curate, pack, sft_data, tokenizer
 from components.eval import perplexity, report
 from components.feasibility import training as feasibility
 from components.feasibility.estimate import REPORT_FILE as ESTIMATE_REPORT
-from components.train import pretrain
+from components.train import prompt_tuning, pretrain, sft
+from components.train.trainer import SUMMARY_FILE as TRAIN_REPORT
 from flows.params import PipelineParams
 
 RAW_PREFIX = "data."
@@ -29,6 +30,37 @@ def training_estimate_config(params: PipelineParams) -> feasibility.TrainingEsti
 
 
 @dataclass(frozen=True)
+class FanOut:
+    """A stage made of independent parts, then a merge: flows run the parts as parallel tasks.
+
+    `plan(config, inputs, dest)` lists the parts as (merge input name, part config, part dest);
+    each part runs component `part` on the stage inputs named in `part_inputs`; the merge runs
+    the stage's own component (`merge`) on the inputs in `merge_inputs` plus every part.
+    """
+
+    part: str
+    plan: Callable[[StrictConfig, Mapping[str, ArtifactRef], str], list[tuple[str, StrictConfig, str]]]
+    part_inputs: tuple[str, ...]
+    merge: str
+    merge_inputs: tuple[str, ...]
+
+
+def _curate_parts(config: StrictConfig, inputs: Mapping[str, ArtifactRef], dest: str) -> list[tuple[str, StrictConfig, str]]:
+    return [(curate.shard_input_name(index), shard, shard_dest)
+            for index, (shard, shard_dest) in enumerate(curate.plan_shards(config, inputs["input"], dest))]
+
+
+def _prompt_tuning_parts(config: StrictConfig, inputs: Mapping[str, ArtifactRef], dest: str) -> list[tuple[str, StrictConfig, str]]:
+    return prompt_tuning.plan_trials(config, dest)
+
+
+CURATE_FAN_OUT = FanOut(curate.SHARD_SPEC.name, _curate_parts, ("input", "decontaminate_against"),
+                        curate.SPEC.name, ("input", "decontaminate_against"))
+PROMPT_TUNING_FAN_OUT = FanOut(prompt_tuning.SPEC.name, _prompt_tuning_parts, ("model", "dataset", "heldout"),
+                               prompt_tuning.STUDY_SPEC.name, ())
+
+
+@dataclass(frozen=True)
 class Stage:
     name: str
     section: str  # key of its config in params.yaml
@@ -38,8 +70,9 @@ class Stage:
     help: str
     build_config: Callable[[PipelineParams], StrictConfig] | None = None  # when not just params[section]
     markdown_file: str | None = None  # a report in its artifact that flows publish as a Prefect artifact
-    sharded: bool = False  # flows fan its shards out as tasks (components.data.curate)
+    fan_out: FanOut | None = None  # flows run its parts as parallel tasks, then the merge
     tables_file: str | None = None  # JSON {name: rows} in its artifact, published as Prefect tables
+    in_pipeline: bool = True  # part of the `pipeline` flow (else its own flow and DVC stage only)
 
     def config(self, params: PipelineParams) -> StrictConfig:
         return self.build_config(params) if self.build_config else getattr(params, self.section)
@@ -62,9 +95,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("curate", "curate", curate.SPEC, curate.curate,
           {"input": "data.raw_train", "decontaminate_against": "data.raw_heldout"},
           "Filter, redact PII, decontaminate against the held-out set, exact- and fuzzy-dedup the training records.",
-          sharded=True, tables_file=curate.TABLES_FILE),
+          fan_out=CURATE_FAN_OUT, tables_file=curate.TABLES_FILE),
     Stage("curate_heldout", "curate_heldout", curate.SPEC, curate.curate, {"input": "data.raw_heldout"},
-          "Normalise the held-out records (evaluation data: no filtering).", sharded=True),
+          "Normalise the held-out records (evaluation data: no filtering).", fan_out=CURATE_FAN_OUT),
     Stage("tokenizer", "tokenizer", tokenizer.SPEC, tokenizer.train_tokenizer, {"dataset": "curate"},
           "Train a byte-level BPE tokenizer with a chat template."),
     Stage("pack", "pack", pack.SPEC, pack.pack, {"dataset": "curate", "tokenizer": "tokenizer"},
@@ -74,22 +107,36 @@ STAGES: tuple[Stage, ...] = (
           build_config=training_estimate_config, markdown_file=ESTIMATE_REPORT),
     Stage("pretrain", "pretrain", pretrain.SPEC, pretrain.pretrain,
           {"blocks": "pack", "tokenizer": "tokenizer", "estimate": "estimate"},
-          "Pretrain a Llama-architecture causal LM from a config (refused if the estimate says it does not fit)."),
+          "Pretrain a Llama-architecture causal LM from a config (refused if the estimate says it does not fit).",
+          markdown_file=TRAIN_REPORT),
     Stage("evaluate", "evaluate", perplexity.SPEC, perplexity.evaluate_perplexity,
           {"model": "pretrain", "dataset": "curate_heldout", "blocks": "pack"},
           "Held-out perplexity with uniform and unigram baselines."),
     Stage("report", "report", report.SPEC, report.report, {"evaluation": "evaluate", "model": "pretrain"},
           "Markdown report, metrics.json and the loss curve.", markdown_file=report.REPORT_FILE),
+    Stage("sft_data", "sft_data", sft_data.SPEC, sft_data.sft_data,
+          {"dataset": "data.raw_train", "tokenizer": "tokenizer", "select": "curate"},
+          "Chat-template the curated training records, mask all but the assistant tokens, pack whole examples."),
+    Stage("sft", "sft", sft.SPEC, sft.sft, {"blocks": "sft_data", "model": "pretrain"},
+          "Supervised fine-tuning of the pretrained model (completion-only loss; full or LoRA).",
+          markdown_file=TRAIN_REPORT),
+    Stage("prompt_tuning", "prompt_tuning", prompt_tuning.STUDY_SPEC, prompt_tuning.prompt_tuning_study,
+          {"model": "pretrain", "dataset": "data.raw_train", "heldout": "data.raw_heldout"},
+          "Prompt tuning of the frozen pretrained model: text vs random vs vocab initialisation over seeds.",
+          fan_out=PROMPT_TUNING_FAN_OUT, markdown_file=prompt_tuning.STUDY_REPORT, in_pipeline=False),
 )
 STAGES_BY_NAME = {stage.name: stage for stage in STAGES}
 
-# Every component a flow task can run, by component name. A sharded stage runs as its
-# shard component on each shard, then its own component (the merge) on the shards.
+# Every component a flow task can run, by component name. A fanned-out stage runs its part
+# component on each part, then its merge component on the parts.
 COMPONENT_ENTRIES: dict[str, tuple[ComponentSpec, Callable[..., Manifest]]] = {
-    **{stage.spec.name: (stage.spec, stage.entry) for stage in STAGES if not stage.sharded},
+    **{stage.spec.name: (stage.spec, stage.entry) for stage in STAGES if stage.fan_out is None},
     curate.SPEC.name: (curate.SPEC, curate.merge_shards),
     curate.SHARD_SPEC.name: (curate.SHARD_SPEC, curate.curate_shard),
+    prompt_tuning.SPEC.name: (prompt_tuning.SPEC, prompt_tuning.prompt_tuning),
+    prompt_tuning.STUDY_SPEC.name: (prompt_tuning.STUDY_SPEC, prompt_tuning.summarize_study),
 }
+PIPELINE_STAGES = tuple(stage for stage in STAGES if stage.in_pipeline)
 
 
 def run_stage(

@@ -35,11 +35,16 @@ TINY_PARAMS = {
     "estimate": {"gpu": "CPU", "num_gpus": 1},
     "pretrain": {
         "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
-                  "intermediate_size": 64, "max_position_embeddings": 128},
+                  "intermediate_size": 64, "max_position_embeddings": 256},
         "train": {"batch_size_rows": 4, "max_steps": 8},
     },
     "evaluate": {"max_docs": 20},
     "report": {"title": "tiny"},
+    "sft_data": {"seq_len_tokens": 256, "max_examples": 40},
+    "sft": {"train": {"batch_size_rows": 2, "max_steps": 3}},
+    "prompt_tuning": {"inits": ["text", "random"], "seeds": [0, 1],
+                      "base": {"num_virtual_tokens": 2, "seq_len_tokens": 256, "max_train_examples": 8,
+                               "max_heldout_examples": 4, "train": {"batch_size_rows": 4, "max_steps": 2}}},
 }
 
 

@@ -31,7 +31,11 @@ def test_stages_chain_from_the_cli_and_lineage_reaches_raw_data(tiny_params: Pat
     assert metrics["heldout_perplexity"] > 0
     lineage = run_cli("lineage", str(tmp_path / "artifacts/report"), check=True).stdout
     assert lineage.splitlines()[0].startswith(str(tmp_path / "artifacts/report"))
-    assert "[pretrain v1]" in lineage and "[tokenizer v1]" in lineage
+    assert "[pretrain v2]" in lineage and "[tokenizer v1]" in lineage
+    sft_lineage = run_cli("lineage", str(tmp_path / "artifacts/sft"), check=True).stdout
+    assert "[sft_data v1]" in sft_lineage and "[pretrain v2]" in sft_lineage and "[curate v2]" in sft_lineage
+    assert (tmp_path / "artifacts/sft/model.safetensors").is_file()
+    assert "| text | 2 |" in (tmp_path / "artifacts/prompt_tuning/report.md").read_text()
     assert "data/raw/gsm8k/train.jsonl  [raw]" in lineage and "data/raw/gsm8k/test.jsonl  [raw]" in lineage
     # unchanged re-run of a stage is a no-op; explicit input/output override the layout
     again = run_cli("curate", "--config", str(tiny_params), check=True).stdout
@@ -51,9 +55,9 @@ def _fails_with(args: list[str], expected: str) -> None:
 
 def test_unknown_key_fails_before_work(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text("pretrain:\n  optim:\n    learning_rat: 0.1\n")
-    _fails_with(["curate", "--config", str(bad)], "bad.yaml: pretrain.optim.learning_rat: Extra inputs are not permitted")
-    _fails_with(["run", "pipeline", "--config", str(bad)], "bad.yaml: pretrain.optim.learning_rat")
+    bad.write_text("pretrain:\n  train:\n    optim:\n      learning_rat: 0.1\n")
+    _fails_with(["curate", "--config", str(bad)], "bad.yaml: pretrain.train.optim.learning_rat: Extra inputs are not permitted")
+    _fails_with(["run", "pipeline", "--config", str(bad)], "bad.yaml: pretrain.train.optim.learning_rat")
     assert not (tmp_path / "artifacts").exists()
 
 

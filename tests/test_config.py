@@ -15,13 +15,13 @@ from tests.conftest import REPO_ROOT
 def test_repository_params_file_is_valid() -> None:
     params = load_params(REPO_ROOT / "params.yaml")
     assert isinstance(params, PipelineParams)
-    assert params.pretrain.optim.learning_rate > 0
+    assert params.pretrain.train.optim.learning_rate > 0
 
 
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("pretrain:\n  optim:\n    learning_rate: -0.1\n", r"bad\.yaml: pretrain\.optim\.learning_rate: Input should be greater than 0 \(got -0\.1\)"),
+        ("pretrain:\n  train:\n    optim:\n      learning_rate: -0.1\n", r"bad\.yaml: pretrain\.train\.optim\.learning_rate: Input should be greater than 0 \(got -0\.1\)"),
         ("pretrain:\n  max_step: 3\n", r"bad\.yaml: pretrain\.max_step: Extra inputs are not permitted"),
         ("tokenizer:\n  vocab_size: lots\n", r"bad\.yaml: tokenizer\.vocab_size: Input should be a valid integer"),
         ("pretrain:\n  model:\n    hidden_size: 100\n    num_heads: 3\n", r"pretrain\.model: Value error, num_heads \(3\) must divide hidden_size \(100\)"),

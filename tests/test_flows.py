@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from flows.params import load_params
-from flows.stages import STAGES
+from flows.stages import PIPELINE_STAGES as STAGES
 from tests.conftest import write_params
 
 
@@ -57,8 +57,30 @@ def test_pipeline_caches_unchanged_stages_and_reruns_changed_ones(prefect_api, t
 
     artifacts = asyncio.run(read_artifacts())
     assert {"pipeline-stages", "pipeline-metrics", "report-report", "estimate-report",
-            "curate-removed-by-reason", "curate-shards"} <= artifacts.keys()
+            "curate-removed-by-reason", "curate-shards", "pretrain-report", "sft-report"} <= artifacts.keys()
     assert "held-out perplexity" in artifacts["report-report"].data
+    assert "| final_loss |" in artifacts["sft-report"].data
+
+    async def progress_artifacts() -> list:
+        async with get_client() as client:
+            return [a for a in await client.read_artifacts() if a.type == "progress"]
+
+    finished = {a.description: a.data for a in asyncio.run(progress_artifacts())}
+    assert finished.get("pretrain steps") == 100.0 and finished.get("sft steps") == 100.0  # live training progress
+
+
+def test_prompt_tuning_flow_runs_each_trial_as_a_task(prefect_api, tmp_path: Path) -> None:
+    from flows.pipeline import pipeline, prompt_tuning_flow
+
+    params_file = write_params(tmp_path / "params.yaml", str(tmp_path / "artifacts"))
+    pipeline(params_file=str(params_file))
+    result = prompt_tuning_flow(params_file=str(params_file))
+    assert not result["cached"]
+    trials = sorted(p.name for p in (tmp_path / "artifacts/prompt_tuning.trials").iterdir() if not p.name.endswith(".runs"))
+    assert trials == ["random-seed0", "random-seed1", "text-seed0", "text-seed1"]
+    metrics = json.loads((tmp_path / "artifacts/prompt_tuning/metrics.json").read_text())
+    assert {"heldout_loss_text_mean", "heldout_loss_random_std", "best_init"} <= metrics.keys()
+    assert prompt_tuning_flow(params_file=str(params_file))["cached"]
 
 
 def test_stage_flow_runs_one_stage_and_publishes_its_metrics(prefect_api, tmp_path: Path) -> None:

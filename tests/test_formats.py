@@ -234,7 +234,7 @@ def test_pack_sft_keeps_documents_whole_and_restarts_positions() -> None:
         [2, 1], [5, 6], [4, 3, 0]]
     assert packed["position_ids"][2] == [0, 1, 2, 3, 4, 0, 1, 0, 1, 2]
     assert packed["stats"] == {
-        "examples": 6, "blocks": 3, "truncated": 0, "truncated_tokens": 0, "padding_tokens": 3,
+        "examples": 6, "blocks": 3, "truncated": 0, "truncated_tokens": 0, "dropped_no_loss_tokens": 0, "padding_tokens": 3,
         "loss_tokens": sum(n - n // 2 for n in [3, 7, 2, 5, 6, 4]),
     }
 

@@ -76,14 +76,17 @@ def tokenize_chat(tokenizer: Any, example: SFTChat) -> TokenizedExample:
 
 def _fit_examples(
     examples: Sequence[TokenizedExample], seq_len_tokens: int, truncate: bool, source: str,
-) -> tuple[list[TokenizedExample], int, int]:
-    """Check each example and cut those longer than a block; returns (examples, truncated, tokens cut).
+) -> tuple[list[TokenizedExample], int, int, int]:
+    """Check each example and cut those longer than a block; returns (examples, truncated,
+    tokens cut, dropped).
 
     Cutting keeps the start (prompt and the beginning of the answer), like TRL's SFT
-    truncation; the cut example loses its end-of-turn token, which is why it is counted.
+    truncation; the cut example loses its end-of-turn token, which is why it is counted. An
+    example cut before its first assistant token has nothing left to train on: it is dropped
+    and counted, not packed as pure padding compute.
     """
     fitted: list[TokenizedExample] = []
-    truncated = cut_tokens = 0
+    truncated = cut_tokens = dropped = 0
     for index, (input_ids, labels) in enumerate(examples):
         if len(input_ids) != len(labels):
             raise DataError(f"{source}[{index}]: {len(input_ids)} input_ids but {len(labels)} labels")
@@ -98,8 +101,13 @@ def _fit_examples(
             truncated += 1
             cut_tokens += len(input_ids) - seq_len_tokens
             input_ids, labels = input_ids[:seq_len_tokens], labels[:seq_len_tokens]
+            if all(label == IGNORE_INDEX for label in labels[1:]):
+                dropped += 1
+                continue
         fitted.append((list(input_ids), list(labels)))
-    return fitted, truncated, cut_tokens
+    if not fitted:
+        raise DataError(f"{source}: every example lost all its assistant tokens to truncation at {seq_len_tokens} tokens")
+    return fitted, truncated, cut_tokens, dropped
 
 
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -166,12 +174,13 @@ def pack_sft(
 
     Returns the per-block columns `input_ids`, `labels`, `position_ids` (lists of lists) and
     `stats`: examples, blocks, truncated (examples cut to fit), truncated_tokens,
+    dropped_no_loss_tokens (cut before any assistant token),
     padding_tokens and loss_tokens (labels that are not -100). An example longer than a
     block is cut and counted, or is a DataError naming `source[index]` if `truncate` is false.
     """
     if seq_len_tokens < 2:
         raise ConfigError(f"seq_len_tokens must be at least 2, got {seq_len_tokens}")
-    fitted, truncated, cut_tokens = _fit_examples(examples_tokenized, seq_len_tokens, truncate, source)
+    fitted, truncated, cut_tokens, dropped = _fit_examples(examples_tokenized, seq_len_tokens, truncate, source)
     bins = first_fit_decreasing([len(ids) for ids, _ in fitted], seq_len_tokens)
     columns: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": []}
     for members in bins:
@@ -184,6 +193,7 @@ def pack_sft(
         "blocks": len(bins),
         "truncated": truncated,
         "truncated_tokens": cut_tokens,
+        "dropped_no_loss_tokens": dropped,
         "padding_tokens": len(bins) * seq_len_tokens - real_tokens,
         "loss_tokens": sum(label != IGNORE_INDEX for block in columns["labels"] for label in block),
     }

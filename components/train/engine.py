@@ -468,6 +468,9 @@ def train(
         if config.gradient_checkpointing and hasattr(module, "enable_gradient_checkpointing"):
             module.enable_gradient_checkpointing()
         backend: TorchBackend | DeepSpeedBackend = DeepSpeedBackend(module, config, ds_config)
+        if backend.rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2), encoding="utf-8")
         micro_rows = ds_config["train_micro_batch_size_per_gpu"]
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -479,6 +482,8 @@ def train(
             module.enable_gradient_checkpointing()
         backend = TorchBackend(module, config, device, precision)
     rank, world_size = backend.rank, backend.world_size
+    if len(data) < config.batch_size_rows:
+        raise ConfigError(f"batch_size_rows ({config.batch_size_rows}) exceeds the {len(data)} rows of {data.source}")
     sampler = EpochSampler(len(data), config.batch_size_rows, config.seed)
     checkpoint_root = run_dir / CHECKPOINTS_DIR
     metrics_path = run_dir / METRICS_FILE
@@ -522,7 +527,7 @@ def train(
         step_started = time.perf_counter()
         indices = sampler.next_batch()
         global_batch = data.rows(indices)
-        loss_tokens = count_loss_tokens(global_batch)
+        loss_tokens = max(1, count_loss_tokens(global_batch))  # a batch of prompts only: zero loss, zero gradient
         real_tokens = count_real_tokens(global_batch, data.pad_token_id)
         mine = {name: tensor[rank * share:(rank + 1) * share] for name, tensor in global_batch.items()}
         loss_sum = torch.zeros((), dtype=torch.float64)

@@ -1,0 +1,261 @@
+"""Prompt tuning (Lester et al. 2021, "The Power of Scale for Parameter-Efficient Prompt
+Tuning"): the model stays frozen and only k virtual-token embeddings, prepended to every
+input, are trained.
+
+Initialisations (the paper's §2.2 and §3.2):
+- `text`: the embeddings of a human-written prompt, tokenized and truncated or repeated to k
+  tokens (the "class label / sampled vocab" family; text is what the seed post studies);
+- `vocab`: embeddings of k tokens sampled from the vocabulary (special tokens excluded);
+- `random`: uniform in [-0.5, 0.5], the paper's random initialisation.
+
+`prompt_tuning_study` runs every initialisation with several seeds on the same data and
+budget and reports held-out loss, mean and spread: the seed post's text-vs-random experiment.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field
+
+from components.artifacts import ArtifactRef, ComponentSpec, Manifest, produce, read_manifest
+from components.config import StrictConfig
+from components.data.sft_data import SFTFormat, pad_examples, tokenized_examples
+from components.train.engine import TrainConfig, TrainData
+from components.train.launch import run_directory, run_job
+from components.train.loop import OptimConfig
+from components.train.trainer import publish_metrics, summarize, training_flops_per_token, world_size_of
+
+if TYPE_CHECKING:
+    import torch
+
+SPEC = ComponentSpec(name="prompt_tuning", version="1")
+STUDY_SPEC = ComponentSpec(name="prompt_tuning_study", version="1")
+PROMPT_FILE = "soft_prompt.safetensors"
+STUDY_REPORT = "report.md"
+STUDY_PLOT = "heldout_loss.png"
+STUDY_METRICS = "metrics.json"
+
+Init = Literal["text", "vocab", "random"]
+RANDOM_INIT_RANGE = 0.5  # Lester et al. 2021 §3.2: uniform in [-0.5, 0.5]
+
+
+class PromptTuningConfig(StrictConfig):
+    num_virtual_tokens: int = Field(8, gt=0)
+    init: Init = "text"
+    init_text: str = Field("Solve the math word problem step by step, then write #### and the final answer.",
+                           min_length=1)
+    format: SFTFormat = "gsm8k"
+    seq_len_tokens: int = Field(320, ge=2, description="Longest example (prompt excluded); longer ones are cut.")
+    max_train_examples: int = Field(512, gt=0)
+    max_heldout_examples: int = Field(128, gt=0)
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(
+        max_steps=60, batch_size_rows=16, checkpoint_every_steps=0,
+        optim=OptimConfig(learning_rate=0.03, weight_decay=0.0, warmup_steps=5, grad_clip_norm=1.0)))
+
+
+def initial_prompt(init: Init, k: int, embeddings: torch.Tensor, tokenizer: Any, text: str, seed: int) -> torch.Tensor:
+    """The [k, d_model] starting value of the soft prompt."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    if init == "text":
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = (ids * math.ceil(k / len(ids)))[:k]  # truncate, or repeat a short prompt
+        return embeddings[torch.tensor(ids)].clone()
+    if init == "vocab":
+        special = set(tokenizer.all_special_ids)
+        candidates = torch.tensor([i for i in range(embeddings.shape[0]) if i not in special])
+        return embeddings[candidates[torch.randperm(len(candidates), generator=generator)[:k]]].clone()
+    return (torch.rand(k, embeddings.shape[1], generator=generator) * 2 - 1) * RANDOM_INIT_RANGE
+
+
+def heldout_loss(module: Any, rows: dict[str, torch.Tensor], batch_rows: int = 16) -> float:
+    """Mean next-token loss per assistant token on held-out examples, with the soft prompt."""
+    import torch
+
+    module.eval()
+    total = tokens = 0.0
+    with torch.no_grad():
+        for start in range(0, len(rows["input_ids"]), batch_rows):
+            batch = {name: tensor[start:start + batch_rows] for name, tensor in rows.items()}
+            total += float(module(**batch))
+            tokens += int((batch["labels"][:, 1:] != -100).sum())
+    module.train()
+    return total / tokens
+
+
+def _rows(path: Path, config: PromptTuningConfig, tokenizer: Any, limit: int) -> dict[str, torch.Tensor]:
+    import torch
+
+    examples = tokenized_examples(path, config.format, tokenizer, max_examples=limit)
+    padded = pad_examples(examples, config.seq_len_tokens, tokenizer.pad_token_id, True, str(path))
+    return {name: torch.tensor(padded[name], dtype=torch.long) for name in ("input_ids", "labels")}
+
+
+def train_job(job: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from components.train.engine import train
+    from components.train.modules import SoftPromptLoss
+
+    config = PromptTuningConfig.model_validate(job["config"])
+    paths = {name: Path(path) for name, path in job["inputs"].items()}
+    run_dir, out_dir = Path(job["run_dir"]), Path(job["out_dir"])
+    tokenizer = AutoTokenizer.from_pretrained(paths["model"])
+    model = AutoModelForCausalLM.from_pretrained(paths["model"], attn_implementation="sdpa")
+    train_rows = _rows(paths["dataset"], config, tokenizer, config.max_train_examples)
+    heldout_rows = _rows(paths["heldout"], config, tokenizer, config.max_heldout_examples)
+    embeddings = model.get_input_embeddings().weight.detach()
+    start = initial_prompt(config.init, config.num_virtual_tokens, embeddings, tokenizer, config.init_text,
+                           config.train.seed)
+    module = SoftPromptLoss(model, start)
+    no_prompt = SoftPromptLoss(model, torch.zeros(0, embeddings.shape[1]))
+    loss_without_prompt = heldout_loss(no_prompt, heldout_rows)
+    loss_at_init = heldout_loss(module, heldout_rows)
+
+    def save_model(trained: SoftPromptLoss, directory: Path) -> None:
+        save_file({"soft_prompt": trained.soft_prompt.detach().cpu().contiguous()}, str(directory / PROMPT_FILE))
+
+    width = int(train_rows["input_ids"].shape[1]) + config.num_virtual_tokens
+    result = train(module, TrainData(train_rows, pad_token_id=tokenizer.pad_token_id, source=str(paths["dataset"])),
+                   config.train, run_dir, save_model=save_model, final_dir=out_dir,
+                   flops_per_token=training_flops_per_token(model.config, width), description="prompt_tuning")
+    if result.rank != 0:
+        return {}
+    return {
+        "init": config.init, "seed": config.train.seed, "num_virtual_tokens": config.num_virtual_tokens,
+        "trainable_params": module.soft_prompt.numel(),
+        "heldout_loss_without_prompt": loss_without_prompt,
+        "heldout_loss_at_init": loss_at_init,
+        "heldout_loss": heldout_loss(module, heldout_rows),
+        **summarize(result, run_dir),
+    }
+
+
+def prompt_tuning(config: PromptTuningConfig, model: str, dataset: str, heldout: str, dest: str,
+                  overwrite: bool = False) -> Manifest:
+    """Train a soft prompt for the frozen `model` on `dataset`, scored on `heldout` records."""
+    def build(out_dir: Path, paths: dict[str, Path]) -> dict[str, Any]:
+        run_dir = run_directory(dest)
+        job = {"trainer": "prompt_tuning", "config": config.model_dump(mode="json"),
+               "inputs": {name: str(path) for name, path in paths.items()}, "out_dir": str(out_dir), "run_dir": str(run_dir)}
+        (out_dir / "prompt_tuning.json").write_text(config.model_dump_json(indent=2), encoding="utf-8")
+        metrics = run_job(job, config.train.distributed, world_size_of(config.train, None))
+        publish_metrics(run_dir, out_dir, f"Prompt tuning ({config.init} init, seed {config.train.seed})", metrics)
+        return metrics
+
+    return produce(SPEC, config, {"model": model, "dataset": dataset, "heldout": heldout}, dest, build,
+                   overwrite=overwrite)
+
+
+# --------------------------------------------------------------------------- the study
+
+
+class PromptTuningStudyConfig(StrictConfig):
+    base: PromptTuningConfig = PromptTuningConfig()
+    inits: list[Init] = Field(["text", "random", "vocab"], min_length=1)
+    seeds: list[int] = Field([0, 1, 2], min_length=1)
+
+
+def trial_name(init: str, seed: int) -> str:
+    return f"trial_{init}_seed{seed}"
+
+
+def plan_trials(config: PromptTuningStudyConfig, dest: str) -> list[tuple[str, PromptTuningConfig, str]]:
+    """(name, config, destination) of every trial: each init with each seed, same data and budget."""
+    trials = []
+    for init in config.inits:
+        for seed in config.seeds:
+            trial = config.base.model_copy(update={
+                "init": init, "train": config.base.train.model_copy(update={"seed": seed})})
+            trials.append((trial_name(init, seed), trial, f"{dest.rstrip('/')}.trials/{init}-seed{seed}"))
+    return trials
+
+
+def _summarize_trials(config: PromptTuningStudyConfig, trials: dict[str, dict[str, Any]], out_dir: Path) -> dict[str, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, by_init = [], {}
+    for init in config.inits:
+        losses = [trials[trial_name(init, seed)]["heldout_loss"] for seed in config.seeds]
+        at_init = [trials[trial_name(init, seed)]["heldout_loss_at_init"] for seed in config.seeds]
+        std = statistics.stdev(losses) if len(losses) > 1 else 0.0
+        by_init[init] = {"mean": statistics.fmean(losses), "std": std, "runs": losses}
+        rows.append({"init": init, "seeds": len(losses), "heldout_loss_mean": statistics.fmean(losses),
+                     "heldout_loss_std": std, "heldout_loss_at_init_mean": statistics.fmean(at_init)})
+    baseline = statistics.fmean(t["heldout_loss_without_prompt"] for t in trials.values())
+    best = min(by_init, key=lambda init: by_init[init]["mean"])
+    base = config.base
+    lines = [
+        "# Prompt tuning: initialisation study", "",
+        f"Frozen model, {base.num_virtual_tokens} virtual tokens, {base.train.max_steps} steps x "
+        f"{base.train.batch_size_rows} examples, lr {base.train.optim.learning_rate}, seeds {config.seeds}. "
+        f"Held-out loss per assistant token on {base.max_heldout_examples} held-out examples "
+        f"(without any prompt: {baseline:.4f}).", "",
+        "| init | seeds | held-out loss (mean ± std) | at initialisation |", "|---|---|---|---|",
+    ]
+    lines += [f"| {r['init']} | {r['seeds']} | {r['heldout_loss_mean']:.4f} ± {r['heldout_loss_std']:.4f} | "
+              f"{r['heldout_loss_at_init_mean']:.4f} |" for r in rows]
+    if "text" in by_init and "random" in by_init:
+        gap = by_init["random"]["mean"] - by_init["text"]["mean"]
+        noise = math.hypot(by_init["random"]["std"], by_init["text"]["std"])
+        verdict = ("text initialisation is better" if gap > 0 else "random initialisation is better")
+        lines += ["", f"random - text = {gap:+.4f} nats/token (combined std {noise:.4f}): {verdict}"
+                  f"{'' if abs(gap) > 2 * noise else ', but within 2 standard deviations of seed noise'}."]
+    lines += ["", f"Text prompt: `{base.init_text}`", ""]
+    (out_dir / STUDY_REPORT).write_text("\n".join(lines), encoding="utf-8")
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for init in config.inits:
+        for seed in config.seeds:
+            curve = trials[trial_name(init, seed)]["loss_curve"]
+            axis.plot(range(1, len(curve) + 1), curve, color={"text": "C0", "random": "C1", "vocab": "C2"}[init],
+                      alpha=0.6, label=init if seed == config.seeds[0] else None)
+    axis.set_xlabel("step")
+    axis.set_ylabel("training loss (nats/token)")
+    axis.set_title("Prompt tuning by initialisation")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(out_dir / STUDY_PLOT, dpi=110)
+    plt.close(figure)
+    metrics = {"best_init": best, "heldout_loss_without_prompt": baseline,
+               **{f"heldout_loss_{init}_mean": v["mean"] for init, v in by_init.items()},
+               **{f"heldout_loss_{init}_std": v["std"] for init, v in by_init.items()}}
+    (out_dir / STUDY_METRICS).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    return {**metrics, "table": rows}
+
+
+def summarize_study(config: PromptTuningStudyConfig, dest: str, overwrite: bool = False,
+                    **trials: str | ArtifactRef) -> Manifest:
+    """Aggregate the published trials (`trial_<init>_seed<k>=URI`) into the study artifact."""
+    def build(out_dir: Path, paths: dict[str, Path]) -> dict[str, Any]:
+        results = {}
+        for name in trials:
+            metrics = dict(read_manifest(str(paths[name])).metrics)
+            records = [json.loads(line) for line in (paths[name] / "train_metrics.jsonl").read_text().splitlines() if line]
+            results[name] = {**metrics, "loss_curve": [r["loss"] for r in records]}
+        return _summarize_trials(config, results, out_dir)
+
+    return produce(STUDY_SPEC, config, dict(trials), dest, build, overwrite=overwrite)
+
+
+def prompt_tuning_study(config: PromptTuningStudyConfig, model: str, dataset: str, heldout: str, dest: str,
+                        overwrite: bool = False, map_trials: Any = map) -> Manifest:
+    """Run every (init, seed) trial (published next to `dest` as `DEST.trials/`), then the report."""
+    def run(trial: tuple[str, PromptTuningConfig, str]) -> Manifest:
+        return prompt_tuning(trial[1], model, dataset, heldout, trial[2], overwrite=overwrite)
+
+    plan = plan_trials(config, dest)
+    manifests = list(map_trials(run, plan))
+    return summarize_study(config, dest, overwrite=overwrite,
+                           **{name: manifest.output for (name, _, _), manifest in zip(plan, manifests)})
