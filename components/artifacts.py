@@ -216,14 +216,17 @@ def input_ref(uri: str) -> ArtifactRef:
         return ArtifactRef(uri=display_uri(uri), content_hash=content_hash, kind="raw")
     if not fs.exists(path):
         raise ArtifactError(f"{uri}: input not found")
-    if try_read_manifest(uri) is None and not is_remote(uri) and _is_hf_dataset(local_path(uri)):
+    if try_read_manifest(uri) is None and not is_remote(uri) and _is_hf_directory(local_path(uri)):
         return ArtifactRef(uri=display_uri(uri), content_hash=directory_content_hash(local_path(uri)), kind="raw")
     return read_manifest(uri).output.model_copy(update={"uri": display_uri(uri)})
 
 
-def _is_hf_dataset(path: Path) -> bool:
-    """A `datasets.Dataset.save_to_disk` directory: raw input, hashed over its files."""
-    return (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
+def _is_hf_directory(path: Path) -> bool:
+    """A `datasets.Dataset.save_to_disk` directory or a transformers model directory (a hub
+    snapshot, a `save_pretrained` output): raw input, hashed over its files."""
+    dataset = (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
+    model = (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+    return dataset or model
 
 
 def _cache_root() -> Path:
