@@ -194,6 +194,11 @@ def _system_busy_s() -> float:
     return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
 
 
+def _process_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 def _lifetime_peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
@@ -201,9 +206,11 @@ def _lifetime_peak_rss_bytes() -> int:
 class Recorder:
     """Per-step token counts, losses and times, plus RSS, for one side.
 
-    Call `start()` right before the training loop, `step(...)` after every optimizer step,
-    `stop()` right after the loop, then `result()`. `done()` says whether the effective-token
-    budget is reached (the trainer should stop after that step).
+    Call `start()` right before the training loop, `begin_step()` before and `step(...)` after
+    every optimizer step (its forward, backward, clipping and update), `stop()` right after the
+    loop, then `result()`. `done()` says whether the effective-token budget is reached (the
+    trainer should stop after that step). Each step also records how much CPU other processes
+    took meanwhile, so steps slowed by a busy machine can be left out ("clean" rates).
     """
 
     def __init__(self, budget_effective_tokens: int, sample_every_s: float = 0.01):
@@ -228,7 +235,7 @@ class Recorder:
     def start(self) -> None:
         import psutil
 
-        self._cpu_times = psutil.Process().cpu_times()
+        self._cpu_s = _process_cpu_s()
         self._system_busy = _system_busy_s()
         self.rss_before_train = _rss_bytes()
         self.peak_rss_before_train = _lifetime_peak_rss_bytes()
@@ -237,14 +244,20 @@ class Recorder:
         self._thread.start()
         self._started = time.perf_counter()
 
-    def step(self, *, total_tokens: int, effective_tokens: int, loss_tokens: int, sequences: int, loss: float,
-             seconds: float) -> None:
+    def begin_step(self) -> None:
+        self._step_started = (time.perf_counter(), _system_busy_s(), _process_cpu_s())
+
+    def step(self, *, total_tokens: int, effective_tokens: int, loss_tokens: int, sequences: int,
+             loss: float) -> None:
+        t0, busy0, cpu0 = self._step_started
+        seconds = time.perf_counter() - t0
+        other = max(0.0, (_system_busy_s() - busy0) - (_process_cpu_s() - cpu0)) / seconds
         self.cum_total += total_tokens
         self.cum_effective += effective_tokens
         self.cum_loss_tokens += loss_tokens
         self.sequences += sequences
         self.steps.append({
-            "step": len(self.steps) + 1, "loss": loss, "seconds": seconds,
+            "step": len(self.steps) + 1, "loss": loss, "seconds": seconds, "other_cores": other,
             "total_tokens": total_tokens, "effective_tokens": effective_tokens, "loss_tokens": loss_tokens,
             "cum_total_tokens": self.cum_total, "cum_effective_tokens": self.cum_effective,
             "cum_loss_tokens": self.cum_loss_tokens,
@@ -254,11 +267,8 @@ class Recorder:
         return self.cum_effective >= self.budget
 
     def stop(self) -> None:
-        import psutil
-
         self.train_s = time.perf_counter() - self._started
-        cpu = psutil.Process().cpu_times()
-        self.cpu_s = (cpu.user - self._cpu_times.user) + (cpu.system - self._cpu_times.system)
+        self.cpu_s = _process_cpu_s() - self._cpu_s
         # CPU time other processes took while we trained, in cores: > ~0.1 means the timing is contaminated
         self.other_cores = max(0.0, _system_busy_s() - self._system_busy - self.cpu_s) / self.train_s
         self._sampling.set()
@@ -270,6 +280,8 @@ class Recorder:
         n = len(self.steps)
         steady = self.steps[3:] if n > 6 else self.steps  # drop warm-up steps when there are enough
         steady_s = sum(s["seconds"] for s in steady) or float("nan")
+        clean = [s for s in steady if s["other_cores"] <= BUSY_CORES]
+        clean_s = sum(s["seconds"] for s in clean) or float("nan")
         losses = [s["loss"] for s in self.steps]
         return {
             "steps": n,
@@ -287,6 +299,9 @@ class Recorder:
             "other_processes_cores": self.other_cores,
             "steady_effective_tokens_per_s": sum(s["effective_tokens"] for s in steady) / steady_s,
             "steady_total_tokens_per_s": sum(s["total_tokens"] for s in steady) / steady_s,
+            "clean_steps": len(clean),
+            "clean_effective_tokens_per_s": sum(s["effective_tokens"] for s in clean) / clean_s,
+            "clean_total_tokens_per_s": sum(s["total_tokens"] for s in clean) / clean_s,
             "step_s_median": sorted(s["seconds"] for s in self.steps)[n // 2] if n else None,
             "final_loss": sum(losses[-FINAL_LOSS_STEPS:]) / len(losses[-FINAL_LOSS_STEPS:]) if losses else None,
             "last_step_loss": losses[-1] if losses else None,
@@ -318,10 +333,11 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
         (components.train.loop.OptimConfig(learning_rate=args.lr, beta1=0.9, beta2=0.95,
         weight_decay=0.1, warmup_steps=0, lr_schedule="constant", grad_clip_norm=1.0))
       - gradient checkpointing iff args.gradient_checkpointing
-      - rec = Recorder(args.effective_tokens); rec.start() right before the loop; after every
-        optimizer step rec.step(total_tokens=input_ids.numel(), effective_tokens=<non-padding
-        tokens>, loss_tokens=<shifted labels != -100>, sequences=<examples in the batch>,
-        loss=<step loss>, seconds=<step wall time>) and stop once rec.done(); rec.stop();
+      - rec = Recorder(args.effective_tokens); rec.start() right before the loop; around every
+        optimizer step (batch already built, as TRL's on_step_begin/on_step_end): rec.begin_step(),
+        forward/backward/clip/update, then rec.step(total_tokens=input_ids.numel(),
+        effective_tokens=<non-padding tokens>, loss_tokens=<shifted labels != -100>,
+        sequences=<examples in the batch>, loss=<step loss>); stop once rec.done(); rec.stop();
         return rec.result(side="ours", notes=[...])
     =================================================================================
     """
@@ -371,10 +387,10 @@ def run_trl(args: argparse.Namespace, side: str) -> dict[str, Any]:
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args_, state, control, **kwargs):
-            self.t0 = time.perf_counter()
+            rec.begin_step()
 
         def on_step_end(self, args_, state, control, **kwargs):
-            rec.step(**RecordingSFTTrainer.pending, seconds=time.perf_counter() - self.t0)
+            rec.step(**RecordingSFTTrainer.pending)
             if rec.done():
                 control.should_training_stop = True
 
@@ -512,6 +528,12 @@ def _loss_near(trajectory: list[dict], tokens: float, window: float) -> float | 
     return sum(losses) / len(losses)
 
 
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or math.isnan(a) or math.isnan(b) or b == 0:
+        return None
+    return a / b
+
+
 def compare(results: dict[str, dict]) -> dict[str, Any]:
     ok = {side: r for side, r in results.items() if "error" not in r}
     ratios = {}
@@ -525,6 +547,8 @@ def compare(results: dict[str, dict]) -> dict[str, Any]:
                 "total_tokens_per_s": o["total_tokens_per_s"] / r["total_tokens_per_s"],
                 "loss_tokens_per_s": o["loss_tokens_per_s"] / r["loss_tokens_per_s"],
                 "effective_tokens_per_cpu_s": o["effective_tokens_per_cpu_s"] / r["effective_tokens_per_cpu_s"],
+                "clean_effective_tokens_per_s": _ratio(o["clean_effective_tokens_per_s"],
+                                                       r["clean_effective_tokens_per_s"]),
                 "peak_rss": o["peak_rss_mib"] / r["peak_rss_mib"],
                 "peak_rss_train": o["peak_rss_train_mib"] / r["peak_rss_train_mib"],
             }
@@ -539,10 +563,10 @@ def compare(results: dict[str, dict]) -> dict[str, Any]:
     return {"ratios_ours_over": ratios, "loss_checkpoints": checkpoints}
 
 
-def _fmt(value: Any, digits: int = 0) -> str:
+def _fmt(value: Any, digits: int = 0, suffix: str = "") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
-    return f"{value:,.{digits}f}"
+    return f"{value:,.{digits}f}{suffix}"
 
 
 def render(report: dict) -> str:
@@ -560,7 +584,7 @@ def render(report: dict) -> str:
         f"{s['effective_tokens']:,} effective (non-padding) tokens.",
         "",
         "| side | steps | train s | effective tok | total tok | padding | loss tok | effective tok/s | total tok/s "
-        "| loss tok/s | steady eff tok/s | eff tok/CPU-s | peak RSS MiB (train) | final loss | other load |",
+        "| loss tok/s | clean eff tok/s (steps) | eff tok/CPU-s | peak RSS MiB (train) | final loss | other load |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for side, r in report["results"].items():
@@ -571,7 +595,8 @@ def render(report: dict) -> str:
             f"| {side} | {r['steps']} | {_fmt(r['train_s'], 1)} | {_fmt(r['tokens_effective'])} | "
             f"{_fmt(r['tokens_total'])} | {r['padding_fraction']:.1%} | {_fmt(r['tokens_loss'])} | "
             f"{_fmt(r['effective_tokens_per_s'])} | {_fmt(r['total_tokens_per_s'])} | {_fmt(r['loss_tokens_per_s'])} | "
-            f"{_fmt(r['steady_effective_tokens_per_s'])} | {_fmt(r['effective_tokens_per_cpu_s'])} | "
+            f"{_fmt(r['clean_effective_tokens_per_s'])} ({r['clean_steps']}) | "
+            f"{_fmt(r['effective_tokens_per_cpu_s'])} | "
             f"{_fmt(r['peak_rss_mib'])} ({_fmt(r['peak_rss_train_mib'])}) | {_fmt(r['final_loss'], 3)} | "
             f"{r['other_processes_cores']:.2f} |")
     busy = [side for side, r in report["results"].items() if r.get("other_processes_cores", 0) > BUSY_CORES]
@@ -582,11 +607,12 @@ def render(report: dict) -> str:
     lines += ["", "## Ratios ours / TRL", ""]
     ratios = report["comparison"]["ratios_ours_over"]
     if ratios:
-        lines += ["| vs | effective tok/s | total tok/s | loss tok/s | eff tok/CPU-s | peak RSS | peak RSS in training |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += ["| vs | effective tok/s | total tok/s | loss tok/s | clean eff tok/s | eff tok/CPU-s | peak RSS "
+                  "| peak RSS in training |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {side} | {q['effective_tokens_per_s']:.2f}x | {q['total_tokens_per_s']:.2f}x | "
-                  f"{q['loss_tokens_per_s']:.2f}x | {q['effective_tokens_per_cpu_s']:.2f}x | {q['peak_rss']:.2f}x | "
-                  f"{q['peak_rss_train']:.2f}x |"
+                  f"{q['loss_tokens_per_s']:.2f}x | {_fmt(q['clean_effective_tokens_per_s'], 2, 'x')} | "
+                  f"{q['effective_tokens_per_cpu_s']:.2f}x | {q['peak_rss']:.2f}x | {q['peak_rss_train']:.2f}x |"
                   for side, q in ratios.items()]
     else:
         lines.append("n/a (our side did not produce a result).")
@@ -608,11 +634,16 @@ def render(report: dict) -> str:
 
 NOTES = [
     "Train time is the training loop only (TRL: trainer.train(), which includes building the dataloader and "
-    "optimizer and the per-step logging); tokenization, packing and model construction are excluded on both sides. "
-    "'steady eff tok/s' uses the per-step times without the first 3 steps.",
+    "optimizer, collating batches and the per-step logging); tokenization, packing and model construction are "
+    "excluded on both sides. 'clean eff tok/s' uses only the per-step times (on_step_begin -> on_step_end: "
+    "forward, backward, clipping, update; not the batch collation) of steps after the first 3 during which other "
+    f"processes used at most {BUSY_CORES} cores, with how many such steps in parentheses: the number to trust on a "
+    "shared machine.",
     "'other load' = CPU time used by other processes during the side's training, in cores (system busy "
     "time minus the child's own CPU time, over the training wall time); 'eff tok/CPU-s' = effective tokens per "
-    "CPU-second of the child, less sensitive to such contention than wall-clock rates.",
+    "CPU-second of the child. With --threads equal to the core count, another busy process slows the run far more "
+    "than its share (OpenMP threads wait for a descheduled peer, often spinning, so CPU-seconds inflate too): only "
+    "rows with other load near 0 are comparable.",
     "Peak RSS is the child process's lifetime ru_maxrss (it includes dataset preparation); the value in "
     "parentheses is the peak sampled every 10 ms while training.",
     "Per step, TRL 1.16 computes the loss with its fused LM head (trl.trainer.utils.add_fused_lm_head, "
@@ -625,6 +656,10 @@ NOTES = [
     "ones); trl-bfd keeps examples whole and separate but, with SDPA, attends over the flattened "
     "batch_size*max_length row with a dense block-diagonal mask, so its attention cost is quadratic in the "
     "whole batch's tokens (FlashAttention varlen would skip the off-diagonal blocks; not available on CPU).",
+    "Equal effective tokens is not equal optimizer steps: without packing a step holds ~1/2.5 the tokens of a packed "
+    "step, so trl-default takes ~2.5x more (smaller) steps for the same tokens and its loss is lower at every "
+    "checkpoint at a constant learning rate. Compare losses between sides with the same tokens per step (ours, "
+    "packed, vs trl-bfd / trl-wrapped); the data order differs between sides (TRL samples rows at random).",
     "TRL's completion mask covers the tokens after the generation prompt, i.e. the answer, <|im_end|> and the "
     "template's trailing newline; our template's {% generation %} span stops at <|im_end|>.",
 ]

@@ -57,3 +57,12 @@ def test_components_never_import_prefect_or_dvc() -> None:
         if line.strip().startswith(("import prefect", "from prefect", "import dvc", "from dvc"))
     ]
     assert offenders == []
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path: Path) -> None:
+    from flows.params import load_params
+
+    params = load_params(path)
+    assert params.pretrain.train.max_steps > 0

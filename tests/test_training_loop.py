@@ -128,6 +128,14 @@ def test_gradient_accumulation_gives_the_big_batch_gradient(chain: Path) -> None
     assert_same_weights(chain / "whole", chain / "accumulated", atol=1e-6)
 
 
+def test_gradient_checkpointing_recomputes_the_same_gradients(chain: Path) -> None:
+    plain = PretrainConfig(model=TINY, train=TrainConfig(batch_size_rows=8, max_steps=4))
+    recompute = plain.model_copy(update={"train": plain.train.model_copy(update={"gradient_checkpointing": True})})
+    run(chain, plain, "plain")
+    run(chain, recompute, "recompute", activation_checkpointing="full")  # the estimate must describe the run
+    assert_same_weights(chain / "plain", chain / "recompute", atol=1e-6)
+
+
 class ExplodesAt:
     """A loss module whose loss turns NaN on its n-th call (a diverging run)."""
 
@@ -214,7 +222,7 @@ def test_the_estimate_must_describe_the_run(chain: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage", [2, 3])
+@pytest.mark.parametrize("zero_stage", [1, 2, 3])
 def test_deepspeed_ranks_on_cpu_train_the_single_process_model(chain: Path, zero_stage: int) -> None:
     """`deepspeed --num_gpus 2` with two CPU ranks, the ZeRO stage and DeepSpeed config taken from
     the estimate: both ranks end with identical weights, equal to one process on the same batches."""
