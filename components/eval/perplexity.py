@@ -47,10 +47,12 @@ def _unigram_log_probs(blocks_dir: Path, vocab_size: int) -> "Any":
 def _build(config: PerplexityConfig, model_dir: Path, dataset: Path, blocks_dir: Path, out_dir: Path) -> dict[str, Any]:
     import torch
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    from components.models.factory import load_causal_lm
+
+    model = load_causal_lm(model_dir).eval()
     texts = read_column(dataset, "text")[: config.max_docs]
     eos = tokenizer.eos_token_id
     max_length = min(config.max_length_tokens, model.config.max_position_embeddings)

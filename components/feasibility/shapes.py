@@ -116,6 +116,27 @@ def shape_from_hf_config(config_or_path: Any, seq_len: int | None = None) -> tup
             config = AutoConfig.for_model(**data)
         except ValueError as error:
             raise ConfigError(f"--model-config: {path}: {error}") from None
+    shape = shape_of_config(config, seq_len)
+    import torch
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    exact = sum(p.numel() for p in model.parameters())  # shared (tied) tensors are yielded once
+    check_parameter_count(shape, exact, config.model_type)
+    return shape, exact
+
+
+def check_parameter_count(shape: ModelShape, exact: int, model_type: str) -> None:
+    if exact != shape.parameter_count():  # the shape would give wrong FLOPs and memory
+        raise ConfigError(
+            f"--model-config: the {model_type} model has {exact:,} parameters but its shape accounts for "
+            f"{shape.parameter_count():,}; this variant is not supported, give the shape flags instead"
+        )
+
+
+def shape_of_config(config: Any, seq_len: int | None = None) -> ModelShape:
+    """The shape a transformers config describes (not checked against a model: see
+    `shape_from_hf_config`, or `check_parameter_count` with a model already built)."""
     model_type = config.model_type
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(
@@ -143,14 +164,4 @@ def shape_from_hf_config(config_or_path: Any, seq_len: int | None = None) -> tup
     head_dim = getattr(config, "head_dim", None)
     if head_dim is not None and head_dim != shape.head_dim:
         raise ConfigError(f"--model-config: head_dim {head_dim} differs from hidden_size / heads ({shape.head_dim}); not supported")
-    import torch
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    exact = sum(p.numel() for p in model.parameters())  # shared (tied) tensors are yielded once
-    if exact != shape.parameter_count():  # the shape would give wrong FLOPs and memory
-        raise ConfigError(
-            f"--model-config: the {model_type} model has {exact:,} parameters but its shape accounts for "
-            f"{shape.parameter_count():,}; this variant is not supported, give the shape flags instead"
-        )
-    return shape, exact
+    return shape

@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +52,23 @@ def run_directory(dest: str) -> Path:
     return dest_path.with_name(f"{dest_path.name}.runs") / key
 
 
+_IMPORT_LOCK = threading.Lock()
+
+
+def _resolve_lazy_imports() -> None:
+    """transformers resolves its top-level names lazily, and that resolution is not safe when
+    two threads (two trainer tasks of one flow) do it at once; do it once, under a lock."""
+    with _IMPORT_LOCK:
+        import transformers
+
+        for name in ("AutoModelForCausalLM", "AutoTokenizer", "AutoConfig", "LlamaConfig", "LlamaForCausalLM",
+                     "PreTrainedModel"):
+            getattr(transformers, name)
+
+
 def execute_job(job: dict[str, Any]) -> dict[str, Any]:
     """Run a job in this process (or this rank); rank 0 writes its metrics to run_dir/result.json."""
+    _resolve_lazy_imports()
     module_name, function_name = TRAINERS[job["trainer"]].split(":")
     metrics = getattr(importlib.import_module(module_name), function_name)(job)
     if int(os.environ.get("RANK", "0")) == 0:

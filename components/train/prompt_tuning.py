@@ -100,8 +100,9 @@ def _rows(path: Path, config: PromptTuningConfig, tokenizer: Any, limit: int) ->
 def train_job(job: dict[str, Any]) -> dict[str, Any]:
     import torch
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from components.models.factory import load_causal_lm
     from components.train.engine import train
     from components.train.modules import SoftPromptLoss
 
@@ -109,7 +110,7 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
     paths = {name: Path(path) for name, path in job["inputs"].items()}
     run_dir, out_dir = Path(job["run_dir"]), Path(job["out_dir"])
     tokenizer = AutoTokenizer.from_pretrained(paths["model"])
-    model = AutoModelForCausalLM.from_pretrained(paths["model"], attn_implementation="sdpa")
+    model = load_causal_lm(paths["model"], attn_implementation="sdpa")
     train_rows = _rows(paths["dataset"], config, tokenizer, config.max_train_examples)
     heldout_rows = _rows(paths["heldout"], config, tokenizer, config.max_heldout_examples)
     embeddings = model.get_input_embeddings().weight.detach()
@@ -126,7 +127,7 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
     width = int(train_rows["input_ids"].shape[1]) + config.num_virtual_tokens
     result = train(module, TrainData(train_rows, pad_token_id=tokenizer.pad_token_id, source=str(paths["dataset"])),
                    config.train, run_dir, save_model=save_model, final_dir=out_dir,
-                   flops_per_token=training_flops_per_token(model.config, width), description="prompt_tuning")
+                   flops_per_token=training_flops_per_token(model, width), description="prompt_tuning")
     if result.rank != 0:
         return {}
     return {

@@ -57,8 +57,9 @@ def load_blocks(blocks_dir: Path) -> dict[str, Any]:
 
 
 def train_job(job: dict[str, Any]) -> dict[str, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from components.models.factory import load_causal_lm
     from components.train.engine import train
     from components.train.modules import CausalLMLoss
 
@@ -66,13 +67,13 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
     paths = {name: Path(path) for name, path in job["inputs"].items()}
     run_dir, out_dir = Path(job["run_dir"]), Path(job["out_dir"])
     tokenizer = AutoTokenizer.from_pretrained(paths["model"])
-    model = AutoModelForCausalLM.from_pretrained(paths["model"], attn_implementation="sdpa")
+    model = load_causal_lm(paths["model"], attn_implementation="sdpa")
     columns = load_blocks(paths["blocks"])
     width = int(columns["input_ids"].shape[1])
     if width > model.config.max_position_embeddings:
         raise ConfigError(f"{paths['blocks']}: rows of {width} tokens exceed the model's context "
                           f"({model.config.max_position_embeddings}); lower sft_data.seq_len_tokens")
-    flops_per_token = training_flops_per_token(model.config, width)
+    flops_per_token = training_flops_per_token(model, width)
     params = sum(p.numel() for p in model.parameters())
     peft_model = None
     if config.lora is not None:

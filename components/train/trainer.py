@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from components.train.engine import METRICS_FILE, TrainConfig, TrainResult
 
 if TYPE_CHECKING:
-    from transformers import PretrainedConfig
+    from transformers import PreTrainedModel
 
 METRICS_CSV = "train_metrics.csv"
 METRICS_JSONL = "train_metrics.jsonl"
@@ -21,12 +21,14 @@ SUMMARY_FILE = "train_report.md"
 CSV_COLUMNS = ("step", "loss", "learning_rate", "grad_norm", "tokens_per_s", "mfu", "peak_memory_gib", "elapsed_s")
 
 
-def training_flops_per_token(model_config: PretrainedConfig, seq_len_tokens: int) -> float:
-    """The feasibility estimator's training FLOPs per token, 6N + 12·L·H·Q·T (PaLM, App. B)."""
+def training_flops_per_token(model: PreTrainedModel, seq_len_tokens: int) -> float:
+    """The feasibility estimator's training FLOPs per token, 6N + 12·L·H·Q·T (PaLM, App. B),
+    for the shape of `model` (checked against its parameter count)."""
     from components.feasibility.flops import model_flops_per_token
-    from components.feasibility.shapes import shape_from_hf_config
+    from components.feasibility.shapes import check_parameter_count, shape_of_config
 
-    shape, _ = shape_from_hf_config(model_config, seq_len=seq_len_tokens)
+    shape = shape_of_config(model.config, seq_len=seq_len_tokens)
+    check_parameter_count(shape, sum(p.numel() for p in model.parameters()), model.config.model_type)
     return model_flops_per_token(shape)
 
 
