@@ -10,7 +10,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DVC_NO_ANALYTICS ?= 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install demo test test-fast repro clean
+.PHONY: install demo test test-fast repro clean bench-sft prompt-tuning
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -35,3 +35,11 @@ repro: install  ## the same chain through DVC
 
 clean:
 	rm -rf artifacts
+
+prompt-tuning: install  ## the prompt-tuning initialisation study (text vs random vs vocab, 3 seeds)
+	$(BIN)/crucible run prompt_tuning
+	cat artifacts/prompt_tuning/report.md
+
+bench-sft: install  ## our SFT loop vs TRL's SFTTrainer (installs the `bench` extra: trl)
+	PIP_CONSTRAINT=$(abspath constraints.txt) $(PIP_INSTALL) -e '.[dev,bench]'
+	$(BIN)/python benchmarks/sft_throughput.py

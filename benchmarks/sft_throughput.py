@@ -34,7 +34,8 @@ optimizer step, no gradient accumulation), same max_length, same threads (torch.
 OMP/MKL_NUM_THREADS in every child), fp32 on CPU. Optimizer: AdamW, lr --lr, betas (0.9, 0.95),
 eps 1e-8, weight decay 0.1 on matrices only (both TRL's Trainer and our make_optimizer exclude norms
 and biases; Llama has no biases), constant learning rate with no warmup (so schedule conventions
-cannot differ), global grad-norm clipping at 1.0. Gradient checkpointing is OFF on both sides unless
+cannot differ), global grad-norm clipping at 1.0 (TRL runs torch's fused AdamW kernel, transformers'
+default optim for torch >= 2.8). Gradient checkpointing is OFF on both sides unless
 --gradient-checkpointing (TRL 1.16 turns it on by default; it trades ~20-30% compute for activation
 memory, which would confound both throughput and RSS). Every other TRL setting is its default
 (logging every 10 steps, entropy / token-accuracy metrics, random sampler with seed 42,
@@ -50,6 +51,14 @@ tokens, and the final loss (mean of the last 5 steps). The parent prints a markd
 ours / each TRL configuration, the loss of every side at common effective-token checkpoints (mean of
 the step losses in the 10% of the budget before the checkpoint), and writes sft_throughput.{json,md}
 next to this script.
+
+Busy machines. With --threads equal to the core count, any other process running at the same time
+slows a side several-fold (OpenMP threads wait for a descheduled peer). Each side therefore records
+the CPU time other processes took while it trained, overall ("other load", in cores) and per step;
+the parent waits up to --max-wait-idle seconds for an idle machine before each side and reruns a
+side (up to --retries times) whose other load exceeded 0.1 cores, and the report flags what is still
+contaminated. "clean eff tok/s" counts only steps with no other load. On an idle 2-core machine the
+default run takes about 2.5 minutes (TRL sides ~45 + 30 + 55 s, plus ours).
 """
 
 from __future__ import annotations
@@ -322,26 +331,72 @@ class Recorder:
 def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     """Train with crucible's trainer; return `Recorder.result(...)`.
 
-    ======================== FILLED IN BY THE TRAINER AUTHOR ========================
-    Contract (the TRL sides do exactly this, see run_trl):
-      - set_threads(args.threads); tok = load_tokenizer(args.vocab_size);
-        examples = load_examples(args.examples); model = build_model(tok, args.seed)
-      - tokenize / pack the same examples (components.data.sft_pack.tokenize_chat / pack_sft,
-        seq_len_tokens=args.max_length), args.batch_size rows per optimizer step, no accumulation
-      - optimizer: AdamW lr=args.lr, betas=BETAS, eps=ADAM_EPS, weight_decay=WEIGHT_DECAY on
-        matrices only, constant lr without warmup, grad clip GRAD_CLIP_NORM
-        (components.train.loop.OptimConfig(learning_rate=args.lr, beta1=0.9, beta2=0.95,
-        weight_decay=0.1, warmup_steps=0, lr_schedule="constant", grad_clip_norm=1.0))
-      - gradient checkpointing iff args.gradient_checkpointing
-      - rec = Recorder(args.effective_tokens); rec.start() right before the loop; around every
-        optimizer step (batch already built, as TRL's on_step_begin/on_step_end): rec.begin_step(),
-        forward/backward/clip/update, then rec.step(total_tokens=input_ids.numel(),
-        effective_tokens=<non-padding tokens>, loss_tokens=<shifted labels != -100>,
-        sequences=<examples in the batch>, loss=<step loss>); stop once rec.done(); rec.stop();
-        return rec.result(side="ours", notes=[...])
-    =================================================================================
+    The same examples are tokenized with the chat template (components.data.sft_pack.tokenize_chat,
+    loss on the assistant tokens) and packed whole into args.max_length blocks with per-example
+    position ids (pack_sft; transformers then keeps examples apart with a block-diagonal mask), and
+    `components.train.engine.train` -- the loop every crucible trainer uses, unchanged -- runs
+    args.batch_size blocks per optimizer step. The number of steps is the first at which the
+    effective tokens reach the budget, found by replaying the loop's own seeded sampler; the
+    recorder is fed from the loop's per-step observer (the hook the Prefect progress uses).
     """
-    raise NotImplementedError("filled in by the trainer author")
+    set_threads(args.threads)
+    import torch
+
+    from components.data.formats import SFTChat
+    from components.data.sft_pack import pack_sft, tokenize_chat
+    from components.train.engine import EpochSampler, TrainConfig, TrainData, train
+    from components.train.loop import OptimConfig
+    from components.train.modules import CausalLMLoss
+    from components.train.progress import step_observer
+    from components.train.trainer import training_flops_per_token
+
+    tokenizer = load_tokenizer(args.vocab_size)
+    examples = [tokenize_chat(tokenizer, SFTChat(messages=[*row["prompt"], *row["completion"]]))
+                for row in load_examples(args.examples)]
+    packed = pack_sft(examples, args.max_length, tokenizer.pad_token_id, truncate=True)
+    columns = {name: torch.tensor(packed[name], dtype=torch.long) for name in ("input_ids", "labels", "position_ids")}
+    model = build_model(tokenizer, args.seed)
+    data = TrainData(columns, pad_token_id=tokenizer.pad_token_id, source="gsm8k")
+
+    # Replay the loop's sampler to find the step that crosses the budget and each step's counts.
+    sampler, per_step, effective = EpochSampler(len(data), args.batch_size, args.seed), [], 0
+    while effective < args.effective_tokens:
+        rows = data.rows(sampler.next_batch())
+        real = int((rows["input_ids"] != tokenizer.pad_token_id).sum())
+        starts = int((rows["position_ids"] == 0).sum())
+        pads = int((rows["input_ids"][:, -1] == tokenizer.pad_token_id).sum())  # a padded tail is one more "start"
+        per_step.append({"total_tokens": rows["input_ids"].numel(), "effective_tokens": real,
+                         "loss_tokens": int((rows["labels"][:, 1:] != -100).sum()), "sequences": starts - pads})
+        effective += real
+    config = TrainConfig(
+        max_steps=len(per_step), batch_size_rows=args.batch_size, seed=args.seed, checkpoint_every_steps=0,
+        gradient_checkpointing=args.gradient_checkpointing,
+        optim=OptimConfig(learning_rate=args.lr, beta1=BETAS[0], beta2=BETAS[1], weight_decay=WEIGHT_DECAY,
+                          warmup_steps=0, lr_schedule="constant", grad_clip_norm=GRAD_CLIP_NORM),
+    )
+    rec = Recorder(args.effective_tokens)
+
+    def observe(_trainer: str, record: dict[str, Any], _max_steps: int) -> None:
+        counts = per_step[record["step"] - 1]
+        assert counts["effective_tokens"] == record["tokens"], "the replayed sampler must match the loop's"
+        rec.step(**counts, loss=record["loss"])
+        rec.begin_step()
+
+    token = step_observer.set(observe)
+    with tempfile.TemporaryDirectory(prefix="crucible-sft-bench-") as run_dir:
+        rec.start()
+        rec.begin_step()
+        train(CausalLMLoss(model), data, config, Path(run_dir), save_model=lambda module, directory: None,
+              flops_per_token=training_flops_per_token(model, args.max_length), description="sft")
+        rec.stop()
+    step_observer.reset(token)
+    stats = packed["stats"]
+    return rec.result(side="ours", notes=[
+        f"packed {stats['examples']} examples into {stats['blocks']} blocks of {args.max_length} tokens "
+        f"(first-fit decreasing, {stats['truncated']} truncated); per-example position ids",
+        "optimizer: torch.optim.AdamW(fused=True) via components.train.loop.make_optimizer (TRL: adamw_torch_fused, the same kernel)",
+        "loss: logits only at positions with a label (the prompt tokens get no vocabulary projection)",
+    ])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -651,7 +706,10 @@ NOTES = [
     "tokens, in [4096 tokens x vocab] tiles, folds each tile into online-logsumexp stats plus the entropy and the "
     "argmax test with torch ops, and recomputes the projection in the backward. It then logs entropy and "
     "mean_token_accuracy (.item() each step) and a running token count; Trainer adds floating_point_ops and "
-    "grad-norm clipping.",
+    "grad-norm clipping. On CPU at this vocabulary (2,048) the fused head is no saving: measured separately "
+    "(idle 2-core machine, model fwd+bwd on 8x512 tokens) it took ~0.70-0.72 s vs 0.62 s for transformers' own "
+    "loss on full logits, and ~1.42-1.44 vs ~1.22 GiB peak RSS; the entropy / is_top1 extras cost nothing "
+    "measurable on top of log_probs alone.",
     "trl-wrapped cuts examples across rows and lets tokens attend across example boundaries (attention mask all "
     "ones); trl-bfd keeps examples whole and separate but, with SDPA, attends over the flattened "
     "batch_size*max_length row with a dense block-diagonal mask, so its attention cost is quadratic in the "

@@ -228,7 +228,7 @@ class TorchBackend:
 
     def __init__(self, module: torch.nn.Module, config: TrainConfig, device: torch.device, precision: str) -> None:
         self.module, self.device, self.precision = module.to(device), device, precision
-        self.optimizer = make_optimizer(module, config.optim)
+        self.optimizer = make_optimizer(module, config.optim, fused=True)
         self.grad_clip_norm = config.optim.grad_clip_norm
 
     def forward_backward(self, batch: dict[str, torch.Tensor], scale: float, last: bool) -> torch.Tensor:
