@@ -88,14 +88,27 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(chain: Path) -> None:
-    estimate = estimate_for(chain, RESUME_CONFIG, "resume_estimate")
-    dest = chain / "resumed"
-    child = subprocess.Popen(
+def spawn_pretrain(chain: Path, estimate: str, dest: Path) -> subprocess.Popen:
+    """The pretrain component in a fresh process (every run of this test uses one, so all see
+    the same thread count and library state)."""
+    return subprocess.Popen(
         [sys.executable, "-c", CHILD, RESUME_CONFIG.model_dump_json(), str(chain / "blocks"), str(chain / "tok"),
-         estimate, str(dest)], cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+         estimate, str(dest)], cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     )
+
+
+def finish(child: subprocess.Popen) -> None:
+    _, stderr = child.communicate(timeout=300)
+    assert child.returncode == 0, stderr.decode()[-2000:]
+
+
+def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(chain: Path) -> None:
+    from components.artifacts import read_manifest
+
+    estimate = estimate_for(chain, RESUME_CONFIG, "resume_estimate")
+    dest = chain / "resumed"
+    child = spawn_pretrain(chain, estimate, dest)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and child.poll() is None:
         runs = runs_of(dest) if (chain / "resumed.runs").is_dir() else []
@@ -110,12 +123,13 @@ def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(chain:
     killed_at = checkpoint_steps(run_dir / "checkpoints")[-1][0]
     assert 40 <= killed_at < 150
 
-    manifest = pretrain(RESUME_CONFIG, str(chain / "blocks"), str(chain / "tok"), estimate, str(dest))
-    assert manifest.metrics["resumed_from_step"] == killed_at
+    finish(spawn_pretrain(chain, estimate, dest))  # the same stage again: resumes
+    assert read_manifest(str(dest)).metrics["resumed_from_step"] == killed_at
     records = [json.loads(line) for line in (dest / METRICS_JSONL).read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 151))  # each step once, across the kill
 
-    pretrain(RESUME_CONFIG, str(chain / "blocks"), str(chain / "tok"), estimate, str(chain / "uninterrupted"))
+    finish(spawn_pretrain(chain, estimate, chain / "uninterrupted"))
+    assert read_manifest(str(chain / "uninterrupted")).metrics["resumed_from_step"] is None
     assert_same_weights(dest, chain / "uninterrupted")
     assert [step for step, _ in checkpoint_steps(run_dir / "checkpoints")] == [120, 140]  # the last 2 kept
 

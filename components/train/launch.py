@@ -18,10 +18,12 @@ import socket
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from components.artifacts import current_build_key, is_remote, local_path
+from components.config import StrictConfig
 from components.errors import CrucibleError
 from components.train.engine import DistributedConfig
 
@@ -90,6 +92,29 @@ def deepspeed_command(distributed: DistributedConfig, num_procs: int, job_path: 
     where = ["--hostfile", distributed.hostfile] if distributed.hostfile else ["--master_addr", "127.0.0.1"]
     return [launcher, *where, "--num_gpus", str(num_procs), "--master_port", str(distributed.master_port or _free_port()),
             "--module", "components.train.worker", str(job_path)]
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job as a trainer reads it: its validated config, input paths, run and output directories."""
+
+    config: Any
+    paths: dict[str, Path]
+    run_dir: Path
+    out_dir: Path
+
+
+def make_job(trainer: str, config: StrictConfig, paths: dict[str, Path], out_dir: Path, dest: str) -> dict[str, Any]:
+    """The job a component build hands to `run_job` (JSON, so a launcher can pass it to ranks)."""
+    return {"trainer": trainer, "config": config.model_dump(mode="json"),
+            "inputs": {name: str(path) for name, path in paths.items()}, "out_dir": str(out_dir),
+            "run_dir": str(run_directory(dest))}
+
+
+def read_job(job: dict[str, Any], config_type: type[StrictConfig]) -> Job:
+    return Job(config=config_type.model_validate(job["config"]),
+               paths={name: Path(path) for name, path in job["inputs"].items()},
+               run_dir=Path(job["run_dir"]), out_dir=Path(job["out_dir"]))
 
 
 def run_job(job: dict[str, Any], distributed: DistributedConfig, num_procs: int) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from components.feasibility.estimate import ESTIMATE_FILE
 from components.feasibility.training import require_feasible
 from components.models.factory import ModelConfig, build_causal_lm
 from components.train.engine import TrainConfig, TrainData, resolve_precision
-from components.train.launch import run_directory, run_job
+from components.train.launch import make_job, read_job, run_job
 from components.train.trainer import publish_metrics, summarize, world_size_of, zero_stage_of
 
 SPEC = ComponentSpec(name="pretrain", version="2")
@@ -41,9 +41,8 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
     from components.train.engine import train
     from components.train.modules import CausalLMLoss
 
-    config = PretrainConfig.model_validate(job["config"])
-    paths = {name: Path(path) for name, path in job["inputs"].items()}
-    run_dir, out_dir = Path(job["run_dir"]), Path(job["out_dir"])
+    job_ = read_job(job, PretrainConfig)
+    config, paths, run_dir, out_dir = job_.config, job_.paths, job_.run_dir, job_.out_dir
     tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"])
     blocks = _blocks_tensor(paths["blocks"])
     estimate = json.loads((paths["estimate"] / ESTIMATE_FILE).read_text(encoding="utf-8"))
@@ -99,11 +98,9 @@ def pretrain(
         }
         require_feasible(paths["estimate"], config.model, seq_len, config.train.batch_size_rows,
                          config.train.max_steps, supported=run_target)
-        run_dir = run_directory(dest)
-        job = {"trainer": "pretrain", "config": config.model_dump(mode="json"),
-               "inputs": {name: str(path) for name, path in paths.items()}, "out_dir": str(out_dir), "run_dir": str(run_dir)}
+        job = make_job("pretrain", config, paths, out_dir, dest)
         metrics = run_job(job, config.train.distributed, run_target["num_gpus"])
-        publish_metrics(run_dir, out_dir, "Pretraining", metrics)
+        publish_metrics(Path(job["run_dir"]), out_dir, "Pretraining", metrics)
         return metrics
 
     return produce(SPEC, config, {"blocks": blocks, "tokenizer": tokenizer, "estimate": estimate}, dest, build,

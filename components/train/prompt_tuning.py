@@ -26,7 +26,7 @@ from components.artifacts import ArtifactRef, ComponentSpec, Manifest, produce, 
 from components.config import StrictConfig
 from components.data.sft_data import SFTFormat, pad_examples, tokenized_examples
 from components.train.engine import TrainConfig, TrainData
-from components.train.launch import run_directory, run_job
+from components.train.launch import make_job, read_job, run_job
 from components.train.loop import OptimConfig
 from components.train.trainer import publish_metrics, summarize, training_flops_per_token, world_size_of
 
@@ -106,9 +106,8 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
     from components.train.engine import train
     from components.train.modules import SoftPromptLoss
 
-    config = PromptTuningConfig.model_validate(job["config"])
-    paths = {name: Path(path) for name, path in job["inputs"].items()}
-    run_dir, out_dir = Path(job["run_dir"]), Path(job["out_dir"])
+    job_ = read_job(job, PromptTuningConfig)
+    config, paths, run_dir, out_dir = job_.config, job_.paths, job_.run_dir, job_.out_dir
     tokenizer = AutoTokenizer.from_pretrained(paths["model"])
     model = load_causal_lm(paths["model"], attn_implementation="sdpa")
     train_rows = _rows(paths["dataset"], config, tokenizer, config.max_train_examples)
@@ -144,12 +143,10 @@ def prompt_tuning(config: PromptTuningConfig, model: str, dataset: str, heldout:
                   overwrite: bool = False) -> Manifest:
     """Train a soft prompt for the frozen `model` on `dataset`, scored on `heldout` records."""
     def build(out_dir: Path, paths: dict[str, Path]) -> dict[str, Any]:
-        run_dir = run_directory(dest)
-        job = {"trainer": "prompt_tuning", "config": config.model_dump(mode="json"),
-               "inputs": {name: str(path) for name, path in paths.items()}, "out_dir": str(out_dir), "run_dir": str(run_dir)}
+        job = make_job("prompt_tuning", config, paths, out_dir, dest)
         (out_dir / "prompt_tuning.json").write_text(config.model_dump_json(indent=2), encoding="utf-8")
         metrics = run_job(job, config.train.distributed, world_size_of(config.train, None))
-        publish_metrics(run_dir, out_dir, f"Prompt tuning ({config.init} init, seed {config.train.seed})", metrics)
+        publish_metrics(Path(job["run_dir"]), out_dir, f"Prompt tuning ({config.init} init, seed {config.train.seed})", metrics)
         return metrics
 
     return produce(SPEC, config, {"model": model, "dataset": dataset, "heldout": heldout}, dest, build,

@@ -20,7 +20,7 @@ from components.config import StrictConfig
 from components.data.records import read_column
 from components.errors import ConfigError
 from components.train.engine import TrainConfig, TrainData
-from components.train.launch import run_directory, run_job
+from components.train.launch import make_job, read_job, run_job
 from components.train.loop import OptimConfig
 from components.train.trainer import publish_metrics, summarize, training_flops_per_token, world_size_of
 
@@ -63,9 +63,8 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
     from components.train.engine import train
     from components.train.modules import CausalLMLoss
 
-    config = SFTConfig.model_validate(job["config"])
-    paths = {name: Path(path) for name, path in job["inputs"].items()}
-    run_dir, out_dir = Path(job["run_dir"]), Path(job["out_dir"])
+    job_ = read_job(job, SFTConfig)
+    config, paths, run_dir, out_dir = job_.config, job_.paths, job_.run_dir, job_.out_dir
     tokenizer = AutoTokenizer.from_pretrained(paths["model"])
     model = load_causal_lm(paths["model"], attn_implementation="sdpa")
     columns = load_blocks(paths["blocks"])
@@ -105,11 +104,9 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
 def sft(config: SFTConfig, blocks: str, model: str, dest: str, overwrite: bool = False) -> Manifest:
     """Fine-tune `model` (a model artifact in transformers format) on `blocks` (an `sft_data` artifact)."""
     def build(out_dir: Path, paths: dict[str, Path]) -> dict[str, Any]:
-        run_dir = run_directory(dest)
-        job = {"trainer": "sft", "config": config.model_dump(mode="json"),
-               "inputs": {name: str(path) for name, path in paths.items()}, "out_dir": str(out_dir), "run_dir": str(run_dir)}
+        job = make_job("sft", config, paths, out_dir, dest)
         metrics = run_job(job, config.train.distributed, world_size_of(config.train, None))
-        publish_metrics(run_dir, out_dir, "Supervised fine-tuning", metrics)
+        publish_metrics(Path(job["run_dir"]), out_dir, "Supervised fine-tuning", metrics)
         return metrics
 
     return produce(SPEC, config, {"blocks": blocks, "model": model}, dest, build, overwrite=overwrite)

@@ -1,0 +1,126 @@
+"""Verifiable answers: extract the final answer of a completion and compare it with a reference.
+
+`extract_answer(text)` returns the final answer as a canonical number string ("18", "0.5",
+"-3", "1/3"), or None when the text has no number. It looks, in order, for the last
+`#### N` (GSM8K's marker), the last `\\boxed{N}`, the last "the answer is N" / "answer: N" /
+"A: N", and otherwise the last number in the text: a model's final answer comes last, the
+first number of a worked solution is usually an intermediate value.
+
+Numbers are read with currency signs, thousands separators, units and trailing punctuation
+removed ("$1,234.50." -> 1234.5, "18 dollars" -> 18, "50%" -> 50), leading-dot decimals
+(".50" -> 0.5) and fractions ("1/2" -> 0.5), and compared exactly as rationals, so "0.5",
+".50" and "1/2" are the same answer. `is_correct(completion, reference)` takes a GSM8K answer
+string ("... #### 18") or a bare number as the reference; a reference without an answer is a
+DataError (a bad benchmark row, not a wrong model).
+"""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+
+from components.errors import DataError
+
+_FRACTION = re.compile(r"([-−]?\s*\d+)\s*/\s*(\d+)(?![\d.])")
+_NUMBER_RE = re.compile(r"(?<![\w.])[-−]?\s*\$?\s*(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)")
+_MARKERS = [
+    re.compile(r"####\s*(.+)"),
+    re.compile(r"\\boxed\s*\{([^{}]*)\}"),
+    re.compile(r"(?:the\s+)?(?:final\s+)?answer\s*(?:is|:|=)\s*:?\s*(.+)", re.IGNORECASE),
+    re.compile(r"(?:^|\n)\s*A\s*:\s*(.+)"),
+]
+
+
+def _parse_number(token: str) -> Fraction | None:
+    cleaned = token.replace("−", "-").replace("$", "").replace(",", "").replace(" ", "")
+    if not cleaned or cleaned in {"-", "."}:
+        return None
+    try:
+        return Fraction(cleaned)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def _first_number(segment: str) -> Fraction | None:
+    """The first number in a short answer segment ("$18.", "1/2 of a cake", "-3 degrees")."""
+    fraction = _FRACTION.search(segment)
+    number = _NUMBER_RE.search(segment)
+    if fraction and (number is None or fraction.start() <= number.start()):
+        denominator = int(fraction.group(2))
+        if denominator:
+            return Fraction(int(fraction.group(1).replace("−", "-").replace(" ", "")), denominator)
+    return _parse_number(number.group(0)) if number else None
+
+
+def _last_number(text: str) -> Fraction | None:
+    candidates = [(m.start(), m.group(0)) for m in _NUMBER_RE.finditer(text)]
+    fractions = [(m.start(), m) for m in _FRACTION.finditer(text)]
+    if not candidates and not fractions:
+        return None
+    last_number = candidates[-1] if candidates else (-1, "")
+    last_fraction = fractions[-1] if fractions else (-1, None)
+    if last_fraction[1] is not None and last_fraction[0] >= last_number[0] - len(last_fraction[1].group(0)):
+        if int(last_fraction[1].group(2)):
+            return Fraction(int(last_fraction[1].group(1).replace("−", "-").replace(" ", "")),
+                            int(last_fraction[1].group(2)))
+    return _parse_number(last_number[1])
+
+
+def _canonical(value: Fraction) -> str:
+    """"18", "-3", "0.5", "1234.5"; a non-terminating decimal stays a fraction ("1/3")."""
+    if value.denominator == 1:
+        return str(value.numerator)
+    denominator = value.denominator
+    for prime in (2, 5):
+        while denominator % prime == 0:
+            denominator //= prime
+    if denominator != 1:
+        return f"{value.numerator}/{value.denominator}"
+    text = f"{float(value):.12f}".rstrip("0").rstrip(".")
+    return text
+
+
+def answer_value(text: str) -> Fraction | None:
+    """The final answer of `text` as an exact rational, or None."""
+    if not isinstance(text, str) or not text.strip():
+        return None
+    for marker in _MARKERS:
+        matches = list(marker.finditer(text))
+        for match in reversed(matches):  # the last marked answer wins
+            value = _first_number(match.group(1))
+            if value is not None:
+                return value
+    return _last_number(text)
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer of a completion as a canonical number string, or None (see module doc)."""
+    value = answer_value(text)
+    return None if value is None else _canonical(value)
+
+
+def reference_value(reference: str) -> Fraction:
+    """The answer of a reference: the number after GSM8K's last '####', or a bare number."""
+    if not isinstance(reference, str) or not reference.strip():
+        raise DataError(f"reference {reference!r} has no answer")
+    _, marker, tail = reference.rpartition("####")
+    value = _first_number(tail) if marker else _first_number(reference.strip()) if _is_bare_number(reference) else None
+    if value is None:
+        raise DataError(f"reference {reference[:80]!r} has no answer (expected '... #### N' or a number)")
+    return value
+
+
+def _is_bare_number(text: str) -> bool:
+    stripped = text.strip().rstrip(".")
+    return bool(re.fullmatch(r"[-−]?\s*\$?\s*[\d,]*\.?\d+(?:\s*/\s*\d+)?", stripped))
+
+
+def is_correct(completion: str, reference: str) -> bool:
+    """True when the completion's final answer equals the reference's, as exact rationals.
+
+    An empty completion or one without a number is incorrect; a reference without an answer
+    raises DataError.
+    """
+    expected = reference_value(reference)
+    value = answer_value(completion)
+    return value is not None and value == expected
