@@ -104,8 +104,8 @@ def sample_with_calculator(model: Any, tokenizer: Any, prompt: str, max_new_toke
     feed = ids
     with torch.no_grad():
         while sampled < max_new_tokens:
-            out = model(input_ids=feed, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(input_ids=feed, cache=cache, use_cache=True)
+            cache = out.cache
             logits = out.logits[0, -1].float()
             logprobs = torch.log_softmax(logits / temperature if temperature > 0 else logits, dim=-1)
             if temperature > 0:
