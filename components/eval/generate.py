@@ -34,10 +34,14 @@ class Sample:
     tool_calls: int = 0
 
 
-def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    """The chat-templated prompt: one user turn plus the assistant generation prompt."""
-    return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
-                                              add_generation_prompt=True, return_dict=True)["input_ids"])
+Prompt = str | list[dict[str, str]]  # a user message, or a whole chat ending with a user turn
+
+
+def prompt_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
+    """The chat-templated prompt plus the assistant generation prompt."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                              return_dict=True)["input_ids"])
 
 
 def _stop_ids(tokenizer: Any) -> list[int]:
@@ -48,7 +52,7 @@ def _stop_ids(tokenizer: Any) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def sample(model: Any, tokenizer: Any, prompts: list[str], n: int, max_new_tokens: int, temperature: float = 1.0,
+def sample(model: Any, tokenizer: Any, prompts: list[Prompt], n: int, max_new_tokens: int, temperature: float = 1.0,
            seed: int = 0, batch_prompts: int = 8) -> list[list[Sample]]:
     """`n` samples for each prompt (greedy when temperature is 0; then n must be 1)."""
     import torch
@@ -89,7 +93,7 @@ def sample(model: Any, tokenizer: Any, prompts: list[str], n: int, max_new_token
     return results
 
 
-def sample_with_calculator(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, temperature: float = 1.0,
+def sample_with_calculator(model: Any, tokenizer: Any, prompt: Prompt, max_new_tokens: int, temperature: float = 1.0,
                            seed: int = 0) -> Sample:
     """One completion, decoded with the KV cache, the calculator filling in every `<<expr=`."""
     import torch

@@ -1,0 +1,187 @@
+"""Verifiable accuracy of a model on problems with checkable answers, and what test-time
+compute buys: greedy accuracy, pass@k, best-of-n and majority vote at several n, the
+calculator tool, and self-reflection, each with its generated tokens and inference FLOPs.
+
+One pool of N samples per problem serves pass@k (Chen et al. 2021) and every best-of-n /
+majority-vote point (`components.eval.strategies`), so all of them are measured on the same
+samples. A problem whose generation fails is counted in `failed_problems` and the run goes on.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from components.artifacts import ComponentSpec, Manifest, produce
+from components.config import StrictConfig
+from components.data.formats import gsm8k_final_answer
+from components.data.records import iter_records
+from components.errors import ConfigError, DataError
+
+SPEC = ComponentSpec(name="verifiable_accuracy", version="1")
+METRICS_FILE = "metrics.json"
+REPORT_FILE = "report.md"
+SAMPLES_FILE = "samples.jsonl"
+CURVE_FILE = "accuracy_vs_compute.csv"
+log = logging.getLogger(__name__)
+
+
+class AccuracyConfig(StrictConfig):
+    format: Literal["gsm8k", "rl"] = Field("gsm8k", description="gsm8k: question/answer; rl: prompt/reference_answer.")
+    max_problems: int = Field(32, gt=0)
+    samples_per_problem: int = Field(8, ge=1, description="N: the pool pass@k and best-of-n draw from.")
+    ks: list[int] = Field([1, 2, 4, 8], min_length=1, description="pass@k for these k (each <= N).")
+    ns: list[int] = Field([1, 2, 4, 8], min_length=1, description="best-of-n / majority at these n (each <= N).")
+    temperature: float = Field(0.7, gt=0)
+    max_new_tokens: int = Field(256, gt=0)
+    batch_prompts: int = Field(8, gt=0)
+    tool_use: bool = Field(True, description="Also decode greedily with the calculator tool.")
+    reflection_rounds: int = Field(2, ge=0, description="Self-reflection rounds after a failed first attempt (0: off).")
+    reflection_feedback: Literal["verifier", "self"] = "verifier"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _within_pool(self) -> "AccuracyConfig":
+        for name in ("ks", "ns"):
+            too_big = [v for v in getattr(self, name) if v < 1 or v > self.samples_per_problem]
+            if too_big:
+                raise ValueError(f"{name} {too_big} must lie in [1, samples_per_problem={self.samples_per_problem}]")
+        return self
+
+
+def read_problems(path: Path, fmt: str, limit: int) -> list[tuple[str, str]]:
+    """(question, reference) pairs; a row without the format's fields or answer is named."""
+    fields = ("question", "answer") if fmt == "gsm8k" else ("prompt", "reference_answer")
+    problems = []
+    for line, record in iter_records(path):
+        if isinstance(record, DataError):
+            raise record
+        missing = [f for f in fields if not isinstance(record.get(f), str)]
+        if missing:
+            raise DataError(f"{path}:{line}: missing column(s) {missing} (record has {sorted(record)})")
+        question, reference = record[fields[0]], record[fields[1]]
+        if fmt == "gsm8k":
+            gsm8k_final_answer(reference, f"{path}:{line}: field 'answer'")
+        problems.append((question, reference))
+        if len(problems) >= limit:
+            break
+    if not problems:
+        raise DataError(f"{path}: no problems (the dataset is empty)")
+    return problems
+
+
+def inference_flops_per_token(model: Any, context_tokens: int) -> float:
+    """The estimator's forward FLOPs per token, 2N + 4·L·H·Q·T (the training formula's forward third)."""
+    from components.feasibility.flops import forward_flops_per_token
+    from components.feasibility.shapes import shape_of_config
+
+    return forward_flops_per_token(shape_of_config(model.config, seq_len=context_tokens))
+
+
+def _build(config: AccuracyConfig, paths: dict[str, Path], out_dir: Path) -> dict[str, Any]:
+    import torch
+    from transformers import AutoTokenizer
+
+    from components.eval.generate import Sample, prompt_ids, sample, sample_with_calculator
+    from components.eval.passk import pass_at_k
+    from components.eval.reflection import reflect
+    from components.eval.strategies import evaluate_strategy
+    from components.eval.verifiers import is_correct
+    from components.models.factory import load_causal_lm
+
+    torch.manual_seed(config.seed)
+    tokenizer = AutoTokenizer.from_pretrained(paths["model"])
+    model = load_causal_lm(paths["model"]).eval()
+    problems = read_problems(paths["dataset"], config.format, config.max_problems)
+    questions = [q for q, _ in problems]
+    references = [r for _, r in problems]
+    prompt_lengths = [len(prompt_ids(tokenizer, q)) for q in questions]
+    flops_per_token = inference_flops_per_token(model, max(prompt_lengths) + config.max_new_tokens)
+
+    pools: list[list[Sample]] = []
+    greedy: list[Sample | None] = []
+    failed = 0
+    for start in range(0, len(questions), config.batch_prompts):
+        batch = questions[start:start + config.batch_prompts]
+        try:
+            pools += sample(model, tokenizer, batch, n=config.samples_per_problem, max_new_tokens=config.max_new_tokens,
+                            temperature=config.temperature, seed=config.seed + start)
+            greedy += [s[0] for s in sample(model, tokenizer, batch, n=1, max_new_tokens=config.max_new_tokens,
+                                              temperature=0.0)]
+        except Exception as error:  # a failed batch is counted, the evaluation goes on
+            log.warning("generation failed for problems %d-%d: %s", start, start + len(batch) - 1, error)
+            failed += len(batch)
+            pools += [[] for _ in batch]
+            greedy += [None for _ in batch]
+    kept = [i for i, pool in enumerate(pools) if pool]
+    if not kept:
+        raise DataError(f"{paths['dataset']}: generation failed for every problem")
+    k_pools, k_refs, k_prompts = [pools[i] for i in kept], [references[i] for i in kept], [prompt_lengths[i] for i in kept]
+    correct_counts = [sum(is_correct(s.text, r) for s in pool) for pool, r in zip(k_pools, k_refs)]
+    metrics: dict[str, Any] = {
+        "problems": len(problems), "failed_problems": failed,
+        "greedy_accuracy": sum(g is not None and is_correct(g.text, r) for g, r in zip(greedy, references)) / len(problems),
+        "sample_accuracy": sum(correct_counts) / (len(k_pools) * config.samples_per_problem),
+        **{f"pass@{k}": sum(pass_at_k(config.samples_per_problem, c, k) for c in correct_counts) / len(problems)
+           for k in config.ks},
+        "inference_flops_per_token": flops_per_token,
+    }
+    curve = []
+    for strategy in ("oracle", "majority", "best_logprob"):
+        for n in config.ns:
+            result = evaluate_strategy(strategy, k_pools, k_refs, n, k_prompts, flops_per_token)
+            metrics[f"{strategy}@{n}"] = result.accuracy * len(k_pools) / len(problems)
+            curve.append({"method": strategy, "n": n, "accuracy": metrics[f"{strategy}@{n}"],
+                          "generated_tokens": result.generated_tokens, "inference_flops": result.inference_flops})
+    if config.tool_use:
+        tool = [sample_with_calculator(model, tokenizer, q, config.max_new_tokens, temperature=0.0) for q in questions]
+        metrics["tool_accuracy"] = sum(is_correct(t.text, r) for t, r in zip(tool, references)) / len(problems)
+        metrics["tool_calls_per_problem"] = sum(t.tool_calls for t in tool) / len(problems)
+        tokens = sum(t.generated_tokens for t in tool) / len(problems)
+        curve.append({"method": "greedy+calculator", "n": 1, "accuracy": metrics["tool_accuracy"], "generated_tokens": tokens,
+                      "inference_flops": (tokens + sum(prompt_lengths) / len(problems)) * flops_per_token})
+    if config.reflection_rounds:
+        reflection = reflect(model, tokenizer, questions, references, config.reflection_rounds, config.max_new_tokens,
+                             feedback=config.reflection_feedback, temperature=config.temperature, seed=config.seed)
+        for r, (acc, gen, pre) in enumerate(zip(reflection.accuracy_by_round, reflection.generated_tokens_by_round,
+                                                reflection.prompt_tokens_by_round)):
+            metrics[f"reflection_round_{r}"] = acc
+            curve.append({"method": f"reflection ({config.reflection_feedback})", "n": r + 1, "accuracy": acc,
+                          "generated_tokens": gen, "inference_flops": (gen + pre) * flops_per_token})
+
+    with open(out_dir / SAMPLES_FILE, "w", encoding="utf-8") as handle:
+        for (question, reference), pool, first in zip(problems, pools, greedy):
+            handle.write(json.dumps({"question": question, "reference": reference,
+                                     "greedy": first.text if first else None,
+                                     "samples": [{"text": s.text, "tokens": s.generated_tokens,
+                                                  "mean_logprob": s.mean_logprob,
+                                                  "correct": is_correct(s.text, reference)} for s in pool]}) + "\n")
+    with open(out_dir / CURVE_FILE, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["method", "n", "accuracy", "generated_tokens", "inference_flops"])
+        writer.writeheader()
+        writer.writerows(curve)
+    (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    lines = [f"# Verifiable accuracy: {len(problems)} problems from `{paths['dataset'].name}`", "",
+             f"N = {config.samples_per_problem} samples per problem at temperature {config.temperature}, "
+             f"up to {config.max_new_tokens} new tokens; {failed} problems failed to generate.", "",
+             "| metric | value |", "|---|---:|"]
+    lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
+    lines += ["", "| method | n | accuracy | generated tokens / problem | inference FLOPs / problem |",
+              "|---|---:|---:|---:|---:|"]
+    lines += [f"| {c['method']} | {c['n']} | {c['accuracy']:.4f} | {c['generated_tokens']:.0f} | {c['inference_flops']:.3g} |"
+              for c in curve]
+    (out_dir / REPORT_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return metrics
+
+
+def evaluate_accuracy(config: AccuracyConfig, model: str, dataset: str, dest: str, overwrite: bool = False) -> Manifest:
+    """Sample, verify and score `model` on the problems of `dataset` (see the module doc)."""
+    if config.max_problems < 1:
+        raise ConfigError("max_problems must be at least 1")
+    return produce(SPEC, config, {"model": model, "dataset": dataset}, dest,
+                   lambda out_dir, paths: _build(config, paths, out_dir), overwrite=overwrite)

@@ -1,0 +1,75 @@
+"""Self-reflection (Agent Studies ch. 2; Shinn et al. 2023, "Reflexion"): an agent is a loop of
+states and actions. The state is the chat so far; the action is the next answer. After a
+failed attempt, the model sees its previous answer and feedback and tries again, up to R
+rounds:
+
+- `verifier` feedback: the verifier's verdict ("Your answer 12 is incorrect.");
+- `self` feedback: the model first writes a critique of its own answer (one more generation),
+  which is appended as the feedback.
+
+Accuracy is reported per round: round r counts a problem as solved if any attempt up to r was
+correct, as a user who stops at the first accepted answer would see it. Every round's
+generated tokens are counted, so reflection is compared with best-of-n at equal compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from components.errors import ConfigError
+from components.eval.generate import prompt_ids, sample
+from components.eval.verifiers import extract_answer, is_correct
+
+Feedback = Literal["verifier", "self"]
+CRITIQUE_REQUEST = "Check the solution above step by step and point out any mistake."
+
+
+@dataclass(frozen=True)
+class ReflectionResult:
+    accuracy_by_round: list[float]  # cumulative: solved at or before round r (r = 0 is the first attempt)
+    generated_tokens_by_round: list[float]  # cumulative mean per problem
+    prompt_tokens_by_round: list[float]  # cumulative mean per problem (every round re-reads the chat)
+
+
+def _verdict(text: str) -> str:
+    answer = extract_answer(text)
+    shown = f"Your answer {answer} is incorrect." if answer is not None else "Your answer has no final number."
+    return f"{shown} Try again and end with #### and the final answer."
+
+
+def reflect(model: Any, tokenizer: Any, questions: list[str], references: list[str], rounds: int,
+            max_new_tokens: int, feedback: Feedback = "verifier", temperature: float = 0.7, seed: int = 0
+            ) -> ReflectionResult:
+    if rounds < 0:
+        raise ConfigError(f"rounds must be >= 0, got {rounds}")
+    chats = [[{"role": "user", "content": q}] for q in questions]
+    solved = [False] * len(questions)
+    accuracy, generated, prompts = [], [], []
+    total_generated = total_prompt = 0.0
+    for round_index in range(rounds + 1):
+        pending = [i for i, done in enumerate(solved) if not done]
+        if pending:
+            outputs = sample(model, tokenizer, [chats[i] for i in pending], n=1, max_new_tokens=max_new_tokens,
+                             temperature=temperature, seed=seed + round_index)
+            for i, (attempt,) in zip(pending, outputs, strict=True):
+                total_generated += attempt.generated_tokens
+                total_prompt += len(prompt_ids(tokenizer, chats[i]))
+                if is_correct(attempt.text, references[i]):
+                    solved[i] = True
+                    continue
+                chats[i] = [*chats[i], {"role": "assistant", "content": attempt.text}]
+                if feedback == "self":
+                    critique_chat = [*chats[i], {"role": "user", "content": CRITIQUE_REQUEST}]
+                    (critique,), = sample(model, tokenizer, [critique_chat], n=1, max_new_tokens=max_new_tokens,
+                                          temperature=temperature, seed=seed + round_index)
+                    total_generated += critique.generated_tokens
+                    total_prompt += len(prompt_ids(tokenizer, critique_chat))
+                    note = f"{critique.text}\nUse this critique, try again and end with #### and the final answer."
+                else:
+                    note = _verdict(attempt.text)
+                chats[i] = [*chats[i], {"role": "user", "content": note}]
+        accuracy.append(sum(solved) / len(questions))
+        generated.append(total_generated / len(questions))
+        prompts.append(total_prompt / len(questions))
+    return ReflectionResult(accuracy, generated, prompts)
