@@ -54,7 +54,28 @@ def _build_parser() -> argparse.ArgumentParser:
                          help="Replace an output location that holds a different artifact.")
         if stage.name == "estimate":
             sub.set_defaults(config=None)  # so an explicit --config can be told from the default
+        if stage.name == "report":
+            sub.add_argument("artifact", nargs="?", metavar="EVAL_ARTIFACT",
+                             help="Print this evaluation artifact's report and the lineage of the model it "
+                                  "evaluated, instead of running the report stage.")
     return parser
+
+
+def evaluation_report(uri: str) -> str:
+    """An evaluation artifact's markdown report, then the lineage of the model it scored."""
+    from components.artifacts import read_manifest
+    from components.errors import ArtifactError
+
+    manifest = read_manifest(uri)
+    directory = materialize(manifest.output.model_copy(update={"uri": uri}))
+    reports = sorted(directory.glob("*.md"))
+    if not reports:
+        raise ArtifactError(f"{uri}: no markdown report in this artifact ({manifest.component.name})")
+    text = reports[0].read_text(encoding="utf-8")
+    model = manifest.inputs.get("model")
+    if model is not None:
+        text += "\n## Lineage of the evaluated model\n\n```\n" + "\n".join(lineage_lines(model.uri)) + "\n```\n"
+    return text
 
 
 def _run_flow(name: str, config_path: str) -> None:
@@ -85,6 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\n".join(lineage_lines(args.uri)))
         elif args.command == "estimate" and estimate_cli.wants_adhoc(args):
             estimate_cli.run_adhoc(args)
+        elif args.command == "report" and args.artifact:
+            print(evaluation_report(args.artifact))
         else:
             stage = STAGES_BY_NAME[args.command]
             params = load_params(args.config or DEFAULT_PARAMS_FILE)

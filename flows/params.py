@@ -12,6 +12,8 @@ from components.config import StrictConfig, load_yaml_config
 from components.data.curate import CurateConfig
 from components.data.pack import PackConfig
 from components.data.tokenizer import TokenizerConfig
+from components.eval.accuracy import AccuracyConfig
+from components.eval.compare import CompareConfig
 from components.eval.perplexity import PerplexityConfig
 from components.feasibility.training import TrainingTarget
 from components.eval.report import ReportConfig
@@ -59,6 +61,8 @@ class PipelineParams(StrictConfig):
     report: ReportConfig = ReportConfig()
     sft_data: SFTDataConfig = SFTDataConfig()
     sft: SFTConfig = SFTConfig()
+    evaluate_sft: AccuracyConfig = AccuracyConfig()
+    compare_test_time_compute: CompareConfig = CompareConfig()
     prompt_tuning: PromptTuningStudyConfig = PromptTuningStudyConfig()
 
 

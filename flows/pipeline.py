@@ -182,9 +182,11 @@ report_flow = STAGE_FLOWS["report"]
 sft_data_flow = STAGE_FLOWS["sft_data"]
 sft_flow = STAGE_FLOWS["sft"]
 prompt_tuning_flow = STAGE_FLOWS["prompt_tuning"]
+evaluate_sft_flow = STAGE_FLOWS["evaluate_sft"]
+compare_test_time_compute_flow = STAGE_FLOWS["compare_test_time_compute"]
 
 
-@flow(name="pipeline", description="The whole chain: curate -> tokenizer -> pack -> estimate -> pretrain -> evaluate -> report -> sft_data -> sft.")
+@flow(name="pipeline", description="The whole chain: curate -> tokenizer -> pack -> estimate -> pretrain -> evaluate -> report -> sft_data -> sft -> evaluate_sft -> compare_test_time_compute.")
 def pipeline(params_file: str = DEFAULT_PARAMS_FILE, params: PipelineParams | None = None) -> dict[str, Any]:
     params = _flow_params(params_file, params)
     upstream: dict[str, Manifest] = {}

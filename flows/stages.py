@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from components.artifacts import ArtifactRef, ComponentSpec, Manifest
 from components.config import StrictConfig
 from components.data import curate, pack, sft_data, tokenizer
-from components.eval import perplexity, report
+from components.eval import accuracy, compare, perplexity, report
 from components.feasibility import training as feasibility
 from components.feasibility.estimate import REPORT_FILE as ESTIMATE_REPORT
 from components.train import prompt_tuning, pretrain, sft
@@ -120,6 +120,14 @@ STAGES: tuple[Stage, ...] = (
     Stage("sft", "sft", sft.SPEC, sft.sft, {"blocks": "sft_data", "model": "pretrain"},
           "Supervised fine-tuning of the pretrained model (completion-only loss; full or LoRA).",
           markdown_file=TRAIN_REPORT),
+    Stage("evaluate_sft", "evaluate_sft", accuracy.SPEC, accuracy.evaluate_accuracy,
+          {"model": "sft", "dataset": "data.raw_heldout"},
+          "Verifiable accuracy of the SFT model: greedy, pass@k, best-of-n, majority vote, calculator, self-reflection.",
+          markdown_file=accuracy.REPORT_FILE),
+    Stage("compare_test_time_compute", "compare_test_time_compute", compare.SPEC, compare.compare_test_time_compute,
+          {"evaluation": "evaluate_sft"},
+          "Accuracy against compute per query for every test-time method (and an RL model's, when evaluated).",
+          markdown_file=compare.REPORT_FILE),
     Stage("prompt_tuning", "prompt_tuning", prompt_tuning.STUDY_SPEC, prompt_tuning.prompt_tuning_study,
           {"model": "pretrain", "dataset": "data.raw_train", "heldout": "data.raw_heldout"},
           "Prompt tuning of the frozen pretrained model: text vs random vs vocab initialisation over seeds.",
