@@ -44,6 +44,7 @@ TINY_PARAMS = {
     "sft": {"train": {"batch_size_rows": 2, "max_steps": 3}},
     "evaluate_sft": {"max_problems": 2, "samples_per_problem": 2, "ks": [1, 2], "ns": [1, 2], "max_new_tokens": 8,
                      "reflection_rounds": 1},
+    "compare_test_time_compute": {"query_volumes": [100, 10000]},
     "prompt_tuning": {"inits": ["text", "random"], "seeds": [0, 1],
                       "base": {"num_virtual_tokens": 2, "seq_len_tokens": 256, "max_train_examples": 8,
                                "max_heldout_examples": 4, "train": {"batch_size_rows": 4, "max_steps": 2}}},

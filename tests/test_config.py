@@ -66,3 +66,16 @@ def test_every_shipped_config_is_valid(path: Path) -> None:
 
     params = load_params(path)
     assert params.pretrain.train.max_steps > 0
+
+
+def test_every_params_section_dvc_reads_is_in_the_params_files() -> None:
+    """DVC refuses a stage whose params section is missing from params.yaml."""
+    import yaml
+
+    from tests.conftest import TINY_PARAMS
+
+    stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+    sections = {entry.split(".")[0] for stage in stages.values() for entry in stage.get("params", [])}
+    repository = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    assert sections <= repository.keys(), sections - repository.keys()
+    assert sections <= TINY_PARAMS.keys(), sections - TINY_PARAMS.keys()
