@@ -78,6 +78,8 @@ def test_group_and_leave_one_out_advantages() -> None:
     assert rloo_advantages(t(1, 0, 0), 3).tolist() == [1.0, -0.5, -0.5]
     with pytest.raises(ValueError, match="do not split into groups of 3"):
         group_advantages(rewards, 3)
+    with pytest.raises(ValueError, match="a group of one sample has no spread"):
+        group_advantages(rewards, 1)
 
 
 def test_aggregations() -> None:

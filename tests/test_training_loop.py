@@ -254,3 +254,33 @@ def test_deepspeed_ranks_on_cpu_train_the_single_process_model(chain: Path, zero
     digests = {(run_dir / f"weights-rank{rank}.sha256").read_text() for rank in (0, 1)}
     assert len(digests) == 1
     assert_same_weights(chain / f"single_{zero_stage}", chain / f"ranks_{zero_stage}", atol=1e-6)
+
+
+def test_a_nan_gradient_with_a_finite_loss_stops_before_the_update(chain: Path, tmp_path: Path) -> None:
+    from components.train.modules import CausalLMLoss
+
+    class NaNGradient(CausalLMLoss):
+        def forward(self, **batch):
+            weight = self.model.get_output_embeddings().weight
+            return super().forward(**batch) + (weight - weight.detach()).abs().sqrt().sum()  # value 0, gradient inf
+
+    model = tiny_model(chain)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with pytest.raises(TrainingDivergedError, match=r"gradient norm became (nan|inf) at step 1"):
+        train(NaNGradient(model), block_data(chain), TrainConfig(batch_size_rows=4, max_steps=3), tmp_path,
+              save_model=save_hf, flops_per_token=1.0)
+    import torch
+
+    assert all(torch.equal(before[name], p) for name, p in model.named_parameters())  # no update happened
+
+
+def test_a_finished_run_is_not_resumed_by_a_rebuild(chain: Path, tmp_path: Path) -> None:
+    from components.train.modules import CausalLMLoss
+
+    config = TrainConfig(batch_size_rows=4, max_steps=6, checkpoint_every_steps=2)
+    first = train(CausalLMLoss(tiny_model(chain)), block_data(chain), config, tmp_path, save_model=save_hf,
+                  flops_per_token=1.0)
+    assert first.resumed_from_step is None and (tmp_path / "COMPLETED").is_file()
+    again = train(CausalLMLoss(tiny_model(chain)), block_data(chain), config, tmp_path, save_model=save_hf,
+                  flops_per_token=1.0)
+    assert again.resumed_from_step is None and len(again.records) == 6  # retrained from step 1

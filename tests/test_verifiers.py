@@ -37,6 +37,7 @@ def test_every_gsm8k_test_reference_scores_itself_correct() -> None:
     ("It rose by 50%.", "50"),
     ("First 5, then 10, then 15", "15"),  # the final number, not the first
     ("Answer: 7, not 4", "7"),
+    ("The answer is 3 + 4 = 7", "7"),
     ("no number at all", None),
     ("", None),
 ])

@@ -22,6 +22,7 @@ from components.config import StrictConfig
 from components.data.formats import gsm8k_final_answer
 from components.data.records import iter_records
 from components.errors import ConfigError, DataError
+from components.eval.verifiers import reference_value
 
 SPEC = ComponentSpec(name="verifiable_accuracy", version="1")
 METRICS_FILE = "metrics.json"
@@ -67,6 +68,10 @@ def read_problems(path: Path, fmt: str, limit: int) -> list[tuple[str, str]]:
         question, reference = record[fields[0]], record[fields[1]]
         if fmt == "gsm8k":
             gsm8k_final_answer(reference, f"{path}:{line}: field 'answer'")
+        try:
+            reference_value(reference)  # checked before any generation, not after
+        except DataError as error:
+            raise DataError(f"{path}:{line}: {error}") from None
         problems.append((question, reference))
         if len(problems) >= limit:
             break
@@ -109,15 +114,17 @@ def _build(config: AccuracyConfig, paths: dict[str, Path], out_dir: Path) -> dic
     for start in range(0, len(questions), config.batch_prompts):
         batch = questions[start:start + config.batch_prompts]
         try:
-            pools += sample(model, tokenizer, batch, n=config.samples_per_problem, max_new_tokens=config.max_new_tokens,
-                            temperature=config.temperature, seed=config.seed + start)
-            greedy += [s[0] for s in sample(model, tokenizer, batch, n=1, max_new_tokens=config.max_new_tokens,
-                                              temperature=0.0)]
+            batch_pools = sample(model, tokenizer, batch, n=config.samples_per_problem,
+                                 max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                                 seed=config.seed + start)
+            batch_greedy = [s[0] for s in sample(model, tokenizer, batch, n=1, max_new_tokens=config.max_new_tokens,
+                                                 temperature=0.0)]
         except Exception as error:  # a failed batch is counted, the evaluation goes on
             log.warning("generation failed for problems %d-%d: %s", start, start + len(batch) - 1, error)
             failed += len(batch)
-            pools += [[] for _ in batch]
-            greedy += [None for _ in batch]
+            batch_pools, batch_greedy = [[] for _ in batch], [None for _ in batch]
+        pools += batch_pools  # extended together, after both succeeded: pools[i] is always problem i
+        greedy += batch_greedy
     kept = [i for i, pool in enumerate(pools) if pool]
     if not kept:
         raise DataError(f"{paths['dataset']}: generation failed for every problem")
@@ -139,7 +146,14 @@ def _build(config: AccuracyConfig, paths: dict[str, Path], out_dir: Path) -> dic
             curve.append({"method": strategy, "n": n, "accuracy": metrics[f"{strategy}@{n}"],
                           "generated_tokens": result.generated_tokens, "inference_flops": result.inference_flops})
     if config.tool_use:
-        tool = [sample_with_calculator(model, tokenizer, q, config.max_new_tokens, temperature=0.0) for q in questions]
+        tool = []
+        for question in questions:
+            try:
+                tool.append(sample_with_calculator(model, tokenizer, question, config.max_new_tokens, temperature=0.0))
+            except Exception as error:  # counted as wrong; the evaluation goes on
+                log.warning("tool-use decoding failed: %s", error)
+                tool.append(Sample(text="", generated_tokens=0, mean_logprob=0.0, finished=False))
+                metrics["failed_tool_problems"] = metrics.get("failed_tool_problems", 0) + 1
         metrics["tool_accuracy"] = sum(is_correct(t.text, r) for t, r in zip(tool, references)) / len(problems)
         metrics["tool_calls_per_problem"] = sum(t.tool_calls for t in tool) / len(problems)
         tokens = sum(t.generated_tokens for t in tool) / len(problems)
@@ -183,5 +197,10 @@ def evaluate_accuracy(config: AccuracyConfig, model: str, dataset: str, dest: st
     """Sample, verify and score `model` on the problems of `dataset` (see the module doc)."""
     if config.max_problems < 1:
         raise ConfigError("max_problems must be at least 1")
-    return produce(SPEC, config, {"model": model, "dataset": dataset}, dest,
-                   lambda out_dir, paths: _build(config, paths, out_dir), overwrite=overwrite)
+    from components.train.engine import TRAINING_LOCK  # sampling seeds the process-wide RNG, as training does
+
+    def build(out_dir: Path, paths: dict[str, Path]) -> dict[str, Any]:
+        with TRAINING_LOCK:
+            return _build(config, paths, out_dir)
+
+    return produce(SPEC, config, {"model": model, "dataset": dataset}, dest, build, overwrite=overwrite)

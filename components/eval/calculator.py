@@ -11,6 +11,7 @@ are bounded (expression length, nesting, magnitude), so no input can make it slo
 from __future__ import annotations
 
 import ast
+import math
 import re
 from fractions import Fraction
 
@@ -35,6 +36,10 @@ def _value(node: ast.AST, depth: int) -> Fraction:
     if depth > MAX_DEPTH:
         raise CalculatorError(f"expression nested deeper than {MAX_DEPTH}")
     if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        if isinstance(node.value, float) and not math.isfinite(node.value):
+            raise CalculatorError(f"not a finite number: {node.value}")
+        if abs(node.value) > MAX_MAGNITUDE:
+            raise CalculatorError(f"number exceeds {MAX_MAGNITUDE:.0e}")
         return Fraction(repr(node.value))  # "0.1" exactly, not the binary float nearest to it
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
         left, right = _value(node.left, depth + 1), _value(node.right, depth + 1)

@@ -7,8 +7,10 @@ rounds:
 - `self` feedback: the model first writes a critique of its own answer (one more generation),
   which is appended as the feedback.
 
-Accuracy is reported per round: round r counts a problem as solved if any attempt up to r was
-correct, as a user who stops at the first accepted answer would see it. Every round's
+Accuracy is reported per round. With `verifier` feedback the verifier also decides when to
+stop, so round r counts a problem as solved if any attempt up to r was correct (compare it
+with oracle best-of-n, which also uses the answer key). With `self` feedback the answer key is
+never shown: every problem runs every round and round r scores the latest answer. Every round's
 generated tokens are counted, so reflection is compared with best-of-n at equal compute.
 """
 
@@ -48,14 +50,17 @@ def reflect(model: Any, tokenizer: Any, questions: list[str], references: list[s
     accuracy, generated, prompts = [], [], []
     total_generated = total_prompt = 0.0
     for round_index in range(rounds + 1):
-        pending = [i for i, done in enumerate(solved) if not done]
+        pending = [i for i, done in enumerate(solved) if not done or feedback == "self"]
         if pending:
             outputs = sample(model, tokenizer, [chats[i] for i in pending], n=1, max_new_tokens=max_new_tokens,
                              temperature=temperature, seed=seed + round_index)
             for i, (attempt,) in zip(pending, outputs, strict=True):
                 total_generated += attempt.generated_tokens
                 total_prompt += len(prompt_ids(tokenizer, chats[i]))
-                if is_correct(attempt.text, references[i]):
+                correct = is_correct(attempt.text, references[i])
+                if feedback == "self":
+                    solved[i] = correct  # the latest answer is the one that counts
+                elif correct:
                     solved[i] = True
                     continue
                 chats[i] = [*chats[i], {"role": "assistant", "content": attempt.text}]

@@ -42,7 +42,11 @@ def _parse_number(token: str) -> Fraction | None:
 
 
 def _first_number(segment: str) -> Fraction | None:
-    """The first number in a short answer segment ("$18.", "1/2 of a cake", "-3 degrees")."""
+    """The first number in a short answer segment ("$18.", "1/2 of a cake", "-3 degrees"); in
+    a worked segment ("3 + 4 = 7 apples") the result after the last "=" of its first line."""
+    first_line = segment.strip().split("\n", 1)[0]
+    if "=" in first_line:
+        segment = first_line.rsplit("=", 1)[1]
     fraction = _FRACTION.search(segment)
     number = _NUMBER_RE.search(segment)
     if fraction and (number is None or fraction.start() <= number.start()):

@@ -32,6 +32,7 @@ import os
 import random
 import resource
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,8 +53,16 @@ IGNORE_INDEX = -100
 CHECKPOINTS_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "trainer_state.json"
+COMPLETED_FILE = "COMPLETED"
 SHAPES_FILE = "shapes.json"
 MODEL_DIR = "model"
+
+
+# Training seeds and saves the process-wide RNGs (torch, Python, numpy) and uses every core, so
+# two trainers in one process (tasks of a flow on a thread pool) would share random streams and
+# break seeded, exactly resumable runs: they take turns. Separate processes (Dask workers, the
+# deepspeed launcher) run side by side.
+TRAINING_LOCK = threading.RLock()
 
 
 class TrainingDivergedError(CrucibleError):
@@ -163,6 +172,19 @@ class EpochSampler:
         self.epoch, self.cursor, self._permutation = int(state["epoch"]), int(state["cursor"]), None
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The step records of a metrics log; a last line cut short by a crash is dropped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
+
+
 def count_loss_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Positions that contribute to a next-token loss: labels shifted by one, not ignored."""
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
@@ -202,11 +224,15 @@ def peak_flops_per_s(config: TrainConfig, device: torch.device, precision: str) 
     catalog = load_catalog()
     if device.type == "cpu":
         return catalog["CPU"].peak_flops_per_s(precision)
-    name = torch.cuda.get_device_name(device).upper()
-    for key, accelerator in catalog.items():
-        if key.split("-")[0].upper() in name and precision in accelerator.peak_tflops:
-            return accelerator.peak_flops_per_s(precision)
-    return None
+    name = torch.cuda.get_device_name(device).upper().replace("-", " ")
+    # Every part of the catalog name must appear ("H100-PCIE" in "NVIDIA H100 PCIE"); the most
+    # specific such entry wins, so L4 never stands in for an L40S and SXM never for PCIe.
+    matches = [key for key in catalog if all(part in name.split() or part in name
+                                             for part in key.upper().split("-"))
+               and precision in catalog[key].peak_tflops]
+    exact = [key for key in matches if all(part in name.split() for part in key.upper().split("-"))]
+    chosen = max(exact or matches, key=len) if (exact or matches) else None
+    return catalog[chosen].peak_flops_per_s(precision) if chosen else None
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -250,6 +276,8 @@ class TorchBackend:
         params = [p for p in self.module.parameters() if p.requires_grad]
         max_norm = self.grad_clip_norm if self.grad_clip_norm is not None else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if not math.isfinite(grad_norm):
+            return grad_norm  # the loop raises before any weight changes
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
@@ -290,7 +318,8 @@ class DeepSpeedBackend:
         self.module, self.device = self.engine.module, self.engine.device
         self.rank, self.world_size = self.engine.global_rank, self.engine.world_size
         self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
-        self.precision = "bf16" if ds_config.get("bf16", {}).get("enabled") else "fp32"
+        self.precision = ("bf16" if ds_config.get("bf16", {}).get("enabled")
+                          else "fp16" if ds_config.get("fp16", {}).get("enabled") else "fp32")
 
     def forward_backward(self, batch: dict[str, torch.Tensor], scale: float, last: bool) -> torch.Tensor:
         loss_sum = self.engine(**batch)
@@ -309,10 +338,16 @@ class DeepSpeedBackend:
         return values.cpu()
 
     def optimizer_step(self, learning_rate: float) -> float:
+        import torch
+
         for group in self.engine.optimizer.param_groups:
             group["lr"] = learning_rate
+        before = None
+        if self.zero_stage == 0:  # DeepSpeed records no norm without ZeRO; the gradients are plain .grad here
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            before = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
         self.engine.step()
-        norm = self.engine.get_global_grad_norm()
+        norm = self.engine.get_global_grad_norm() if before is None else before
         return float(norm) if norm is not None else float("nan")
 
     def discard_gradients(self) -> None:
@@ -360,6 +395,13 @@ def deepspeed_config_for(config: TrainConfig, estimate_ds_config: dict[str, Any]
     ds["gradient_accumulation_steps"] = config.batch_size_rows // (micro * world_size)
     ds["train_batch_size"] = config.batch_size_rows
     ds["gradient_clipping"] = config.optim.grad_clip_norm or 0.0
+    precision = config.precision
+    if precision == "auto":
+        import torch
+
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "bf16" and not ds.get("fp16", {}).get("enabled"):
+        ds["bf16"] = {**ds.get("bf16", {}), "enabled": True}
     ds.pop("optimizer", None)  # ours (AdamW with decoupled weight decay on matrices) is passed in
     ds.pop("scheduler", None)  # the loop sets the learning rate itself
     ds.setdefault("steps_per_print", 10**9)
@@ -454,6 +496,23 @@ def train(
     backend is used, else plain torch. `flops_per_token` is the training FLOPs per token of
     the model (the feasibility estimator's 6N + attention), for MFU.
     """
+    with TRAINING_LOCK:
+        return _train(module, data, config, run_dir, save_model=save_model, flops_per_token=flops_per_token,
+                      final_dir=final_dir, estimate_ds_config=estimate_ds_config, description=description)
+
+
+def _train(
+    module: torch.nn.Module,
+    data: TrainData,
+    config: TrainConfig,
+    run_dir: Path,
+    *,
+    save_model: Callable[[torch.nn.Module, Path], None],
+    flops_per_token: float,
+    final_dir: Path | None,
+    estimate_ds_config: dict[str, Any] | None,
+    description: str,
+) -> TrainResult:
     import torch
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or config.distributed.launcher == "deepspeed"
@@ -492,6 +551,14 @@ def train(
 
     # ---- resume
     start_step, resumed_from = 0, None
+    completed_marker = run_dir / COMPLETED_FILE
+    if rank == 0 and completed_marker.exists():
+        # A finished run's checkpoints are kept for inspection, but a rebuild (--overwrite)
+        # starts afresh rather than resuming near the end of the old run.
+        shutil.rmtree(checkpoint_root, ignore_errors=True)
+        checkpoint_root.mkdir(parents=True, exist_ok=True)
+        completed_marker.unlink()
+    backend.barrier()
     source = Path(config.resume_from) if config.resume_from else None
     if source is None and config.resume:
         complete = checkpoint_steps(checkpoint_root)
@@ -508,11 +575,13 @@ def train(
         _set_rng_state(torch.load(source / f"rng-rank{rank}.pt", weights_only=False))
         start_step = resumed_from = int(state["step"])
     if rank == 0:
-        kept = []
-        if metrics_path.is_file():
-            kept = [line for line in metrics_path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line)["step"] <= start_step]
+        kept = [json.dumps(r) for r in read_metrics(metrics_path) if r["step"] <= start_step]
         metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        for step_number, stale in checkpoint_steps(checkpoint_root):  # from another history (resume off or resume_from)
+            if step_number > start_step:
+                shutil.rmtree(stale, ignore_errors=True)
+        for partial in checkpoint_root.glob("step-*.partial"):  # a save a kill interrupted
+            shutil.rmtree(partial, ignore_errors=True)
 
     device = backend.device
     precision = backend.precision
@@ -542,6 +611,11 @@ def train(
             raise TrainingDivergedError(f"{description}: loss became {loss} at step {step + 1}; stopped ({where})")
         learning_rate = config.optim.learning_rate * lr_multiplier(step, config.max_steps, config.optim)
         grad_norm = backend.optimizer_step(learning_rate)
+        if not math.isfinite(grad_norm):
+            backend.discard_gradients()
+            where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written before it"
+            raise TrainingDivergedError(
+                f"{description}: gradient norm became {grad_norm} at step {step + 1} (loss {loss:.4g}); stopped ({where})")
         step_time_s = time.perf_counter() - step_started
         tokens_per_s = real_tokens / step_time_s
         record = {
@@ -572,6 +646,8 @@ def train(
             save_model(backend.module, final_dir)
     (run_dir / f"weights-rank{rank}.sha256").write_text(digest + "\n", encoding="utf-8")
     backend.barrier()
+    if rank == 0:
+        completed_marker.write_text(json.dumps({"steps": config.max_steps}) + "\n", encoding="utf-8")
     return TrainResult(
         records=records, resumed_from_step=resumed_from, world_size=world_size, rank=rank, precision=precision,
         backend="deepspeed" if distributed else "torch",

@@ -90,7 +90,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator = "k3") -> torch.Tensor:
     """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman 2020, "Approximating
-    KL divergence"): k1 = log r, k2 = (log r)^2 / 2, k3 = (r - 1) - log r with r = pi_ref / pi
+    KL divergence"): k1 = -log r, k2 = (log r)^2 / 2, k3 = (r - 1) - log r with r = pi_ref / pi
     (k3: unbiased and always >= 0, GRPO's choice, Shao et al. 2024, eq. 4)."""
     log_ratio = ref_logprobs - logprobs  # log r
     if estimator == "k1":
@@ -107,6 +107,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, normalize: GroupNor
     §3). `rewards` is [groups * group_size], consecutive samples forming a group."""
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    if group_size < 2 and normalize != "none":
+        raise ValueError("a group of one sample has no spread: use group_size >= 2 or normalize='none'")
     grouped = rewards.view(-1, group_size)
     centered = grouped - grouped.mean(dim=1, keepdim=True)
     if normalize == "group_std":

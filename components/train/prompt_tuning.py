@@ -78,11 +78,12 @@ def heldout_loss(module: Any, rows: dict[str, torch.Tensor], batch_rows: int = 1
     """Mean next-token loss per assistant token on held-out examples, with the soft prompt."""
     import torch
 
+    device = module.soft_prompt.device
     module.eval()
     total = tokens = 0.0
     with torch.no_grad():
         for start in range(0, len(rows["input_ids"]), batch_rows):
-            batch = {name: tensor[start:start + batch_rows] for name, tensor in rows.items()}
+            batch = {name: tensor[start:start + batch_rows].to(device) for name, tensor in rows.items()}
             total += float(module(**batch))
             tokens += int((batch["labels"][:, 1:] != -100).sum())
     module.train()
@@ -109,13 +110,14 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
     job_ = read_job(job, PromptTuningConfig)
     config, paths, run_dir, out_dir = job_.config, job_.paths, job_.run_dir, job_.out_dir
     tokenizer = AutoTokenizer.from_pretrained(paths["model"])
-    model = load_causal_lm(paths["model"], attn_implementation="sdpa")
+    model = load_causal_lm(paths["model"], attn_implementation="sdpa", dtype=torch.float32)
     train_rows = _rows(paths["dataset"], config, tokenizer, config.max_train_examples)
     heldout_rows = _rows(paths["heldout"], config, tokenizer, config.max_heldout_examples)
     embeddings = model.get_input_embeddings().weight.detach()
     start = initial_prompt(config.init, config.num_virtual_tokens, embeddings, tokenizer, config.init_text,
                            config.train.seed)
     module = SoftPromptLoss(model, start)
+    trainable_params = module.soft_prompt.numel()  # before ZeRO-3 could partition it
     no_prompt = SoftPromptLoss(model, torch.zeros(0, embeddings.shape[1]))
     loss_without_prompt = heldout_loss(no_prompt, heldout_rows)
     loss_at_init = heldout_loss(module, heldout_rows)
@@ -131,7 +133,7 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
         return {}
     return {
         "init": config.init, "seed": config.train.seed, "num_virtual_tokens": config.num_virtual_tokens,
-        "trainable_params": module.soft_prompt.numel(),
+        "trainable_params": trainable_params,
         "heldout_loss_without_prompt": loss_without_prompt,
         "heldout_loss_at_init": loss_at_init,
         "heldout_loss": heldout_loss(module, heldout_rows),

@@ -66,7 +66,10 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
     job_ = read_job(job, SFTConfig)
     config, paths, run_dir, out_dir = job_.config, job_.paths, job_.run_dir, job_.out_dir
     tokenizer = AutoTokenizer.from_pretrained(paths["model"])
-    model = load_causal_lm(paths["model"], attn_implementation="sdpa")
+    import torch
+
+    # fp32 master weights: transformers 5 loads a checkpoint in its saved dtype by default
+    model = load_causal_lm(paths["model"], attn_implementation="sdpa", dtype=torch.float32)
     columns = load_blocks(paths["blocks"])
     width = int(columns["input_ids"].shape[1])
     if width > model.config.max_position_embeddings:
@@ -82,6 +85,8 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
             r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
             target_modules=config.lora.target_modules, task_type="CAUSAL_LM"))
 
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before ZeRO-3 partitions them
+
     def save_model(module: CausalLMLoss, directory: Path) -> None:
         if peft_model is not None:
             peft_model.save_pretrained(directory / ADAPTER_DIR)
@@ -95,7 +100,6 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
                    description="sft")
     if result.rank != 0:
         return {}
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"params": params, "trainable_params": trainable, "lora": config.lora is not None,
             "epochs": round(config.train.max_steps * config.train.batch_size_rows / len(columns["input_ids"]), 3),
             **summarize(result, run_dir)}

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from components.train.engine import METRICS_FILE, TrainConfig, TrainResult
+from components.train.engine import METRICS_FILE, TrainConfig, TrainResult, read_metrics
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -62,7 +62,7 @@ def publish_metrics(run_dir: Path, out_dir: Path, title: str, result_metrics: di
 
 def summarize(result: TrainResult, run_dir: Path) -> dict[str, Any]:
     """Run metrics over every step (including those before a resume, read from the live log)."""
-    records = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text(encoding="utf-8").splitlines() if line]
+    records = read_metrics(run_dir / METRICS_FILE)
     tail = records[-min(10, len(records)):]
     train_time_s = sum(r["step_time_s"] for r in records)
     tokens = sum(r["tokens"] for r in records)
