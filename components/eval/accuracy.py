@@ -21,7 +21,7 @@ from components.artifacts import ComponentSpec, Manifest, produce
 from components.config import StrictConfig
 from components.data.formats import gsm8k_final_answer
 from components.data.records import iter_records
-from components.errors import ConfigError, DataError
+from components.errors import DataError
 from components.eval.verifiers import reference_value
 
 SPEC = ComponentSpec(name="verifiable_accuracy", version="1")
@@ -195,8 +195,6 @@ def _build(config: AccuracyConfig, paths: dict[str, Path], out_dir: Path) -> dic
 
 def evaluate_accuracy(config: AccuracyConfig, model: str, dataset: str, dest: str, overwrite: bool = False) -> Manifest:
     """Sample, verify and score `model` on the problems of `dataset` (see the module doc)."""
-    if config.max_problems < 1:
-        raise ConfigError("max_problems must be at least 1")
     from components.train.engine import TRAINING_LOCK  # sampling seeds the process-wide RNG, as training does
 
     def build(out_dir: Path, paths: dict[str, Path]) -> dict[str, Any]:

@@ -41,33 +41,34 @@ def _parse_number(token: str) -> Fraction | None:
         return None
 
 
+def _numbers(text: str) -> list[tuple[int, Fraction]]:
+    """Every number of `text` as (position, value) in order; a fraction "3/4" is one number."""
+    found = []
+    for match in _FRACTION.finditer(text):
+        if int(match.group(2)):
+            found.append((match.start(), match.end(),
+                          Fraction(int(match.group(1).replace("−", "-").replace(" ", "")), int(match.group(2)))))
+    fractions = [(start, end) for start, end, _ in found]
+    for match in _NUMBER_RE.finditer(text):
+        value = _parse_number(match.group(0))
+        if value is not None and not any(start <= match.start() < end for start, end in fractions):
+            found.append((match.start(), match.end(), value))
+    return sorted((start, value) for start, _, value in found)
+
+
 def _first_number(segment: str) -> Fraction | None:
     """The first number in a short answer segment ("$18.", "1/2 of a cake", "-3 degrees"); in
     a worked segment ("3 + 4 = 7 apples") the result after the last "=" of its first line."""
     first_line = segment.strip().split("\n", 1)[0]
     if "=" in first_line:
         segment = first_line.rsplit("=", 1)[1]
-    fraction = _FRACTION.search(segment)
-    number = _NUMBER_RE.search(segment)
-    if fraction and (number is None or fraction.start() <= number.start()):
-        denominator = int(fraction.group(2))
-        if denominator:
-            return Fraction(int(fraction.group(1).replace("−", "-").replace(" ", "")), denominator)
-    return _parse_number(number.group(0)) if number else None
+    numbers = _numbers(segment)
+    return numbers[0][1] if numbers else None
 
 
 def _last_number(text: str) -> Fraction | None:
-    candidates = [(m.start(), m.group(0)) for m in _NUMBER_RE.finditer(text)]
-    fractions = [(m.start(), m) for m in _FRACTION.finditer(text)]
-    if not candidates and not fractions:
-        return None
-    last_number = candidates[-1] if candidates else (-1, "")
-    last_fraction = fractions[-1] if fractions else (-1, None)
-    if last_fraction[1] is not None and last_fraction[0] >= last_number[0] - len(last_fraction[1].group(0)):
-        if int(last_fraction[1].group(2)):
-            return Fraction(int(last_fraction[1].group(1).replace("−", "-").replace(" ", "")),
-                            int(last_fraction[1].group(2)))
-    return _parse_number(last_number[1])
+    numbers = _numbers(text)
+    return numbers[-1][1] if numbers else None
 
 
 def _canonical(value: Fraction) -> str:

@@ -26,6 +26,7 @@ half-written checkpoint that looks valid.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -476,6 +477,16 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _one_at_a_time(function: Callable[..., TrainResult]) -> Callable[..., TrainResult]:
+    @functools.wraps(function)
+    def serialized(*args: Any, **kwargs: Any) -> TrainResult:
+        with TRAINING_LOCK:
+            return function(*args, **kwargs)
+
+    return serialized
+
+
+@_one_at_a_time
 def train(
     module: torch.nn.Module,
     data: TrainData,
@@ -494,25 +505,9 @@ def train(
     `run_dir` holds the live metrics (`metrics.jsonl`, one record per step) and the
     checkpoints. Under a `deepspeed` launch (the environment has `WORLD_SIZE`) the DeepSpeed
     backend is used, else plain torch. `flops_per_token` is the training FLOPs per token of
-    the model (the feasibility estimator's 6N + attention), for MFU.
+    the model (the feasibility estimator's 6N + attention), for MFU. One call at a time per
+    process (`TRAINING_LOCK`).
     """
-    with TRAINING_LOCK:
-        return _train(module, data, config, run_dir, save_model=save_model, flops_per_token=flops_per_token,
-                      final_dir=final_dir, estimate_ds_config=estimate_ds_config, description=description)
-
-
-def _train(
-    module: torch.nn.Module,
-    data: TrainData,
-    config: TrainConfig,
-    run_dir: Path,
-    *,
-    save_model: Callable[[torch.nn.Module, Path], None],
-    flops_per_token: float,
-    final_dir: Path | None,
-    estimate_ds_config: dict[str, Any] | None,
-    description: str,
-) -> TrainResult:
     import torch
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or config.distributed.launcher == "deepspeed"
@@ -590,7 +585,8 @@ def _train(
     share = micro_rows * accumulation
     backend.module.train()
     records: list[dict[str, Any]] = []
-    last_good = checkpoint_steps(checkpoint_root)[-1][1] if checkpoint_steps(checkpoint_root) else None
+    existing = checkpoint_steps(checkpoint_root)
+    last_good = existing[-1][1] if existing else None
     started = time.perf_counter()
     for step in range(start_step, config.max_steps):
         step_started = time.perf_counter()

@@ -25,10 +25,10 @@ from pydantic import Field
 from components.artifacts import ArtifactRef, ComponentSpec, Manifest, produce, read_manifest
 from components.config import StrictConfig
 from components.data.sft_data import SFTFormat, pad_examples, tokenized_examples
-from components.train.engine import TrainConfig, TrainData
+from components.train.engine import TrainConfig, TrainData, read_metrics
 from components.train.launch import make_job, read_job, run_job
 from components.train.loop import OptimConfig
-from components.train.trainer import publish_metrics, summarize, training_flops_per_token, world_size_of
+from components.train.trainer import METRICS_JSONL, publish_metrics, summarize, training_flops_per_token, world_size_of
 
 if TYPE_CHECKING:
     import torch
@@ -242,7 +242,7 @@ def summarize_study(config: PromptTuningStudyConfig, dest: str, overwrite: bool 
         results = {}
         for name in trials:
             metrics = dict(read_manifest(str(paths[name])).metrics)
-            records = [json.loads(line) for line in (paths[name] / "train_metrics.jsonl").read_text().splitlines() if line]
+            records = read_metrics(paths[name] / METRICS_JSONL)
             results[name] = {**metrics, "loss_curve": [r["loss"] for r in records]}
         return _summarize_trials(config, results, out_dir)
 

@@ -5,7 +5,6 @@ machines, csv for `dvc plots`, a markdown summary for people)."""
 from __future__ import annotations
 
 import csv
-import json
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,7 +48,7 @@ def zero_stage_of(config: TrainConfig, estimate: dict[str, Any] | None) -> int:
 def publish_metrics(run_dir: Path, out_dir: Path, title: str, result_metrics: dict[str, Any]) -> None:
     """Copy the run's step records into the artifact as jsonl and csv, and a markdown summary."""
     shutil.copyfile(run_dir / METRICS_FILE, out_dir / METRICS_JSONL)
-    records = [json.loads(line) for line in (out_dir / METRICS_JSONL).read_text(encoding="utf-8").splitlines() if line]
+    records = read_metrics(out_dir / METRICS_JSONL)
     with open(out_dir / METRICS_CSV, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
