@@ -4,8 +4,10 @@ schedule, checkpoints and metrics either way.
 
 A trainer hands over
 - a *loss module*: an `nn.Module` whose `forward(**micro_batch)` returns the **sum** of its
-  per-token losses (a scalar tensor); its trainable parameters are what gets optimised;
-- `TrainData`: equal-width tensors, one row per sequence (packed blocks or padded examples);
+  per-token losses (a scalar tensor), or `(sum, {name: sum})` with extra quantities to log;
+  its trainable parameters are what gets optimised;
+- `TrainData`: tensors with one row per sequence (packed blocks or padded examples) or per
+  preference pair, and what a loss unit is (a next-token position, or a pair);
 - a `save_model(module, directory)` callback that writes the model in its published format
   (HF `save_pretrained`, a LoRA adapter, a soft prompt).
 
@@ -109,29 +111,47 @@ class TrainConfig(StrictConfig):
 
 @dataclass
 class TrainData:
-    """Rows of equal-width tensors (`input_ids`, `labels`, optionally `position_ids`, ...)."""
+    """Rows of tensors with one row per example along dim 0 (`input_ids`, `labels`, optionally
+    `position_ids`, ...; preference pairs carry `chosen_*` / `rejected_*` columns instead).
+
+    `loss_units(batch)` counts what the loss module's sum is a sum over (next-token positions
+    by default; pairs for a preference loss): the loop divides by the global batch's count.
+    `real_tokens(batch)` counts the non-padding tokens a throughput figure reports.
+    """
 
     columns: dict[str, torch.Tensor]
     pad_token_id: int | None = None
     source: str = "dataset"
+    required: tuple[str, ...] = ("input_ids", "labels")
+    loss_units: Callable[[dict[str, torch.Tensor]], int] | None = None
+    real_tokens: Callable[[dict[str, torch.Tensor]], int] | None = None
 
     def __post_init__(self) -> None:
-        if "labels" not in self.columns or "input_ids" not in self.columns:
-            raise DataError(f"{self.source}: training data needs input_ids and labels, has {sorted(self.columns)}")
-        shapes = {name: tuple(tensor.shape) for name, tensor in self.columns.items()}
-        if len({shape for shape in shapes.values()}) != 1:
-            raise DataError(f"{self.source}: columns differ in shape: {shapes}")
+        missing = [name for name in self.required if name not in self.columns]
+        if missing:
+            raise DataError(f"{self.source}: training data needs {' and '.join(self.required)}, has {sorted(self.columns)}")
+        rows = {name: int(tensor.shape[0]) for name, tensor in self.columns.items()}
+        if len(set(rows.values())) != 1:
+            raise DataError(f"{self.source}: columns differ in row count: {rows}")
+        if "input_ids" in self.columns and "labels" in self.columns and \
+                self.columns["input_ids"].shape != self.columns["labels"].shape:
+            raise DataError(f"{self.source}: columns differ in shape: input_ids {tuple(self.columns['input_ids'].shape)}"
+                            f" vs labels {tuple(self.columns['labels'].shape)}")
         if len(self) == 0:
             raise DataError(f"{self.source}: the dataset is empty")
-        if int((self.columns["labels"][:, 1:] != IGNORE_INDEX).sum()) == 0:
-            raise DataError(f"{self.source}: no row has a token to train on (every label is {IGNORE_INDEX})")
+        if self.loss_units is None:
+            if int((self.columns["labels"][:, 1:] != IGNORE_INDEX).sum()) == 0:
+                raise DataError(f"{self.source}: no row has a token to train on (every label is {IGNORE_INDEX})")
+            self.loss_units = count_loss_tokens
+        if self.real_tokens is None:
+            self.real_tokens = functools.partial(count_real_tokens, pad_token_id=self.pad_token_id)
 
     def __len__(self) -> int:
-        return int(self.columns["input_ids"].shape[0])
+        return int(next(iter(self.columns.values())).shape[0])
 
     @property
     def width(self) -> int:
-        return int(self.columns["input_ids"].shape[1])
+        return int(self.columns[self.required[0]].shape[-1])
 
     def rows(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
         return {name: tensor[indices] for name, tensor in self.columns.items()}
@@ -248,6 +268,18 @@ def peak_memory_gib(device: torch.device) -> float:
 # --------------------------------------------------------------------------- backends
 
 
+LossAndStats = tuple["torch.Tensor", dict[str, float]]
+
+
+def split_output(output: Any) -> LossAndStats:
+    """A loss module returns its loss sum, or (loss sum, {name: sum over its loss units}) for
+    extra quantities to log (a preference loss's reward accuracy, say), averaged like the loss."""
+    if isinstance(output, tuple):
+        loss_sum, stats = output
+        return loss_sum, {name: float(value) for name, value in stats.items()}
+    return output, {}
+
+
 class TorchBackend:
     """This process alone: autocast for bf16 (fp32 master weights), torch clipping and AdamW."""
 
@@ -258,13 +290,13 @@ class TorchBackend:
         self.optimizer = make_optimizer(module, config.optim, fused=True)
         self.grad_clip_norm = config.optim.grad_clip_norm
 
-    def forward_backward(self, batch: dict[str, torch.Tensor], scale: float, last: bool) -> torch.Tensor:
+    def forward_backward(self, batch: dict[str, torch.Tensor], scale: float, last: bool) -> LossAndStats:
         import torch
 
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            loss_sum = self.module(**batch)
+            loss_sum, stats = split_output(self.module(**batch))
         (loss_sum * scale).backward()
-        return loss_sum.detach().float()
+        return loss_sum.detach().float(), stats
 
     def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
         return values
@@ -322,14 +354,14 @@ class DeepSpeedBackend:
         self.precision = ("bf16" if ds_config.get("bf16", {}).get("enabled")
                           else "fp16" if ds_config.get("fp16", {}).get("enabled") else "fp32")
 
-    def forward_backward(self, batch: dict[str, torch.Tensor], scale: float, last: bool) -> torch.Tensor:
-        loss_sum = self.engine(**batch)
+    def forward_backward(self, batch: dict[str, torch.Tensor], scale: float, last: bool) -> LossAndStats:
+        loss_sum, stats = split_output(self.engine(**batch))
         # DeepSpeed averages gradients over ranks; multiplying by the world size turns that
         # average back into the sum our global-token normalisation expects.
         self.engine.backward(loss_sum * (scale * self.world_size), scale_wrt_gas=False)
         if not last:
             self.engine.step()  # a micro-step: DeepSpeed only counts it
-        return loss_sum.detach().float()
+        return loss_sum.detach().float(), stats
 
     def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
@@ -592,15 +624,21 @@ def train(
         step_started = time.perf_counter()
         indices = sampler.next_batch()
         global_batch = data.rows(indices)
-        loss_tokens = max(1, count_loss_tokens(global_batch))  # a batch of prompts only: zero loss, zero gradient
-        real_tokens = count_real_tokens(global_batch, data.pad_token_id)
+        loss_tokens = max(1, data.loss_units(global_batch))  # a batch of prompts only: zero loss, zero gradient
+        real_tokens = data.real_tokens(global_batch)
         mine = {name: tensor[rank * share:(rank + 1) * share] for name, tensor in global_batch.items()}
         loss_sum = torch.zeros((), dtype=torch.float64)
+        stat_sums: dict[str, float] = {}
         for micro in range(accumulation):
             batch = {name: tensor[micro * micro_rows:(micro + 1) * micro_rows].to(device) for name, tensor in mine.items()}
-            loss_sum += backend.forward_backward(batch, 1.0 / loss_tokens, last=micro == accumulation - 1).double().cpu()
-        total_loss_sum = float(backend.all_reduce_sum(loss_sum.reshape(1))[0])
-        loss = total_loss_sum / loss_tokens
+            micro_loss, micro_stats = backend.forward_backward(batch, 1.0 / loss_tokens, last=micro == accumulation - 1)
+            loss_sum += micro_loss.double().cpu()
+            for name, value in micro_stats.items():
+                stat_sums[name] = stat_sums.get(name, 0.0) + value
+        names = sorted(stat_sums)
+        totals = backend.all_reduce_sum(torch.tensor([float(loss_sum)] + [stat_sums[n] for n in names], dtype=torch.float64))
+        loss = float(totals[0]) / loss_tokens
+        stats = {name: float(total) / loss_tokens for name, total in zip(names, totals[1:].tolist())}
         if not math.isfinite(loss):
             backend.discard_gradients()
             where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written before it"
@@ -627,6 +665,7 @@ def train(
             "step_time_s": step_time_s,
             "elapsed_s": time.perf_counter() - started,
             "epoch": sampler.epoch,
+            **stats,
         }
         records.append(record)
         if rank == 0:
