@@ -17,7 +17,9 @@ from components.eval.compare import CompareConfig
 from components.eval.perplexity import PerplexityConfig
 from components.feasibility.training import TrainingTarget
 from components.eval.report import ReportConfig
+from components.data.arithmetic import ArithmeticTaskConfig
 from components.data.sft_data import SFTDataConfig
+from components.train.grpo import GRPOConfig
 from components.train.pretrain import PretrainConfig
 from components.train.prompt_tuning import PromptTuningStudyConfig
 from components.train.sft import SFTConfig
@@ -62,6 +64,12 @@ class PipelineParams(StrictConfig):
     sft_data: SFTDataConfig = SFTDataConfig()
     sft: SFTConfig = SFTConfig()
     evaluate_sft: AccuracyConfig = AccuracyConfig()
+    arithmetic_task: ArithmeticTaskConfig = ArithmeticTaskConfig()
+    arithmetic_sft_data: SFTDataConfig = SFTDataConfig()
+    arithmetic_sft: SFTConfig = SFTConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    evaluate_arithmetic: AccuracyConfig = Field(default_factory=lambda: AccuracyConfig(
+        max_new_tokens=64, tool_use=False), description="Settings of both arithmetic evaluations (SFT and GRPO).")
     compare_test_time_compute: CompareConfig = CompareConfig()
     prompt_tuning: PromptTuningStudyConfig = PromptTuningStudyConfig()
 

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 from components.artifacts import ArtifactRef, ComponentSpec, Manifest
 from components.config import StrictConfig
-from components.data import curate, pack, sft_data, tokenizer
+from components.data import arithmetic, curate, pack, sft_data, tokenizer
 from components.eval import accuracy, compare, perplexity, report
 from components.feasibility import training as feasibility
 from components.feasibility.estimate import REPORT_FILE as ESTIMATE_REPORT
-from components.train import prompt_tuning, pretrain, sft
+from components.train import grpo, prompt_tuning, pretrain, sft
 from components.train.trainer import SUMMARY_FILE as TRAIN_REPORT
 from flows.params import PipelineParams
 
@@ -124,9 +124,28 @@ STAGES: tuple[Stage, ...] = (
           {"model": "sft", "dataset": "data.raw_heldout"},
           "Verifiable accuracy of the SFT model: greedy, pass@k, best-of-n, majority vote, calculator, self-reflection.",
           markdown_file=accuracy.REPORT_FILE),
+    Stage("arithmetic_task", "arithmetic_task", arithmetic.SPEC, arithmetic.arithmetic_task, {},
+          "Generate the seeded arithmetic word-problem task (GSM8K format) that RL and test-time compute are studied on."),
+    Stage("arithmetic_sft_data", "arithmetic_sft_data", sft_data.SPEC, sft_data.sft_data,
+          {"dataset": "arithmetic_task/train.jsonl", "tokenizer": "tokenizer"},
+          "Chat-template and pack the arithmetic task's worked solutions for SFT."),
+    Stage("arithmetic_sft", "arithmetic_sft", sft.SPEC, sft.sft, {"blocks": "arithmetic_sft_data", "model": "pretrain"},
+          "Fine-tune the pretrained model on the arithmetic task: the starting point of RL.", markdown_file=TRAIN_REPORT),
+    Stage("grpo", "grpo", grpo.SPEC, grpo.grpo,
+          {"model": "arithmetic_sft", "problems": "arithmetic_task/train.jsonl", "heldout": "arithmetic_task/test.jsonl"},
+          "RL with verifiable rewards (GRPO) from the SFT model; held-out accuracy before, during and after.",
+          markdown_file=grpo.REPORT_FILE),
+    Stage("evaluate_arithmetic_sft", "evaluate_arithmetic", accuracy.SPEC, accuracy.evaluate_accuracy,
+          {"model": "arithmetic_sft", "dataset": "arithmetic_task/test.jsonl"},
+          "Verifiable accuracy and test-time compute of the arithmetic SFT model.", markdown_file=accuracy.REPORT_FILE),
+    Stage("evaluate_grpo", "evaluate_arithmetic", accuracy.SPEC, accuracy.evaluate_accuracy,
+          {"model": "grpo", "dataset": "arithmetic_task/test.jsonl"},
+          "Verifiable accuracy and test-time compute of the GRPO model (same settings as the SFT model's).",
+          markdown_file=accuracy.REPORT_FILE),
     Stage("compare_test_time_compute", "compare_test_time_compute", compare.SPEC, compare.compare_test_time_compute,
-          {"evaluation": "evaluate_sft"},
-          "Accuracy against compute per query for every test-time method (and an RL model's, when evaluated).",
+          {"evaluation": "evaluate_arithmetic_sft", "rl_evaluation": "evaluate_grpo"},
+          "Accuracy against compute per query: best-of-n, majority vote, self-reflection of the SFT model vs the "
+          "GRPO model with its training compute amortised over query volumes.",
           markdown_file=compare.REPORT_FILE),
     Stage("prompt_tuning", "prompt_tuning", prompt_tuning.STUDY_SPEC, prompt_tuning.prompt_tuning_study,
           {"model": "pretrain", "dataset": "data.raw_train", "heldout": "data.raw_heldout"},

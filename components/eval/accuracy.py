@@ -4,7 +4,10 @@ calculator tool, and self-reflection, each with its generated tokens and inferen
 
 One pool of N samples per problem serves pass@k (Chen et al. 2021) and every best-of-n /
 majority-vote point (`components.eval.strategies`), so all of them are measured on the same
-samples. A problem whose generation fails is counted in `failed_problems` and the run goes on.
+samples. With a `reward_model` input (a `reward_model` artifact) every sample of the pool is
+also scored by it, and best-of-n by reward-model score (`best_reward@n`) is reported beside
+the other strategies. A problem whose generation fails is counted in `failed_problems` and the
+run goes on.
 """
 
 from __future__ import annotations
@@ -88,6 +91,20 @@ def inference_flops_per_token(model: Any, context_tokens: int) -> float:
     return forward_flops_per_token(shape_of_config(model.config, seq_len=context_tokens))
 
 
+def score_samples(reward_model_dir: Path, questions: list[str], pools: list[list[Any]], batch_rows: int,
+                  context_tokens: int) -> tuple[dict[int, float], float]:
+    """The reward model's score of every sample of every pool, keyed by the sample's id(), and
+    the reward model's forward FLOPs per token (the cost of scoring, added to best_reward's)."""
+    from components.train.reward_model import load_reward_model, reward_model_flops_per_token, score
+
+    model, tokenizer = load_reward_model(reward_model_dir)
+    samples = [s for pool in pools for s in pool]
+    prompts = [q for q, pool in zip(questions, pools, strict=True) for _ in pool]
+    values = score(model, tokenizer, prompts, [s.text for s in samples], batch_rows=batch_rows)
+    flops_per_token = reward_model_flops_per_token(model.config, context_tokens, forward_only=True)
+    return {id(s): value for s, value in zip(samples, values, strict=True)}, flops_per_token
+
+
 def _build(config: AccuracyConfig, paths: dict[str, Path], out_dir: Path) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer
@@ -138,13 +155,25 @@ def _build(config: AccuracyConfig, paths: dict[str, Path], out_dir: Path) -> dic
            for k in config.ks},
         "inference_flops_per_token": flops_per_token,
     }
+    rewards: dict[int, float] = {}  # id(sample) -> the reward model's score
+    reward_flops_per_token = 0.0
+    strategies = ["oracle", "majority", "best_logprob"]
+    if "reward_model" in paths:
+        rewards, reward_flops_per_token = score_samples(
+            paths["reward_model"], [questions[i] for i in kept], k_pools, config.batch_prompts,
+            max(prompt_lengths) + config.max_new_tokens)
+        strategies.append("best_reward")
     curve = []
-    for strategy in ("oracle", "majority", "best_logprob"):
+    for strategy in strategies:
         for n in config.ns:
-            result = evaluate_strategy(strategy, k_pools, k_refs, n, k_prompts, flops_per_token)
+            scorer = (lambda s: rewards[id(s)]) if strategy == "best_reward" else None
+            result = evaluate_strategy(strategy, k_pools, k_refs, n, k_prompts, flops_per_token, scorer=scorer)
+            inference_flops = result.inference_flops
+            if strategy == "best_reward":  # the reward model reads the same prompt + completion tokens once
+                inference_flops += result.inference_flops * reward_flops_per_token / flops_per_token
             metrics[f"{strategy}@{n}"] = result.accuracy * len(k_pools) / len(problems)
             curve.append({"method": strategy, "n": n, "accuracy": metrics[f"{strategy}@{n}"],
-                          "generated_tokens": result.generated_tokens, "inference_flops": result.inference_flops})
+                          "generated_tokens": result.generated_tokens, "inference_flops": inference_flops})
     if config.tool_use:
         tool = []
         for question in questions:
@@ -174,6 +203,7 @@ def _build(config: AccuracyConfig, paths: dict[str, Path], out_dir: Path) -> dic
                                      "greedy": first.text if first else None,
                                      "samples": [{"text": s.text, "tokens": s.generated_tokens,
                                                   "mean_logprob": s.mean_logprob,
+                                                  **({"reward": rewards[id(s)]} if rewards else {}),
                                                   "correct": is_correct(s.text, reference)} for s in pool]}) + "\n")
     with open(out_dir / CURVE_FILE, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=["method", "n", "accuracy", "generated_tokens", "inference_flops"])
@@ -193,12 +223,15 @@ def _build(config: AccuracyConfig, paths: dict[str, Path], out_dir: Path) -> dic
     return metrics
 
 
-def evaluate_accuracy(config: AccuracyConfig, model: str, dataset: str, dest: str, overwrite: bool = False) -> Manifest:
-    """Sample, verify and score `model` on the problems of `dataset` (see the module doc)."""
+def evaluate_accuracy(config: AccuracyConfig, model: str, dataset: str, dest: str, overwrite: bool = False,
+                      reward_model: str | None = None) -> Manifest:
+    """Sample, verify and score `model` on the problems of `dataset` (see the module doc);
+    with `reward_model`, also best-of-n by that reward model's score."""
     from components.train.engine import TRAINING_LOCK  # sampling seeds the process-wide RNG, as training does
 
     def build(out_dir: Path, paths: dict[str, Path]) -> dict[str, Any]:
         with TRAINING_LOCK:
             return _build(config, paths, out_dir)
 
-    return produce(SPEC, config, {"model": model, "dataset": dataset}, dest, build, overwrite=overwrite)
+    inputs = {"model": model, "dataset": dataset, **({"reward_model": reward_model} if reward_model else {})}
+    return produce(SPEC, config, inputs, dest, build, overwrite=overwrite)

@@ -518,6 +518,63 @@ def _one_at_a_time(function: Callable[..., TrainResult]) -> Callable[..., TrainR
     return serialized
 
 
+def restore(backend: TorchBackend | DeepSpeedBackend, sampler: EpochSampler, config: TrainConfig,
+            run_dir: Path) -> tuple[int, int | None, Path | None]:
+    """Continue a run from its latest complete checkpoint (or `resume_from`): weights, optimizer,
+    sampler position and RNG states. Returns (start step, the step resumed from or None, the
+    last good checkpoint). Keeps the metrics log up to the start step and prunes checkpoints
+    of another history and partial saves; a finished run (COMPLETED) starts afresh."""
+    import torch
+
+    rank, world_size = backend.rank, backend.world_size
+    checkpoint_root = run_dir / CHECKPOINTS_DIR
+    metrics_path = run_dir / METRICS_FILE
+    if rank == 0:
+        checkpoint_root.mkdir(parents=True, exist_ok=True)
+    start_step, resumed_from = 0, None
+    completed_marker = run_dir / COMPLETED_FILE
+    if rank == 0 and completed_marker.exists():
+        # A finished run's checkpoints are kept for inspection, but a rebuild (--overwrite)
+        # starts afresh rather than resuming near the end of the old run.
+        shutil.rmtree(checkpoint_root, ignore_errors=True)
+        checkpoint_root.mkdir(parents=True, exist_ok=True)
+        completed_marker.unlink()
+    backend.barrier()
+    source = Path(config.resume_from) if config.resume_from else None
+    if source is None and config.resume:
+        complete = checkpoint_steps(checkpoint_root)
+        source = complete[-1][1] if complete else None
+    if source is not None:
+        if not (source / STATE_FILE).is_file():
+            raise ConfigError(f"resume_from: {source} is not a checkpoint (no {STATE_FILE})")
+        check_checkpoint_shapes(source, backend.module)
+        state = json.loads((source / STATE_FILE).read_text(encoding="utf-8"))
+        if state["world_size"] != world_size:
+            raise ConfigError(f"{source}: written by {state['world_size']} ranks, this run has {world_size}")
+        backend.load_state(source)
+        sampler.load_state_dict(state["sampler"])
+        _set_rng_state(torch.load(source / f"rng-rank{rank}.pt", weights_only=False))
+        start_step = resumed_from = int(state["step"])
+    if rank == 0:
+        kept = [json.dumps(r) for r in read_metrics(metrics_path) if r["step"] <= start_step]
+        metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        for step_number, stale in checkpoint_steps(checkpoint_root):  # from another history (resume off or resume_from)
+            if step_number > start_step:
+                shutil.rmtree(stale, ignore_errors=True)
+        for partial in checkpoint_root.glob("step-*.partial"):  # a save a kill interrupted
+            shutil.rmtree(partial, ignore_errors=True)
+
+    existing = checkpoint_steps(checkpoint_root)
+    return start_step, resumed_from, (existing[-1][1] if existing else None)
+
+
+def log_step(metrics_path: Path, record: dict[str, Any], description: str, max_steps: int) -> None:
+    """Append a step record to the live metrics log and tell the flow's progress observer."""
+    with open(metrics_path, "a", encoding="utf-8") as sink:
+        sink.write(json.dumps(record) + "\n")
+    notify_step(description, record, max_steps)
+
+
 @_one_at_a_time
 def train(
     module: torch.nn.Module,
@@ -573,43 +630,8 @@ def train(
     sampler = EpochSampler(len(data), config.batch_size_rows, config.seed)
     checkpoint_root = run_dir / CHECKPOINTS_DIR
     metrics_path = run_dir / METRICS_FILE
-    if rank == 0:
-        checkpoint_root.mkdir(parents=True, exist_ok=True)
 
-    # ---- resume
-    start_step, resumed_from = 0, None
-    completed_marker = run_dir / COMPLETED_FILE
-    if rank == 0 and completed_marker.exists():
-        # A finished run's checkpoints are kept for inspection, but a rebuild (--overwrite)
-        # starts afresh rather than resuming near the end of the old run.
-        shutil.rmtree(checkpoint_root, ignore_errors=True)
-        checkpoint_root.mkdir(parents=True, exist_ok=True)
-        completed_marker.unlink()
-    backend.barrier()
-    source = Path(config.resume_from) if config.resume_from else None
-    if source is None and config.resume:
-        complete = checkpoint_steps(checkpoint_root)
-        source = complete[-1][1] if complete else None
-    if source is not None:
-        if not (source / STATE_FILE).is_file():
-            raise ConfigError(f"resume_from: {source} is not a checkpoint (no {STATE_FILE})")
-        check_checkpoint_shapes(source, backend.module)
-        state = json.loads((source / STATE_FILE).read_text(encoding="utf-8"))
-        if state["world_size"] != world_size:
-            raise ConfigError(f"{source}: written by {state['world_size']} ranks, this run has {world_size}")
-        backend.load_state(source)
-        sampler.load_state_dict(state["sampler"])
-        _set_rng_state(torch.load(source / f"rng-rank{rank}.pt", weights_only=False))
-        start_step = resumed_from = int(state["step"])
-    if rank == 0:
-        kept = [json.dumps(r) for r in read_metrics(metrics_path) if r["step"] <= start_step]
-        metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        for step_number, stale in checkpoint_steps(checkpoint_root):  # from another history (resume off or resume_from)
-            if step_number > start_step:
-                shutil.rmtree(stale, ignore_errors=True)
-        for partial in checkpoint_root.glob("step-*.partial"):  # a save a kill interrupted
-            shutil.rmtree(partial, ignore_errors=True)
-
+    start_step, resumed_from, last_good = restore(backend, sampler, config, run_dir)
     device = backend.device
     precision = backend.precision
     peak = peak_flops_per_s(config, device, precision)
@@ -617,8 +639,6 @@ def train(
     share = micro_rows * accumulation
     backend.module.train()
     records: list[dict[str, Any]] = []
-    existing = checkpoint_steps(checkpoint_root)
-    last_good = existing[-1][1] if existing else None
     started = time.perf_counter()
     for step in range(start_step, config.max_steps):
         step_started = time.perf_counter()
@@ -669,9 +689,7 @@ def train(
         }
         records.append(record)
         if rank == 0:
-            with open(metrics_path, "a", encoding="utf-8") as sink:
-                sink.write(json.dumps(record) + "\n")
-            notify_step(description, record, config.max_steps)
+            log_step(metrics_path, record, description, config.max_steps)
         done = step + 1
         if config.checkpoint_every_steps and done % config.checkpoint_every_steps == 0 and done < config.max_steps:
             last_good = save_checkpoint(backend, sampler, done, checkpoint_root, save_model, config.keep_last_checkpoints)
@@ -682,7 +700,7 @@ def train(
     (run_dir / f"weights-rank{rank}.sha256").write_text(digest + "\n", encoding="utf-8")
     backend.barrier()
     if rank == 0:
-        completed_marker.write_text(json.dumps({"steps": config.max_steps}) + "\n", encoding="utf-8")
+        (run_dir / COMPLETED_FILE).write_text(json.dumps({"steps": config.max_steps}) + "\n", encoding="utf-8")
     return TrainResult(
         records=records, resumed_from_step=resumed_from, world_size=world_size, rank=rank, precision=precision,
         backend="deepspeed" if distributed else "torch",

@@ -32,6 +32,10 @@ TRAINERS = {
     "pretrain": "components.train.pretrain:train_job",
     "sft": "components.train.sft:train_job",
     "prompt_tuning": "components.train.prompt_tuning:train_job",
+    "grpo": "components.train.grpo:train_job",
+    "ppo": "components.train.ppo:train_job",
+    "reward_model": "components.train.reward_model:train_job",
+    "dpo": "components.train.dpo:train_job",
 }
 RESULT_FILE = "result.json"
 JOB_FILE = "job.json"
@@ -63,8 +67,8 @@ def _resolve_lazy_imports() -> None:
     with _IMPORT_LOCK:
         import transformers
 
-        for name in ("AutoModelForCausalLM", "AutoTokenizer", "AutoConfig", "LlamaConfig", "LlamaForCausalLM",
-                     "PreTrainedModel"):
+        for name in ("AutoModelForCausalLM", "AutoModelForSequenceClassification", "AutoTokenizer", "AutoConfig",
+                     "LlamaConfig", "LlamaForCausalLM", "LlamaForSequenceClassification", "PreTrainedModel"):
             getattr(transformers, name)
 
 

@@ -1,0 +1,182 @@
+"""Reward model: a scalar head on our causal LM, trained on preference pairs.
+
+The model is `AutoModelForSequenceClassification` with one label, loaded from the (SFT) model
+directory: transformers keeps the decoder and adds a fresh linear `score` head (d_model -> 1;
+`LlamaForSequenceClassification` for our models). The reward of a (prompt, completion) is
+the head's output at the last non-padding token of the chat-templated conversation
+(InstructGPT, Ouyang et al. 2022, §3.5: the SFT model with its unembedding layer replaced by
+a scalar head); the config's `pad_token_id` is set so transformers can find that token.
+
+The loss is Bradley-Terry's, -log sigmoid(r_chosen - r_rejected - margin) (`losses.
+bradley_terry_loss`), one loss unit per pair, through the shared training loop; each step
+logs its batch's pairwise accuracy and mean reward margin. A seeded held-out share of the
+pairs is scored before and after training (the "after" from the published model, so it
+measures what was written). The artifact is a plain transformers model directory
+(`save_pretrained` + tokenizer) that `AutoModelForSequenceClassification.from_pretrained`
+loads; `load_reward_model` and `score` are what an evaluator (best-of-n) uses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field
+
+from components.artifacts import ComponentSpec, Manifest, produce
+from components.config import StrictConfig
+from components.errors import ConfigError
+from components.train.engine import TrainConfig
+from components.train.launch import make_job, read_job, run_job
+from components.train.loop import OptimConfig
+from components.train.trainer import publish_metrics, summarize, world_size_of
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+SPEC = ComponentSpec(name="reward_model", version="1")
+INPUT_COLUMNS = ("chosen_input_ids", "rejected_input_ids")  # a reward model reads no labels
+
+
+class RewardModelConfig(StrictConfig):
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(
+        max_steps=100, batch_size_rows=8, optim=OptimConfig(learning_rate=1e-4, warmup_steps=10)))
+    max_length_tokens: int = Field(512, ge=2, description="Longest prompt + completion; longer ones are cut at the end.")
+    margin: float = Field(0.0, ge=0, description="Constant margin m of -log sigmoid(r_chosen - r_rejected - m).")
+    heldout_fraction: float = Field(0.1, ge=0, lt=1, description="Share of the pairs held out (seeded) for accuracy.")
+    split_seed: int = 0
+    strict_pairs: bool = Field(False, description="Refuse a pair with chosen == rejected instead of skipping it.")
+    eval_batch_rows: int = Field(32, gt=0, description="Pairs per forward pass when scoring held-out pairs.")
+
+
+def reward_model_flops_per_token(model_config: Any, seq_len_tokens: int, forward_only: bool = False) -> float:
+    """FLOPs per token of a reward model, PaLM App. B's 6N + 12·L·H·Q·T for training (2N +
+    4·L·H·Q·T for a forward pass alone), with N the matmul parameters of the decoder and the
+    d_model -> 1 score head: the causal LM's N less its vocabulary projection (V·d), which a
+    reward model never runs."""
+    from components.feasibility.flops import attention_flops_per_token_forward
+    from components.feasibility.shapes import shape_of_config
+
+    shape = shape_of_config(model_config, seq_len=seq_len_tokens)
+    matmul_parameters = shape.matmul_parameters() - shape.embedding_parameters() + shape.d_model
+    passes = 1.0 if forward_only else 3.0  # the backward pass costs twice the forward
+    return passes * (2.0 * matmul_parameters + attention_flops_per_token_forward(shape))
+
+
+def load_reward_backbone(model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """The model at `model_dir` with a one-output score head (new, unless it already has one), fp32."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from components.models.factory import _MODEL_LOCK  # loads are serialised per process (see factory)
+
+    with _MODEL_LOCK:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, num_labels=1, dtype=torch.float32, attn_implementation="sdpa")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def load_reward_model(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """(model in eval mode, tokenizer) of a trained reward model directory; a directory
+    without a one-output sequence-classification head (a plain causal LM, say) is refused
+    rather than given a random head."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{path}: not a model directory (no config.json)")
+    config = AutoConfig.from_pretrained(path)
+    architectures = config.architectures or []
+    if not any(name.endswith("ForSequenceClassification") for name in architectures) or config.num_labels != 1:
+        raise ConfigError(f"{path}: not a reward model (architectures {architectures}, {config.num_labels} labels); "
+                          "expected a one-output *ForSequenceClassification model, e.g. a `reward_model` artifact")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return load_reward_backbone(path, tokenizer).eval(), tokenizer
+
+
+def score(reward_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+          completions: list[str], batch_rows: int = 16, max_length_tokens: int | None = None) -> list[float]:
+    """The reward of each (prompt, completion), rendered with the chat template as in training;
+    a conversation longer than `max_length_tokens` (default: the model's context) is cut at the end."""
+    import torch
+
+    from components.data.preferences import chat_example
+    from components.train.pairwise import rewards
+
+    if len(prompts) != len(completions):
+        raise ConfigError(f"score: {len(prompts)} prompts but {len(completions)} completions")
+    limit = max_length_tokens or reward_model.config.max_position_embeddings
+    encoded = [chat_example(tokenizer, p, c)[0][:limit] for p, c in zip(prompts, completions)]
+    device = next(reward_model.parameters()).device
+    scores: list[float] = []
+    with torch.no_grad():
+        for start in range(0, len(encoded), batch_rows):
+            batch = encoded[start:start + batch_rows]
+            width = max(len(ids) for ids in batch)
+            ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in batch], device=device)
+            scores += rewards(reward_model, ids).tolist()
+    return scores
+
+
+def train_job(job: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from transformers import AutoTokenizer
+
+    from components.data.preferences import pairs_file, read_pairs, tokenize_pairs
+    from components.train.engine import train
+    from components.train.pairwise import PairwiseRewardLoss, evaluate_pairs, pair_train_data, split_heldout
+
+    job_ = read_job(job, RewardModelConfig)
+    config, paths, run_dir, out_dir = job_.config, job_.paths, job_.run_dir, job_.out_dir
+    tokenizer = AutoTokenizer.from_pretrained(paths["model"])
+    source = str(pairs_file(paths["pairs"]))
+    read = read_pairs(paths["pairs"], strict=config.strict_pairs)
+    tokenized = tokenize_pairs(tokenizer, read.pairs, config.max_length_tokens, source)
+    columns = {name: tokenized.columns[name] for name in INPUT_COLUMNS}
+    torch.manual_seed(config.train.seed)  # the new score head is drawn from it: the same head on every rank and rerun
+    model = load_reward_backbone(paths["model"], tokenizer)
+    width = tokenized.stats["width_tokens"]
+    if width > model.config.max_position_embeddings:
+        raise ConfigError(f"{source}: conversations of {width} tokens exceed the model's context "
+                          f"({model.config.max_position_embeddings}); lower max_length_tokens")
+    train_rows, heldout_rows = split_heldout(columns, config.heldout_fraction, config.split_seed, source)
+    module = PairwiseRewardLoss(model, config.margin)
+    before = evaluate_pairs(module, heldout_rows, config.eval_batch_rows) if heldout_rows else None
+
+    def save_model(trained: PairwiseRewardLoss, directory: Path) -> None:
+        trained.model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    result = train(module, pair_train_data(train_rows, tokenizer.pad_token_id, source), config.train, run_dir,
+                   save_model=save_model, final_dir=out_dir, description="reward_model",
+                   flops_per_token=reward_model_flops_per_token(model.config, width))
+    if result.rank != 0:
+        return {}
+    metrics: dict[str, Any] = {
+        "pairs_read": len(read.pairs) + read.identical_skipped, "identical_pairs_skipped": read.identical_skipped,
+        **tokenized.stats, "train_pairs": len(train_rows["chosen_input_ids"]),
+        "heldout_pairs": 0 if heldout_rows is None else len(heldout_rows["chosen_input_ids"]),
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+    if heldout_rows is not None:
+        published = PairwiseRewardLoss(load_reward_model(out_dir)[0], config.margin)
+        after = evaluate_pairs(published, heldout_rows, config.eval_batch_rows)
+        for name, values in (("before", before), ("after", after)):
+            metrics[f"heldout_accuracy_{name}"] = values["pairwise_accuracy"]
+            metrics[f"heldout_margin_{name}"] = values["reward_margin"]
+            metrics[f"heldout_loss_{name}"] = values["loss"]
+    epochs = config.train.max_steps * config.train.batch_size_rows / metrics["train_pairs"]
+    return {**metrics, "epochs": round(epochs, 3), **summarize(result, run_dir)}
+
+
+def reward_model(config: RewardModelConfig, pairs: str, model: str, dest: str, overwrite: bool = False) -> Manifest:
+    """Train a reward model from `model` (an (SFT) model directory) on `pairs` (a
+    `preference_pairs` artifact or a pairs .jsonl file)."""
+    def build(out_dir: Path, paths: dict[str, Path]) -> dict[str, Any]:
+        job = make_job("reward_model", config, paths, out_dir, dest)
+        metrics = run_job(job, config.train.distributed, world_size_of(config.train, None))
+        publish_metrics(Path(job["run_dir"]), out_dir, "Reward model", metrics)
+        return metrics
+
+    return produce(SPEC, config, {"pairs": pairs, "model": model}, dest, build, overwrite=overwrite)

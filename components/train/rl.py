@@ -1,0 +1,258 @@
+"""What the online RL trainers (GRPO, PPO) share: rollouts, log-probs, held-out accuracy, and
+the outer loop around the training engine's pieces.
+
+- `decode` samples completions with a KV cache: one prefill per distinct prompt, the cache
+  repeated for the group's samples (`Cache.batch_repeat_interleave`), then one token per
+  step for every live row; rows that finished are dropped from the batch and the cache
+  (`Cache.batch_select_indices`) so late steps cost only what is still generating. Sampling
+  draws from torch's global RNG, which the checkpoints save, so a resumed run samples what
+  the interrupted one would have.
+- `completion_logprobs` runs the model over prompt + completion once and projects to the
+  vocabulary only at completion positions (as the SFT loss does), giving per-token
+  log-probs under the sampling temperature (TRL's convention) and, when asked, entropies.
+- `run_rl` is the loop: rollout, then updates, per step; metrics to `metrics.jsonl`;
+  checkpoints, resume, learning-rate schedule, clipping and divergence checks come from
+  `components.train.engine` (the same code the supervised trainers run). RL trainers run in
+  one process on one device (no DeepSpeed launch yet).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field
+
+from components.config import StrictConfig
+from components.eval.generate import _stop_ids, prompt_ids
+from components.eval.verifiers import is_correct
+from components.train.engine import (
+    COMPLETED_FILE, METRICS_FILE, EpochSampler, TorchBackend, TrainConfig, TrainingDivergedError, _one_at_a_time,
+    log_step, read_metrics, resolve_precision, restore, save_checkpoint, weights_digest,
+)
+from components.train.loop import lr_multiplier
+
+if TYPE_CHECKING:
+    import torch
+
+HELDOUT_FILE = "heldout_accuracy.jsonl"
+
+
+@dataclass
+class Rollout:
+    """Prompt (left-padded to `prompt_width`) + completion (right-padded) per row."""
+
+    input_ids: torch.Tensor  # [rows, prompt_width + completion_width]
+    attention_mask: torch.Tensor  # same shape; 0 on padding
+    completion_mask: torch.Tensor  # [rows, completion_width] float; 1 on sampled tokens (stop token included)
+    prompt_width: int
+    texts: list[str]
+    finished: list[bool]  # ended with a stop token (not cut at max_new_tokens)
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    def rows(self, index: slice | list[int]) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids[index], "attention_mask": self.attention_mask[index],
+                "completion_mask": self.completion_mask[index]}
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def decode(model: Any, tokenizer: Any, prompts: list[list[int]], repeats: int, max_new_tokens: int,
+           temperature: float) -> Rollout:
+    """`repeats` completions per prompt (consecutive rows), sampled at `temperature` (0: greedy)."""
+    import torch
+    from transformers import DynamicCache
+
+    stops = torch.tensor(_stop_ids(tokenizer))
+    pad = tokenizer.pad_token_id
+    prompt_ids_, prompt_mask = left_pad(prompts, pad)
+    rows, width = len(prompts) * repeats, prompt_ids_.shape[1]
+    was_training = model.training
+    model.eval()
+    cache = DynamicCache(config=model.config)
+    tokens = torch.full((rows, max_new_tokens), pad, dtype=torch.long)
+    lengths = torch.zeros(rows, dtype=torch.long)
+    finished = torch.zeros(rows, dtype=torch.bool)
+    with torch.no_grad():
+        positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=prompt_ids_, attention_mask=prompt_mask, position_ids=positions, cache=cache,
+                    use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1].float()
+        if repeats > 1:
+            cache.batch_repeat_interleave(repeats)
+            logits = logits.repeat_interleave(repeats, dim=0)
+        mask = prompt_mask.repeat_interleave(repeats, dim=0)
+        position = positions[:, -1].repeat_interleave(repeats, dim=0)
+        live = torch.arange(rows)  # rows still generating, in cache order
+        for step in range(max_new_tokens):
+            if temperature > 0:
+                token = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1).squeeze(1)
+            else:
+                token = logits.argmax(dim=-1)
+            tokens[live, step] = token
+            lengths[live] += 1
+            stopped = torch.isin(token, stops)
+            finished[live[stopped]] = True
+            keep = ~stopped
+            if step == max_new_tokens - 1 or not keep.any():
+                break
+            if not keep.all():
+                kept = keep.nonzero().squeeze(1)
+                cache.batch_select_indices(kept)
+                live, token, mask, position = live[kept], token[kept], mask[kept], position[kept]
+            mask = torch.cat([mask, torch.ones(len(live), 1, dtype=mask.dtype)], dim=1)
+            position = position + 1
+            out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None], cache=cache,
+                        use_cache=True)
+            logits = out.logits[:, -1].float()
+    model.train(was_training)
+    completion_width = max(1, int(lengths.max()))
+    tokens = tokens[:, :completion_width]
+    completion_mask = (torch.arange(completion_width)[None, :] < lengths[:, None]).float()
+    input_ids = torch.cat([prompt_ids_.repeat_interleave(repeats, dim=0), tokens], dim=1)
+    attention_mask = torch.cat([prompt_mask.repeat_interleave(repeats, dim=0), completion_mask.long()], dim=1)
+    texts = [tokenizer.decode(row[:length].tolist(), skip_special_tokens=True) for row, length in zip(tokens, lengths)]
+    return Rollout(input_ids=input_ids, attention_mask=attention_mask, completion_mask=completion_mask,
+                   prompt_width=width, texts=texts, finished=finished.tolist())
+
+
+def completion_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
+                        temperature: float, entropy: bool = False, values_head: Any = None
+                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Per-token log-probs of the completion tokens ([rows, completion_width]) under
+    softmax(logits / temperature); optionally the entropies of those distributions (no grad)
+    and a value head's outputs at the same positions (the state before each token)."""
+    import torch
+
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                                 use_cache=False).last_hidden_state
+    states = hidden[:, prompt_width - 1:-1]  # the state before each completion token predicts it
+    logits = model.get_output_embeddings()(states).float()
+    if temperature > 0:
+        logits = logits / temperature
+    logprobs_all = torch.log_softmax(logits, dim=-1)
+    targets = input_ids[:, prompt_width:]
+    logprobs = logprobs_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropies = None
+    if entropy:
+        with torch.no_grad():
+            entropies = -(logprobs_all.exp() * logprobs_all).sum(-1)
+    values = values_head(states).squeeze(-1).float() if values_head is not None else None
+    return logprobs, entropies, values
+
+
+class HeldoutSettings(StrictConfig):
+    problems: int = Field(100, ge=0, description="Held-out problems scored greedily (0: none).")
+    every_steps: int = Field(0, ge=0, description="Also score every k steps (0: only before and after).")
+    batch_prompts: int = Field(50, gt=0)
+
+
+def greedy_accuracy(model: Any, tokenizer: Any, problems: list[tuple[str, str]], max_new_tokens: int,
+                    batch_prompts: int) -> float:
+    """Fraction of `problems` whose greedy completion the verifier accepts."""
+    correct = 0
+    for start in range(0, len(problems), batch_prompts):
+        batch = problems[start:start + batch_prompts]
+        rollout = decode(model, tokenizer, [prompt_ids(tokenizer, q) for q, _ in batch], 1, max_new_tokens, 0.0)
+        correct += sum(is_correct(text, reference) for text, (_, reference) in zip(rollout.texts, batch))
+    return correct / max(1, len(problems))
+
+
+# One RL step: given the prompts' indices, do the rollout and updates; return the step record.
+StepFunction = Callable[[int, "torch.Tensor", float], dict[str, Any]]
+
+
+@_one_at_a_time
+def run_rl(
+    backend_module: torch.nn.Module,
+    policy: Any,
+    tokenizer: Any,
+    config: TrainConfig,
+    num_prompts: int,
+    run_dir: Path,
+    *,
+    make_step: Callable[[TorchBackend, EpochSampler], StepFunction],
+    save_model: Callable[[torch.nn.Module, Path], None],
+    heldout: list[tuple[str, str]],
+    heldout_settings: HeldoutSettings,
+    max_new_tokens: int,
+    final_dir: Path,
+    description: str,
+) -> list[dict[str, Any]]:
+    """`config.max_steps` RL steps of `batch_size_rows` prompts each; returns the step records.
+
+    `backend_module` holds every trainable parameter (the policy, and a value head for PPO);
+    `make_step(backend, sampler)` returns the algorithm's step. Held-out greedy accuracy is
+    logged to `heldout_accuracy.jsonl` before training, every `heldout_settings.every_steps`
+    and at the end.
+    """
+    import random
+
+    import torch
+
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backend = TorchBackend(backend_module, config, device, resolve_precision(config.precision, device))
+    sampler = EpochSampler(num_prompts, config.batch_size_rows, config.seed)
+    start_step, _, last_good = restore(backend, sampler, config, run_dir)
+    metrics_path, heldout_path = run_dir / METRICS_FILE, run_dir / HELDOUT_FILE
+    kept = [r for r in read_metrics(heldout_path) if r["step"] <= start_step]
+    heldout_path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+
+    def score_heldout(step: int) -> None:
+        if not heldout or any(r["step"] == step for r in read_metrics(heldout_path)):
+            return
+        started = time.perf_counter()
+        accuracy = greedy_accuracy(policy, tokenizer, heldout, max_new_tokens, heldout_settings.batch_prompts)
+        record = {"step": step, "heldout_accuracy": accuracy, "problems": len(heldout),
+                  "eval_time_s": round(time.perf_counter() - started, 2)}
+        with open(heldout_path, "a", encoding="utf-8") as sink:
+            sink.write(json.dumps(record) + "\n")
+
+    # the held-out score draws no random numbers (greedy), so it does not disturb a resumed run
+    score_heldout(start_step)
+    step_function = make_step(backend, sampler)
+    records = []
+    started = time.perf_counter()
+    for step in range(start_step, config.max_steps):
+        step_started = time.perf_counter()
+        learning_rate = config.optim.learning_rate * lr_multiplier(step, config.max_steps, config.optim)
+        record = step_function(step, sampler.next_batch(), learning_rate)
+        for name in ("loss", "grad_norm"):
+            value = record.get(name)
+            if value is not None and not math.isfinite(value):
+                backend.discard_gradients()
+                where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written before it"
+                raise TrainingDivergedError(f"{description}: {name} became {value} at step {step + 1}; stopped ({where})")
+        record = {"step": step + 1, "learning_rate": learning_rate, **record,
+                  "step_time_s": time.perf_counter() - step_started, "elapsed_s": time.perf_counter() - started}
+        records.append(record)
+        log_step(metrics_path, record, description, config.max_steps)
+        done = step + 1
+        if heldout_settings.every_steps and done % heldout_settings.every_steps == 0 and done < config.max_steps:
+            score_heldout(done)
+        if config.checkpoint_every_steps and done % config.checkpoint_every_steps == 0 and done < config.max_steps:
+            last_good = save_checkpoint(backend, sampler, done, run_dir / "checkpoints", save_model,
+                                        config.keep_last_checkpoints)
+    score_heldout(config.max_steps)
+    save_model(backend.module, final_dir)
+    (run_dir / "weights-rank0.sha256").write_text(weights_digest(backend.module) + "\n", encoding="utf-8")
+    (run_dir / COMPLETED_FILE).write_text(json.dumps({"steps": config.max_steps}) + "\n", encoding="utf-8")
+    return records

@@ -1,0 +1,246 @@
+"""Online RL (GRPO, PPO) on a real tiny model: rollouts equal transformers' decoding, the
+log-probs equal a plain forward, rewards that fail are counted or stop the run, a learnable
+reward goes up, a killed run resumes to the same weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from components.data.arithmetic import ArithmeticTaskConfig, generate
+from components.train.engine import read_metrics
+from components.train.grpo import GRPOConfig, grpo
+from components.train.ppo import PPOConfig, adaptive_kl_coef, ppo
+from components.train.rewards import RewardError, RewardSpec, answer_format, correctness, score
+from tests.conftest import REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny tokenizer + causal LM and an arithmetic task in GSM8K format."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from components.data.curate import curate
+    from components.data.tokenizer import TokenizerConfig, train_tokenizer
+    from components.models.factory import ModelConfig, build_causal_lm
+    from flows.params import heldout_curation
+
+    root = tmp_path_factory.mktemp("rl")
+    curate(heldout_curation().model_copy(update={"max_docs": 100}), str(REPO_ROOT / "data/raw/gsm8k/train.jsonl"),
+           str(root / "curated"))
+    train_tokenizer(TokenizerConfig(vocab_size=400), str(root / "curated"), str(root / "tok"))
+    tokenizer = AutoTokenizer.from_pretrained(root / "tok")
+    torch.manual_seed(0)
+    build_causal_lm(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
+                                max_position_embeddings=512), tokenizer).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    splits = generate(ArithmeticTaskConfig(train_problems=32, test_problems=4, max_steps=1, max_operand=9))
+    for split, rows in splits.items():
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return root
+
+
+def grpo_config(**overrides) -> GRPOConfig:
+    train = overrides.pop("train", {})
+    return GRPOConfig.model_validate({
+        "train": {"max_steps": 4, "batch_size_rows": 2, "checkpoint_every_steps": 0, "seed": 0,
+                  "optim": {"learning_rate": 3e-2, "warmup_steps": 0, "weight_decay": 0.0, "lr_schedule": "constant"},
+                  **train},
+        "group_size": 4, "max_new_tokens": 12, "rewards": [{"function": "tests.rl_rewards:digit_fraction"}],
+        "heldout": {"problems": 4}, **overrides})
+
+
+def load(path: Path):  # noqa: ANN201
+    from transformers import AutoTokenizer
+
+    from components.models.factory import load_causal_lm
+
+    return load_causal_lm(path), AutoTokenizer.from_pretrained(path)
+
+
+def test_decode_equals_transformers_generate_and_groups_share_their_prompt(setup: Path) -> None:
+    import torch
+
+    from components.eval.generate import prompt_ids, sample
+    from components.train.rl import decode
+
+    model, tokenizer = load(setup / "model")
+    questions = [json.loads(line)["question"] for line in (setup / "test.jsonl").read_text().splitlines()]
+    greedy = decode(model, tokenizer, [prompt_ids(tokenizer, q) for q in questions], 1, 16, 0.0)
+    reference = sample(model, tokenizer, questions, 1, 16, temperature=0)
+    assert greedy.texts == [s[0].text for s in reference]
+    assert greedy.finished == [s[0].finished for s in reference]
+    torch.manual_seed(3)
+    grouped = decode(model, tokenizer, [prompt_ids(tokenizer, q) for q in questions[:2]], 3, 16, 1.0)
+    assert grouped.input_ids.shape[0] == 6 and len(set(grouped.texts)) > 1
+    prompts = grouped.input_ids[:, :grouped.prompt_width]
+    assert torch.equal(prompts[0], prompts[2]) and not torch.equal(prompts[2], prompts[3])
+    # completion mask covers exactly the sampled tokens: a stop token ends each finished row
+    lengths = grouped.completion_mask.sum(1).long()
+    for row, length in enumerate(lengths.tolist()):
+        assert grouped.attention_mask[row, grouped.prompt_width:].sum() == length
+    torch.manual_seed(3)
+    again = decode(model, tokenizer, [prompt_ids(tokenizer, q) for q in questions[:2]], 3, 16, 1.0)
+    assert again.texts == grouped.texts  # sampling draws from the (checkpointed) global RNG
+
+
+def test_completion_logprobs_equal_a_plain_forward(setup: Path) -> None:
+    import torch
+
+    from components.eval.generate import prompt_ids
+    from components.train.rl import completion_logprobs, decode
+
+    model, tokenizer = load(setup / "model")
+    questions = [json.loads(line)["question"] for line in (setup / "test.jsonl").read_text().splitlines()]
+    torch.manual_seed(0)
+    rollout = decode(model, tokenizer, [prompt_ids(tokenizer, q) for q in questions], 2, 10, 1.0)
+    with torch.no_grad():
+        logprobs, entropy, _ = completion_logprobs(model, rollout.input_ids, rollout.attention_mask,
+                                                   rollout.prompt_width, 0.7, entropy=True)
+        for row in range(rollout.input_ids.shape[0]):  # each row alone, no padding, full logits
+            keep = rollout.attention_mask[row].bool()
+            ids = rollout.input_ids[row][keep][None]
+            logits = model(input_ids=ids).logits[0].float() / 0.7
+            start = int((~keep[:rollout.prompt_width]).sum())
+            width = rollout.prompt_width - start
+            n = int(rollout.completion_mask[row].sum())
+            expected = torch.log_softmax(logits[width - 1:width - 1 + n], -1)
+            targets = ids[0, width:width + n]
+            assert torch.allclose(logprobs[row, :n], expected.gather(-1, targets[:, None]).squeeze(-1), atol=1e-5)
+            assert torch.allclose(entropy[row, :n], -(expected.exp() * expected).sum(-1), atol=1e-5)
+
+
+def test_reward_functions_and_their_failures_are_counted_or_stop() -> None:
+    assert correctness("3 + 4 = 7\n#### 7", "#### 7") == 1.0 and correctness("#### 8", "7") == 0.0
+    assert answer_format("so\n#### 12", "") == 1.0
+    assert answer_format("the answer is 12", "") == 0.0
+    specs = [RewardSpec(function="correctness"), RewardSpec(function="format", weight=0.5)]
+    scores = score(specs, ["#### 7", "7", "#### 8"], ["7", "7", "7"])
+    assert scores.total == [1.5, 1.0, 0.5] and scores.errors == 0
+    failing = score([RewardSpec(function="tests.rl_rewards:raises"), RewardSpec(function="tests.rl_rewards:not_a_number")],
+                    ["a", "b"], ["1", "2"])
+    assert failing.total == [0.0, 0.0] and failing.errors == 4
+    assert "reward service unavailable" in failing.error_examples[0] and "returned nan" in failing.error_examples[1]
+    with pytest.raises(RewardError, match=r"'tests.rl_rewards:raises' on sample 0 .*reward service unavailable"):
+        score([RewardSpec(function="tests.rl_rewards:raises")], ["a"], ["1"], on_error="stop")
+    with pytest.raises(Exception, match=r"reward function 'nope': not a built-in"):
+        score([RewardSpec(function="nope")], ["a"], ["1"])
+    with pytest.raises(Exception, match=r"'tests.rl_rewards:missing': cannot import it"):
+        score([RewardSpec(function="tests.rl_rewards:missing")], ["a"], ["1"])
+
+
+def test_grpo_raises_a_learnable_reward_and_logs_every_quantity(setup: Path, tmp_path: Path) -> None:
+    config = grpo_config(train={"max_steps": 14, "batch_size_rows": 4}, max_new_tokens=10)
+    manifest = grpo(config, str(setup / "model"), str(setup / "train.jsonl"), str(tmp_path / "grpo"),
+                    heldout=str(setup / "test.jsonl"))
+    records = read_metrics(tmp_path / "grpo/train_metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 15))
+    for name in ("reward_mean", "reward_std", "entropy", "clip_fraction_low", "clip_fraction_high",
+                 "zero_variance_fraction", "response_length", "rollout_time_s", "update_time_s", "grad_norm"):
+        assert all(r[name] is not None for r in records), name
+    first, last = records[0]["reward_mean"], sum(r["reward_mean"] for r in records[-3:]) / 3
+    assert last > first + 0.15, (first, last)
+    metrics = manifest.metrics
+    assert metrics["training_flops"] > 0 and metrics["heldout_problems"] == 4
+    assert "heldout_accuracy_before" in metrics and (tmp_path / "grpo/heldout_accuracy.csv").is_file()
+    assert (tmp_path / "grpo/config.json").is_file() and (tmp_path / "grpo/metrics.json").is_file()
+
+
+def test_dynamic_sampling_drops_groups_that_carry_no_signal(setup: Path, tmp_path: Path) -> None:
+    """A constant reward: every group has zero variance, refills are tried up to the cap, and
+    no update happens (the published weights equal the starting ones)."""
+    import torch
+
+    config = grpo_config(train={"max_steps": 2}, rewards=[{"function": "tests.rl_rewards:constant"}],
+                         max_sampling_rounds=3, heldout={"problems": 0})
+    grpo(config, str(setup / "model"), str(setup / "train.jsonl"), str(tmp_path / "grpo"))
+    records = read_metrics(tmp_path / "grpo/train_metrics.jsonl")
+    assert all(r["zero_variance_fraction"] == 1.0 and r["sampling_rounds"] == 3 and r["groups_trained"] == 0
+               and r["updates"] == 0 for r in records)
+    before, _ = load(setup / "model")
+    after, _ = load(tmp_path / "grpo")
+    assert all(torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
+
+
+def test_failing_reward_function_is_counted_or_stops_the_run(setup: Path, tmp_path: Path) -> None:
+    counted = grpo(grpo_config(train={"max_steps": 1}, rewards=[{"function": "tests.rl_rewards:raises"},
+                                                                {"function": "tests.rl_rewards:digit_fraction"}],
+                               heldout={"problems": 0}),
+                   str(setup / "model"), str(setup / "train.jsonl"), str(tmp_path / "counted"))
+    assert counted.metrics["reward_errors"] >= 8  # 2 prompts x G=4, every call of the failing function
+    with pytest.raises(RewardError, match="reward service unavailable"):
+        grpo(grpo_config(train={"max_steps": 1}, rewards=[{"function": "tests.rl_rewards:raises"}],
+                         on_reward_error="stop", heldout={"problems": 0}),
+             str(setup / "model"), str(setup / "train.jsonl"), str(tmp_path / "stopped"))
+    assert not (tmp_path / "stopped").exists()
+
+
+CHILD = """
+import sys
+from components.train.grpo import GRPOConfig, grpo
+grpo(GRPOConfig.model_validate_json(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4])
+"""
+
+
+def test_a_killed_grpo_run_resumes_to_the_same_weights(setup: Path, tmp_path: Path) -> None:
+    """SIGKILLed during step 3's rewards, after its step-2 checkpoint: the rerun resumes there
+    (sampler, optimizer and RNG restored, so it samples the same completions) and ends with
+    the weights of an uninterrupted run."""
+    import torch
+
+    config = grpo_config(train={"max_steps": 4, "checkpoint_every_steps": 2}, dynamic_sampling=False,
+                         rewards=[{"function": "tests.rl_rewards:dies_after_calls"}], heldout={"problems": 0})
+
+    def run(dest: Path, die_at: int) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "CRUCIBLE_TEST_CALLS": str(tmp_path / f"{dest.name}.calls"),
+               "CRUCIBLE_TEST_DIE_AT": str(die_at)}
+        return subprocess.run([sys.executable, "-c", CHILD, config.model_dump_json(), str(setup / "model"),
+                               str(setup / "train.jsonl"), str(dest)], cwd=REPO_ROOT, env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    assert run(tmp_path / "straight", 0).returncode == 0
+    killed = run(tmp_path / "resumed", 2 * 4 * 2 + 1)  # steps of 2 prompts x G=4 calls: the first call of step 3
+    assert killed.returncode == -9 and not (tmp_path / "resumed").exists()
+    (tmp_path / "resumed.calls").unlink()
+    rerun = run(tmp_path / "resumed", 0)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    manifest = json.loads((tmp_path / "resumed/manifest.json").read_text())
+    assert manifest["metrics"]["steps"] == 4
+    assert [r["step"] for r in read_metrics(tmp_path / "resumed/train_metrics.jsonl")] == [1, 2, 3, 4]
+    straight, _ = load(tmp_path / "straight")
+    resumed, _ = load(tmp_path / "resumed")
+    assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_adaptive_kl_controller_moves_toward_the_target() -> None:
+    # Ziegler et al. 2019 §2.2: e = clip(KL/target - 1, -0.2, 0.2), beta *= 1 + e * n / horizon
+    assert adaptive_kl_coef(0.1, 12.0, 6.0, 100, 1000) == pytest.approx(0.1 * (1 + 0.2 * 0.1))
+    assert adaptive_kl_coef(0.1, 5.7, 6.0, 100, 1000) == pytest.approx(0.1 * (1 - 0.05 * 0.1))
+    assert adaptive_kl_coef(0.1, 0.0, 6.0, 100, 1000) == pytest.approx(0.1 * (1 - 0.2 * 0.1))
+
+
+def test_ppo_raises_a_learnable_reward_with_value_head_and_kl(setup: Path, tmp_path: Path) -> None:
+    config = PPOConfig.model_validate({
+        "train": {"max_steps": 12, "batch_size_rows": 8, "checkpoint_every_steps": 0,
+                  "optim": {"learning_rate": 3e-2, "warmup_steps": 0, "weight_decay": 0.0, "lr_schedule": "constant"}},
+        "samples_per_prompt": 4, "max_new_tokens": 10, "rewards": [{"function": "tests.rl_rewards:digit_fraction"}],
+        "kl_coef": 0.02, "kl_target": 1.0, "kl_horizon": 100, "ppo_epochs": 2, "minibatches": 2,
+        "heldout": {"problems": 0}})
+    manifest = ppo(config, str(setup / "model"), str(setup / "train.jsonl"), str(tmp_path / "ppo"))
+    records = read_metrics(tmp_path / "ppo/train_metrics.jsonl")
+    assert all(r["updates"] == 4 for r in records)
+    assert records[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the policy starts as the reference
+    assert records[-1]["kl"] > 1.0 and records[-1]["kl_coef"] > 0.02  # KL above target: the controller raised beta
+    first, last = records[0]["reward_mean"], sum(r["reward_mean"] for r in records[-3:]) / 3
+    assert last > first + 0.1, (first, last)
+    assert (tmp_path / "ppo/value_head.pt").is_file() and manifest.metrics["training_flops"] > 0
+    distributed = PPOConfig.model_validate({**config.model_dump(), "train": {
+        **config.train.model_dump(), "distributed": {"launcher": "deepspeed"}}})
+    with pytest.raises(Exception, match="launcher must be 'none'"):
+        ppo(distributed, str(setup / "model"), str(setup / "train.jsonl"), str(tmp_path / "bad"))

@@ -1,0 +1,213 @@
+"""Preference pairs from a verifier, pair files and pair tokenization, on real tiny models.
+
+The helpers here (a tokenizer and tiny model, a noisy SFT model, an easy preference set) are
+shared by test_reward_model.py and test_dpo.py.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from components.data.preferences import (
+    PreferencePairsConfig, chat_example, pair_up, preference_pairs, read_pairs, tokenize_pairs,
+)
+from components.errors import DataError
+from components.eval.verifiers import is_correct
+from tests.conftest import REPO_ROOT
+
+NAMES = ["Ava", "Ben", "Cleo", "Dan", "Eli", "Fay"]
+ITEMS = ["apples", "pens", "books", "coins", "shells"]
+
+
+def build_base(root: Path) -> Path:
+    """A byte-level BPE tokenizer (trained on curated GSM8K) and an untrained tiny Llama
+    saved with it under root/model; returns that model directory."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from components.data.curate import curate
+    from components.data.tokenizer import TokenizerConfig, train_tokenizer
+    from components.models.factory import ModelConfig, build_causal_lm
+    from flows.params import heldout_curation
+
+    curate(heldout_curation().model_copy(update={"max_docs": 100}), str(REPO_ROOT / "data/raw/gsm8k/train.jsonl"),
+           str(root / "curated"))
+    train_tokenizer(TokenizerConfig(vocab_size=400), str(root / "curated"), str(root / "tok"))
+    tokenizer = AutoTokenizer.from_pretrained(root / "tok")
+    torch.manual_seed(0)
+    build_causal_lm(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
+                                max_position_embeddings=256), tokenizer).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    return root / "model"
+
+
+def write_sign_pairs(path: Path, count: int, seed: int = 0) -> list[dict[str, str]]:
+    """An easy preference set a one-layer model learns in a few dozen steps: addition word
+    problems whose chosen completion ends in the right `#### N` and whose rejected one in
+    `#### -N` (a count is never negative). Only the final answer differs, and '-' occurs
+    nowhere else (the problems only add)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        a, b, name, item = rng.randint(2, 20), rng.randint(2, 20), rng.choice(NAMES), rng.choice(ITEMS)
+        work = f"{a} + {b} = {a + b}\n"
+        rows.append({"prompt": f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?",
+                     "chosen": f"{work}#### {a + b}", "rejected": f"{work}#### -{a + b}"})
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return rows
+
+
+def five_question(rng: random.Random) -> str:
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    return f"{name} has 5 {item}. How many {item} does {name} have?"
+
+
+def write_five_problems(path: Path, count: int, seed: int = 1) -> None:
+    """GSM8K-format problems whose answer is always 5."""
+    rng = random.Random(seed)
+    path.write_text("".join(json.dumps({"question": five_question(rng), "answer": "5 items\n#### 5"}) + "\n"
+                            for _ in range(count)), encoding="utf-8")
+
+
+def train_noisy_sft(root: Path, base_model: Path) -> Path:
+    """A tiny model fine-tuned (with the real sft_data + sft components) to answer the
+    five-problems with `#### 5` 60% of the time and `#### -5` otherwise: a policy whose
+    samples are sometimes right and sometimes wrong. Returns its model directory."""
+    from components.data.sft_data import SFTDataConfig, sft_data
+    from components.train.engine import TrainConfig
+    from components.train.loop import OptimConfig
+    from components.train.sft import SFTConfig, sft
+
+    rng = random.Random(2)
+    records = [{"prompt": five_question(rng), "completion": "#### 5" if rng.random() < 0.6 else "#### -5"}
+               for _ in range(64)]
+    (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    sft_data(SFTDataConfig(format="prompt_completion", seq_len_tokens=128, packing=False), str(root / "sft.jsonl"),
+             str(base_model), str(root / "sft_rows"))
+    train = TrainConfig(batch_size_rows=8, max_steps=60, checkpoint_every_steps=0,
+                        optim=OptimConfig(learning_rate=1e-2, warmup_steps=5))
+    sft(SFTConfig(train=train), str(root / "sft_rows"), str(base_model), str(root / "sft_model"))
+    return root / "sft_model"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_base(tmp_path_factory.mktemp("preferences"))
+
+
+def test_pairs_pair_a_verified_correct_sample_with_an_incorrect_one(base: Path, tmp_path: Path) -> None:
+    policy = train_noisy_sft(tmp_path, base)
+    write_five_problems(tmp_path / "problems.jsonl", 16)
+    config = PreferencePairsConfig(max_problems=12, samples_per_prompt=4, pairs_per_prompt=2, max_new_tokens=8)
+    metrics = preference_pairs(config, str(policy), str(tmp_path / "problems.jsonl"), str(tmp_path / "pairs")).metrics
+    rows = [json.loads(line) for line in (tmp_path / "pairs/pairs.jsonl").read_text().splitlines()]
+    questions = {json.loads(line)["question"] for line in (tmp_path / "problems.jsonl").read_text().splitlines()}
+
+    assert metrics["problems"] == 12 and metrics["samples"] == 48
+    assert 0 < metrics["sample_accuracy"] < 1  # the noisy policy is sometimes right, sometimes wrong
+    assert metrics["prompts_with_pairs"] + metrics["prompts_all_correct"] + metrics["prompts_all_wrong"] == 12
+    assert metrics["prompts_with_pairs"] >= 3 and metrics["pairs"] == len(rows)
+    for row in rows:
+        assert set(row) == {"prompt", "chosen", "rejected", "reference"} and row["prompt"] in questions
+        assert is_correct(row["chosen"], row["reference"]) and not is_correct(row["rejected"], row["reference"])
+    per_prompt: dict[str, list[tuple[str, str]]] = {}
+    for row in rows:
+        per_prompt.setdefault(row["prompt"], []).append((row["chosen"], row["rejected"]))
+    assert all(len(p) <= 2 and len(set(p)) == len(p) for p in per_prompt.values())  # distinct, at most pairs_per_prompt
+    assert read_pairs(tmp_path / "pairs").pairs[0].chosen == rows[0]["chosen"]  # the artifact reads back
+
+    again = preference_pairs(config, str(policy), str(tmp_path / "problems.jsonl"), str(tmp_path / "pairs2")).metrics
+    assert again == metrics  # seeded: the same samples, the same pairs
+    assert (tmp_path / "pairs2/pairs.jsonl").read_bytes() == (tmp_path / "pairs/pairs.jsonl").read_bytes()
+
+
+def test_a_policy_that_is_always_wrong_makes_no_pairs_and_publishes_nothing(base: Path, tmp_path: Path) -> None:
+    write_five_problems(tmp_path / "problems.jsonl", 3)
+    config = PreferencePairsConfig(samples_per_prompt=2, max_new_tokens=4)
+    with pytest.raises(DataError, match=r"problems.jsonl: no preference pair from 3 problems "
+                                        r"\(0 all correct, 3 all wrong\)"):
+        preference_pairs(config, str(base), str(tmp_path / "problems.jsonl"), str(tmp_path / "pairs"))
+    assert not (tmp_path / "pairs").exists()
+
+
+def test_pair_up_draws_distinct_pairs_and_never_blank_texts() -> None:
+    pairs = pair_up(["a", "a", "b"], ["x", " ", "y", "x"], limit=10, rng=random.Random(0))
+    assert sorted(pairs) == [("a", "x"), ("a", "y"), ("b", "x"), ("b", "y")]
+    assert len(pair_up(["a", "b"], ["x", "y"], limit=3, rng=random.Random(0))) == 3
+    assert pair_up(["a"], [""], limit=2, rng=random.Random(0)) == []
+
+
+def test_bad_pair_files_are_named_and_identical_pairs_never_train(tmp_path: Path) -> None:
+    good = {"prompt": "2+2?", "chosen": "#### 4", "rejected": "#### 5"}
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text(json.dumps(good) + "\n" + json.dumps({"prompt": "1+1?", "chosen": "#### 2"}) + "\n")
+    with pytest.raises(DataError, match=r"missing.jsonl:2: missing field\(s\) \['rejected'\] of a preference pair "
+                                        r"\(record has \['chosen', 'prompt'\]\)"):
+        read_pairs(missing)
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text(json.dumps({**good, "chosen": "  "}) + "\n")
+    with pytest.raises(DataError, match=r"blank.jsonl:1: field 'chosen': must not be empty"):
+        read_pairs(blank)
+    not_text = tmp_path / "not_text.jsonl"
+    not_text.write_text(json.dumps({**good, "rejected": 5}) + "\n")
+    with pytest.raises(DataError, match=r"not_text.jsonl:1: field 'rejected'"):
+        read_pairs(not_text)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(good) + "\n{oops\n")
+    with pytest.raises(DataError, match=r"broken.jsonl:2: malformed JSON"):
+        read_pairs(broken)
+
+    same = tmp_path / "same.jsonl"
+    rows = [good, {**good, "rejected": "#### 4 "}, {**good, "extra": 1}]
+    same.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    read = read_pairs(same)
+    assert read.identical_skipped == 1 and read.lines == [1, 3] and len(read.pairs) == 2  # extra fields are ignored
+    with pytest.raises(DataError, match=r"same.jsonl:2: 'chosen' and 'rejected' are identical"):
+        read_pairs(same, strict=True)
+    only_same = tmp_path / "only_same.jsonl"
+    only_same.write_text(json.dumps({**good, "rejected": "#### 4"}) + "\n")
+    with pytest.raises(DataError, match=r"only_same.jsonl: no preference pairs \(1 identical pairs skipped\)"):
+        read_pairs(only_same)
+    with pytest.raises(DataError, match=r"no pairs.jsonl"):
+        read_pairs(tmp_path)  # a directory that is not a preference_pairs artifact
+
+
+def test_tokenized_pairs_train_on_the_completion_only_and_count_truncation(base: Path, tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    write_sign_pairs(tmp_path / "pairs.jsonl", 6)
+    pairs = read_pairs(tmp_path / "pairs.jsonl").pairs
+    tokenized = tokenize_pairs(tokenizer, pairs, 256, "pairs")
+    columns = tokenized.columns
+    assert tokenized.stats["pairs"] == 6 and tokenized.stats["truncated_pairs"] == 0
+    assert tokenized.kept == list(range(6))
+    assert {name: tuple(t.shape) for name, t in columns.items()} == {
+        name: (6, tokenized.stats["width_tokens"]) for name in columns}  # both sides padded to one width
+    for row, pair in enumerate(pairs):
+        for side in ("chosen", "rejected"):
+            labels = columns[f"{side}_labels"][row]
+            assert tokenizer.decode(labels[labels != -100]) == getattr(pair, side) + "<|im_end|>"
+            ids = columns[f"{side}_input_ids"][row]
+            real = int((ids != tokenizer.pad_token_id).sum())
+            assert ids[:real].tolist() == chat_example(tokenizer, pair.prompt, getattr(pair, side))[0]
+            assert torch.all(labels[real:] == -100)
+
+    chosen_ids = chat_example(tokenizer, pairs[0].prompt, pairs[0].chosen)[0]
+    rejected_ids = chat_example(tokenizer, pairs[0].prompt, pairs[0].rejected)[0]
+    first_difference = next(i for i, (c, r) in enumerate(zip(chosen_ids, rejected_ids)) if c != r)
+    cut = tokenize_pairs(tokenizer, pairs[:1] + pairs[:1], first_difference + 1, "pairs")  # keeps one differing token
+    assert cut.stats["truncated_pairs"] == 2 and cut.stats["width_tokens"] == first_difference + 1
+    assert cut.stats["truncated_tokens"] == 2 * (len(chosen_ids) + len(rejected_ids) - 2 * (first_difference + 1))
+    with pytest.raises(DataError, match=r"no preference pair is left to train on at max_length_tokens=\d+ "
+                                        r"\(0 lost their completion tokens, 1 became identical\)"):
+        tokenize_pairs(tokenizer, pairs[:1], first_difference, "pairs")  # the sides agree up to the cut
+    prompt_tokens = next(i for i, label in enumerate(chat_example(tokenizer, pairs[0].prompt, pairs[0].chosen)[1])
+                         if label != -100)
+    with pytest.raises(DataError, match=r"1 lost their completion tokens"):
+        tokenize_pairs(tokenizer, pairs[:1], prompt_tokens, "pairs")
