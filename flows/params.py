@@ -19,7 +19,11 @@ from components.feasibility.training import TrainingTarget
 from components.eval.report import ReportConfig
 from components.data.arithmetic import ArithmeticTaskConfig
 from components.data.sft_data import SFTDataConfig
+from components.data.preferences import PreferencePairsConfig
+from components.train.dpo import DPOConfig, DPOReferenceConfig
 from components.train.grpo import GRPOConfig
+from components.train.ppo import PPOConfig
+from components.train.reward_model import RewardModelConfig
 from components.train.pretrain import PretrainConfig
 from components.train.prompt_tuning import PromptTuningStudyConfig
 from components.train.sft import SFTConfig
@@ -71,6 +75,11 @@ class PipelineParams(StrictConfig):
     evaluate_arithmetic: AccuracyConfig = Field(default_factory=lambda: AccuracyConfig(
         max_new_tokens=64, tool_use=False), description="Settings of both arithmetic evaluations (SFT and GRPO).")
     compare_test_time_compute: CompareConfig = CompareConfig()
+    preference_pairs: PreferencePairsConfig = PreferencePairsConfig()
+    reward_model: RewardModelConfig = RewardModelConfig()
+    dpo_reference: DPOReferenceConfig = DPOReferenceConfig()
+    dpo: DPOConfig = DPOConfig()
+    ppo: PPOConfig = PPOConfig()
     prompt_tuning: PromptTuningStudyConfig = PromptTuningStudyConfig()
 
 

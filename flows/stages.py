@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 from components.artifacts import ArtifactRef, ComponentSpec, Manifest
 from components.config import StrictConfig
-from components.data import arithmetic, curate, pack, sft_data, tokenizer
+from components.data import arithmetic, curate, pack, preferences, sft_data, tokenizer
 from components.eval import accuracy, compare, perplexity, report
 from components.feasibility import training as feasibility
 from components.feasibility.estimate import REPORT_FILE as ESTIMATE_REPORT
-from components.train import grpo, prompt_tuning, pretrain, sft
+from components.train import dpo, grpo, ppo, prompt_tuning, pretrain, reward_model, sft
 from components.train.trainer import SUMMARY_FILE as TRAIN_REPORT
 from flows.params import PipelineParams
 
@@ -147,6 +147,25 @@ STAGES: tuple[Stage, ...] = (
           "Accuracy against compute per query: best-of-n, majority vote, self-reflection of the SFT model vs the "
           "GRPO model with its training compute amortised over query volumes.",
           markdown_file=compare.REPORT_FILE),
+    Stage("preference_pairs", "preference_pairs", preferences.SPEC, preferences.preference_pairs,
+          {"model": "arithmetic_sft", "problems": "arithmetic_task/train.jsonl"},
+          "Preference pairs from the verifiable task: a correct and an incorrect sampled answer to one prompt.",
+          in_pipeline=False),
+    Stage("reward_model", "reward_model", reward_model.SPEC, reward_model.reward_model,
+          {"pairs": "preference_pairs", "model": "arithmetic_sft"},
+          "Reward model: a scalar head on the SFT model trained with the Bradley-Terry loss; held-out pair accuracy.",
+          markdown_file=TRAIN_REPORT, in_pipeline=False),
+    Stage("dpo_reference", "dpo_reference", dpo.REFERENCE_SPEC, dpo.dpo_reference,
+          {"pairs": "preference_pairs", "model": "arithmetic_sft"},
+          "The frozen reference's log-probs of every pair, computed once and cached for DPO.", in_pipeline=False),
+    Stage("dpo", "dpo", dpo.SPEC, dpo.dpo, {"reference": "dpo_reference", "model": "arithmetic_sft"},
+          "DPO of the SFT model on the preference pairs; held-out implicit-reward accuracy.",
+          markdown_file=TRAIN_REPORT, in_pipeline=False),
+    Stage("ppo", "ppo", ppo.SPEC, ppo.ppo,
+          {"model": "arithmetic_sft", "problems": "arithmetic_task/train.jsonl",
+           "heldout": "arithmetic_task/test.jsonl", "reward_model": "reward_model"},
+          "RLHF with PPO: value head, frozen reference, KL penalty, GAE; rewarded by the reward model.",
+          markdown_file=grpo.REPORT_FILE, in_pipeline=False),
     Stage("prompt_tuning", "prompt_tuning", prompt_tuning.STUDY_SPEC, prompt_tuning.prompt_tuning_study,
           {"model": "pretrain", "dataset": "data.raw_train", "heldout": "data.raw_heldout"},
           "Prompt tuning of the frozen pretrained model: text vs random vs vocab initialisation over seeds.",

@@ -2,9 +2,11 @@
 the outer loop around the training engine's pieces.
 
 - `decode` samples completions with a KV cache: one prefill per distinct prompt, the cache
-  repeated for the group's samples (`Cache.batch_repeat_interleave`), then one token per
-  step for every live row; rows that finished are dropped from the batch and the cache
-  (`Cache.batch_select_indices`) so late steps cost only what is still generating. Sampling
+  repeated for the group's samples, then one token per step for every live row; rows that
+  finished are dropped from the batch and the cache, so late steps cost only what is still
+  generating. Llama models go through `fast_decode.LlamaSampler` (the same mathematics on
+  the model's weights, without transformers' per-token overhead); others through their own
+  forward with a `DynamicCache`. Sampling
   draws from torch's global RNG, which the checkpoints save, so a resumed run samples what
   the interrupted one would have.
 - `completion_logprobs` runs the model over prompt + completion once and projects to the
@@ -76,14 +78,40 @@ def decode(model: Any, tokenizer: Any, prompts: list[list[int]], repeats: int, m
            temperature: float) -> Rollout:
     """`repeats` completions per prompt (consecutive rows), sampled at `temperature` (0: greedy)."""
     import torch
-    from transformers import DynamicCache
+
+    from components.train.fast_decode import LlamaSampler, supports
 
     stops = torch.tensor(_stop_ids(tokenizer))
     pad = tokenizer.pad_token_id
     prompt_ids_, prompt_mask = left_pad(prompts, pad)
-    rows, width = len(prompts) * repeats, prompt_ids_.shape[1]
+    width = prompt_ids_.shape[1]
     was_training = model.training
     model.eval()
+    if supports(model):
+        tokens, lengths, finished = LlamaSampler(model).decode(prompt_ids_, prompt_mask, repeats, max_new_tokens,
+                                                               temperature, stops, pad)
+    else:
+        tokens, lengths, finished = _decode_with_transformers(model, prompt_ids_, prompt_mask, repeats, max_new_tokens,
+                                                              temperature, stops, pad)
+    model.train(was_training)
+    completion_width = max(1, int(lengths.max()))
+    tokens = tokens[:, :completion_width]
+    completion_mask = (torch.arange(completion_width)[None, :] < lengths[:, None]).float()
+    input_ids = torch.cat([prompt_ids_.repeat_interleave(repeats, dim=0), tokens], dim=1)
+    attention_mask = torch.cat([prompt_mask.repeat_interleave(repeats, dim=0), completion_mask.long()], dim=1)
+    texts = [tokenizer.decode(row[:length].tolist(), skip_special_tokens=True) for row, length in zip(tokens, lengths)]
+    return Rollout(input_ids=input_ids, attention_mask=attention_mask, completion_mask=completion_mask,
+                   prompt_width=width, texts=texts, finished=finished.tolist())
+
+
+def _decode_with_transformers(model: Any, prompt_ids_: torch.Tensor, prompt_mask: torch.Tensor, repeats: int,
+                              max_new_tokens: int, temperature: float, stops: torch.Tensor, pad: int
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Any causal LM, through its own forward and a DynamicCache (the same sampling as LlamaSampler)."""
+    import torch
+    from transformers import DynamicCache
+
+    rows = prompt_ids_.shape[0] * repeats
     cache = DynamicCache(config=model.config)
     tokens = torch.full((rows, max_new_tokens), pad, dtype=torch.long)
     lengths = torch.zeros(rows, dtype=torch.long)
@@ -120,15 +148,7 @@ def decode(model: Any, tokenizer: Any, prompts: list[list[int]], repeats: int, m
             out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None], cache=cache,
                         use_cache=True)
             logits = out.logits[:, -1].float()
-    model.train(was_training)
-    completion_width = max(1, int(lengths.max()))
-    tokens = tokens[:, :completion_width]
-    completion_mask = (torch.arange(completion_width)[None, :] < lengths[:, None]).float()
-    input_ids = torch.cat([prompt_ids_.repeat_interleave(repeats, dim=0), tokens], dim=1)
-    attention_mask = torch.cat([prompt_mask.repeat_interleave(repeats, dim=0), completion_mask.long()], dim=1)
-    texts = [tokenizer.decode(row[:length].tolist(), skip_special_tokens=True) for row, length in zip(tokens, lengths)]
-    return Rollout(input_ids=input_ids, attention_mask=attention_mask, completion_mask=completion_mask,
-                   prompt_width=width, texts=texts, finished=finished.tolist())
+    return tokens, lengths, finished
 
 
 def completion_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,

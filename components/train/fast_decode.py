@@ -1,0 +1,162 @@
+"""A lean sampler for the Llama models the platform builds: the rollout engine of the RL trainers.
+
+Small models decode at a cost set by per-operation overhead, not FLOPs: transformers' forward
+builds a 4-D mask, a cache object and output records on every token. This module runs the
+same mathematics (Touvron et al. 2023, "LLaMA", §2: RMSNorm pre-normalisation, rotary position
+embeddings, SwiGLU) on the model's own weight tensors, with
+- q, k and v projected by one matmul (their weights concatenated), gate and up likewise;
+- preallocated key/value buffers ([rows, kv_heads, max_len, head_dim]) written in place;
+- one boolean attention mask per step shared by every layer, and grouped-query attention
+  through SDPA's `enable_gqa` instead of repeating keys and values.
+`tests/test_grpo.py` checks its logits against transformers' forward and its greedy
+completions against `generate`. Models it does not cover (other architectures, dynamic RoPE
+types, attention or MLP biases) are decoded by transformers instead (`supports`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def supports(model: Any) -> bool:
+    config = model.config
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    return (config.model_type == "llama" and rotary is not None and getattr(rotary, "rope_type", "") == "default"
+            and not getattr(config, "attention_bias", False) and not getattr(config, "mlp_bias", False)
+            and config.hidden_act == "silu")
+
+
+class LlamaSampler:
+    """Weights of one model snapshot; `decode` samples from it. Build it after the last update
+    (the fused projections are copies)."""
+
+    def __init__(self, model: Any) -> None:
+        config = model.config
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.eps = config.rms_norm_eps
+        decoder = model.model
+        self.embed = decoder.embed_tokens.weight.detach()
+        self.final_norm = decoder.norm.weight.detach()
+        self.head = model.lm_head.weight.detach()
+        self.inv_freq = decoder.rotary_emb.inv_freq.detach().float()
+        self.rope_scale = float(decoder.rotary_emb.attention_scaling)
+        self.layers = []
+        for layer in decoder.layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            self.layers.append((
+                layer.input_layernorm.weight.detach(),
+                torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight]).detach(),
+                attention.o_proj.weight.detach(),
+                layer.post_attention_layernorm.weight.detach(),
+                torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),
+                mlp.down_proj.weight.detach(),
+            ))
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+    def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[..., None].float() * self.inv_freq
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # [rows, 1, tokens, head_dim]
+        return angles.cos() * self.rope_scale, angles.sin() * self.rope_scale
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: list[torch.Tensor], start: int,
+                allowed: torch.Tensor) -> torch.Tensor:
+        """Run `tokens` [rows, t] at buffer slots start..start+t; `allowed` [rows, t, start+t] is
+        the attention mask. Returns the last position's logits [rows, vocab]."""
+        rows, steps = tokens.shape
+        end = start + steps
+        hidden = F.embedding(tokens, self.embed)
+        cos, sin = self._rotary(positions)
+        q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        mask = allowed[:, None]
+        for index, (norm1, w_qkv, w_o, norm2, w_gate_up, w_down) in enumerate(self.layers):
+            qkv = F.linear(self._norm(hidden, norm1), w_qkv)
+            q = qkv[..., :q_width].view(rows, steps, self.heads, self.head_dim).transpose(1, 2)
+            k = qkv[..., q_width:q_width + kv_width].view(rows, steps, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = qkv[..., q_width + kv_width:].view(rows, steps, self.kv_heads, self.head_dim).transpose(1, 2)
+            keys, values = cache[2 * index], cache[2 * index + 1]
+            keys[:, :, start:end] = self._rotate(k, cos, sin)
+            values[:, :, start:end] = v
+            attended = self._attend(self._rotate(q, cos, sin), keys[:, :, :end], values[:, :, :end], mask)
+            hidden = hidden + F.linear(attended.transpose(1, 2).reshape(rows, steps, q_width), w_o)
+            gate, up = F.linear(self._norm(hidden, norm2), w_gate_up).chunk(2, dim=-1)
+            hidden = hidden + F.linear(F.silu(gate) * up, w_down)
+        return F.linear(self._norm(hidden[:, -1], self.final_norm), self.head)
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d) + mask) v (Vaswani et al. 2017, eq. 1). One query token per row
+        (a decode step) is two batched matmuls; SDPA's kernel costs more than the work there."""
+        if q.shape[2] > 1:
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
+        rows, group = q.shape[0], self.heads // self.kv_heads
+        q = q.view(rows, self.kv_heads, group, self.head_dim)  # query heads sharing a key/value head
+        scores = torch.matmul(q, keys.transpose(-1, -2)) * self.head_dim ** -0.5  # [rows, kv, group, length]
+        scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.matmul(torch.softmax(scores, dim=-1), values).view(rows, self.heads, 1, self.head_dim)
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        """One token per row from softmax(logits / temperature) by inverting its CDF at a uniform
+        draw (exact, and cheaper than torch.multinomial's exponential draws over the vocabulary);
+        the argmax when temperature is 0."""
+        if temperature == 0:
+            return logits.argmax(dim=-1)
+        cdf = torch.softmax(logits.float() / temperature, dim=-1).cumsum(dim=-1)
+        draw = torch.rand(logits.shape[0], 1) * cdf[:, -1:]
+        return torch.searchsorted(cdf, draw).squeeze(1).clamp(max=logits.shape[-1] - 1)
+
+    @torch.no_grad()
+    def decode(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, repeats: int, max_new_tokens: int,
+               temperature: float, stops: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Left-padded prompts [prompts, width] -> (tokens [rows, max_new_tokens], lengths, finished),
+        `repeats` consecutive rows per prompt; finished rows leave the batch."""
+        prompts, width = prompt_ids.shape
+        rows = prompts * repeats
+        dtype = self.embed.dtype
+        total = width + max_new_tokens
+        cache = [torch.empty(prompts, self.kv_heads, total, self.head_dim, dtype=dtype) for _ in range(2 * len(self.layers))]
+        valid = torch.zeros(prompts, total, dtype=torch.bool)
+        valid[:, :width] = prompt_mask.bool()
+        positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        # a padding position attends to itself only: never an empty row (SDPA would give NaN,
+        # which would reach real tokens through the cache as 0 * NaN); no real token sees it
+        itself = torch.eye(width, dtype=torch.bool)
+        logits = self.forward(prompt_ids, positions, cache, 0, (causal[None] & valid[:, None, :width]) | itself)
+        # one prefill per prompt, then its cache repeated for the group's samples
+        cache = [buffer.repeat_interleave(repeats, dim=0) for buffer in cache]
+        valid = valid.repeat_interleave(repeats, dim=0)
+        logits = logits.repeat_interleave(repeats, dim=0)
+        position = positions[:, -1].repeat_interleave(repeats, dim=0)
+        tokens = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long)
+        lengths = torch.zeros(rows, dtype=torch.long)
+        finished = torch.zeros(rows, dtype=torch.bool)
+        live = torch.arange(rows)
+        for step in range(max_new_tokens):
+            token = self._sample(logits, temperature)
+            tokens[live, step] = token
+            lengths[live] += 1
+            stopped = torch.isin(token, stops)
+            finished[live[stopped]] = True
+            if step == max_new_tokens - 1 or bool(stopped.all()):
+                break
+            if bool(stopped.any()):
+                kept = (~stopped).nonzero().squeeze(1)
+                cache = [buffer[kept] for buffer in cache]
+                live, token, valid, position = live[kept], token[kept], valid[kept], position[kept]
+            slot = width + step
+            valid[:, slot] = True
+            position = position + 1
+            logits = self.forward(token[:, None], position[:, None], cache, slot, valid[:, None, :slot + 1])
+        return tokens, lengths, finished
