@@ -10,7 +10,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DVC_NO_ANALYTICS ?= 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install demo test test-fast repro clean bench-sft prompt-tuning
+.PHONY: install demo test test-fast repro clean bench-sft bench-grpo prompt-tuning rl-demo test-time-compute-full
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -39,6 +39,18 @@ clean:
 prompt-tuning: install  ## the prompt-tuning initialisation study (text vs random vs vocab, 3 seeds)
 	$(BIN)/crucible run prompt_tuning
 	cat artifacts/prompt_tuning/report.md
+
+rl-demo: install  ## does GRPO learn? 3 seeds from the arithmetic SFT model, then DPO and PPO (after `make demo`)
+	$(BIN)/crucible run pipeline
+	$(BIN)/crucible run rl_studies
+	cat artifacts/grpo_study/report.md
+
+test-time-compute-full: install  ## compare_test_time_compute at n = 1..64 (after `make demo` and `make rl-demo`)
+	$(BIN)/python benchmarks/test_time_compute_full.py
+
+bench-grpo: install  ## our GRPO step vs TRL's GRPOTrainer (installs the `bench` extra: trl)
+	PIP_CONSTRAINT=$(abspath constraints.txt) $(PIP_INSTALL) -e '.[dev,bench]'
+	$(BIN)/python benchmarks/grpo_step.py
 
 bench-sft: install  ## our SFT loop vs TRL's SFTTrainer (installs the `bench` extra: trl)
 	PIP_CONSTRAINT=$(abspath constraints.txt) $(PIP_INSTALL) -e '.[dev,bench]'

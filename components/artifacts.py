@@ -28,6 +28,7 @@ from typing import Any, Literal
 import fsspec
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from components import storage
 from components.config import StrictConfig
 from components.errors import ArtifactError
 
@@ -116,9 +117,17 @@ def local_path(uri: str) -> Path:
 
 def _fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     try:
-        return fsspec.core.url_to_fs(uri)
+        fs, path = fsspec.core.url_to_fs(uri)
     except (ImportError, ValueError) as error:
         raise ArtifactError(f"{uri}: cannot open this location: {error}") from None
+    if is_remote(uri):
+        storage.check_location(uri, fs, path)  # a wrong endpoint or bucket fails here, fast
+    return fs, path
+
+
+def _io(uri: str, operation: str, fn: Callable[[], Any], fs: fsspec.AbstractFileSystem) -> Any:
+    """One storage operation; on a remote store retried through transient faults."""
+    return storage.retrying(uri, operation, fn, fs=fs) if is_remote(uri) else fn()
 
 
 # --------------------------------------------------------------------------- hashing
@@ -172,9 +181,13 @@ def try_read_manifest(uri: str) -> Manifest | None:
     """The manifest at `uri`, or None when there is none. A corrupt manifest is an error."""
     fs, path = _fs(uri)
     manifest_path = f"{path.rstrip('/')}/{MANIFEST_NAME}"
-    try:
+
+    def read() -> bytes:
         with fs.open(manifest_path, "rb") as handle:
-            raw = handle.read()
+            return handle.read()
+
+    try:
+        raw = _io(uri, f"reading {MANIFEST_NAME}", read, fs)
     except FileNotFoundError:
         return None
     except OSError as error:
@@ -192,7 +205,7 @@ def read_manifest(uri: str) -> Manifest:
     manifest = try_read_manifest(uri)
     if manifest is None:
         fs, path = _fs(uri)
-        if not fs.exists(path):
+        if not _io(uri, "checking existence", lambda: fs.exists(path), fs):
             raise ArtifactError(f"{uri}: no such artifact")
         raise ArtifactError(
             f"{uri}: not a complete artifact (no {MANIFEST_NAME}); it was never published or its write was interrupted"
@@ -204,17 +217,20 @@ def input_ref(uri: str) -> ArtifactRef:
     """Reference to an input: an artifact directory (hash from its manifest, cheap) or a
     raw file (hash of its bytes)."""
     fs, path = _fs(uri)
-    if fs.isfile(path):
+    if _io(uri, "checking the input", lambda: fs.isfile(path), fs):
         if is_remote(uri):
-            digest = hashlib.sha256()
-            with fs.open(path, "rb") as handle:
-                while chunk := handle.read(_HASH_CHUNK_BYTES):
-                    digest.update(chunk)
-            content_hash = "sha256:" + digest.hexdigest()
+            def remote_hash() -> str:
+                digest = hashlib.sha256()
+                with fs.open(path, "rb") as handle:
+                    while chunk := handle.read(_HASH_CHUNK_BYTES):
+                        digest.update(chunk)
+                return "sha256:" + digest.hexdigest()
+
+            content_hash = _io(uri, "hashing the input", remote_hash, fs)
         else:
             content_hash = "sha256:" + file_sha256(Path(path))
         return ArtifactRef(uri=display_uri(uri), content_hash=content_hash, kind="raw")
-    if not fs.exists(path):
+    if not _io(uri, "checking the input", lambda: fs.exists(path), fs):
         raise ArtifactError(f"{uri}: input not found")
     if try_read_manifest(uri) is None and not is_remote(uri) and _is_hf_directory(local_path(uri)):
         return ArtifactRef(uri=display_uri(uri), content_hash=directory_content_hash(local_path(uri)), kind="raw")
@@ -248,14 +264,27 @@ def materialize(ref: ArtifactRef) -> Path:
         fs, path = _fs(ref.uri)
         partial = local.with_name(local.name + f".partial-{uuid.uuid4().hex}")
         partial.parent.mkdir(parents=True, exist_ok=True)
-        fs.get(path, str(partial), recursive=fs.isdir(path))
+
+        def download() -> None:
+            _remove(partial)  # a retry starts from nothing, never on top of a partial download
+            fs.get(path, str(partial), recursive=fs.isdir(path))
+
+        try:
+            _io(ref.uri, "downloading", download, fs)
+        except BaseException:
+            _remove(partial)
+            raise
         try:
             _verify(partial, ref)  # never let a bad download into the cache
         except ArtifactError:
-            shutil.rmtree(partial, ignore_errors=True) if partial.is_dir() else partial.unlink(missing_ok=True)
+            _remove(partial)
             raise
         partial.rename(local)
     return local
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def _verify(local: Path, ref: ArtifactRef) -> None:
@@ -293,12 +322,16 @@ def _now() -> str:
 
 def _is_empty_location(uri: str) -> bool:
     fs, path = _fs(uri)
-    if not fs.exists(path):
-        return True
-    if not fs.isdir(path):
-        return False
-    entries = [Path(e).name for e in fs.ls(path, detail=False)]
-    return not entries or INCOMPLETE_MARKER in entries  # an interrupted write may be replaced
+
+    def empty() -> bool:
+        if not fs.exists(path):
+            return True
+        if not fs.isdir(path):
+            return False
+        entries = [Path(e).name for e in fs.ls(path, detail=False)]
+        return not entries or INCOMPLETE_MARKER in entries  # an interrupted write may be replaced
+
+    return _io(uri, "checking the output location", empty, fs)
 
 
 def _publish_local(staging: Path, dest: Path) -> None:
@@ -320,18 +353,28 @@ def _publish_remote(staging: Path, dest: str) -> None:
     """Object stores have no rename: unpublish what was there (its manifest first, so it is
     never complete and half-replaced), mark incomplete, upload, write the manifest, unmark.
     An overwrite on an object store is therefore not atomic: once it starts, the previous
-    version is gone (keep history with bucket versioning or the DVC remote)."""
+    version is gone (keep history with bucket versioning or the DVC remote).
+
+    Each step is retried through transient faults and is safe to repeat; if one still fails,
+    the marker stays (or the manifest was never written), so the next run replaces it."""
     fs, path = _fs(dest)
     path = path.rstrip("/")
-    if fs.exists(f"{path}/{MANIFEST_NAME}"):
-        fs.rm_file(f"{path}/{MANIFEST_NAME}")
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
-    fs.pipe_file(f"{path}/{INCOMPLETE_MARKER}", b"")
+
+    def unpublish() -> None:
+        if fs.exists(f"{path}/{MANIFEST_NAME}"):
+            fs.rm_file(f"{path}/{MANIFEST_NAME}")
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
+    _io(dest, "removing the previous version", unpublish, fs)
+    _io(dest, f"writing {INCOMPLETE_MARKER}", lambda: fs.pipe_file(f"{path}/{INCOMPLETE_MARKER}", b""), fs)
     for local in _content_files(staging):
-        fs.put_file(str(local), f"{path}/{local.relative_to(staging).as_posix()}")
-    fs.put_file(str(staging / MANIFEST_NAME), f"{path}/{MANIFEST_NAME}")
-    fs.rm_file(f"{path}/{INCOMPLETE_MARKER}")
+        relative = local.relative_to(staging).as_posix()
+        _io(dest, f"uploading {relative}",
+            lambda local=local, relative=relative: fs.put_file(str(local), f"{path}/{relative}"), fs)
+    _io(dest, f"uploading {MANIFEST_NAME}",
+        lambda: fs.put_file(str(staging / MANIFEST_NAME), f"{path}/{MANIFEST_NAME}"), fs)
+    _io(dest, f"removing {INCOMPLETE_MARKER}", lambda: fs.rm_file(f"{path}/{INCOMPLETE_MARKER}"), fs)
     fs.invalidate_cache(path)
 
 

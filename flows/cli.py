@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from components.artifacts import input_ref, lineage_lines, materialize
 from components.errors import CrucibleError
@@ -29,15 +30,27 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="Run a Prefect flow: 'pipeline' or one stage.",
+    run = commands.add_parser("run", help="Run a Prefect flow: 'pipeline', 'rl_studies' or one stage.",
                               description="Run a Prefect flow on the local (or configured) Prefect API.")
-    from_flows = ["pipeline", *STAGES_BY_NAME]
+    from_flows = ["pipeline", "rl_studies", *STAGES_BY_NAME]
     run.add_argument("flow", choices=from_flows, help="Flow to run.")
     run.add_argument("--config", default=DEFAULT_PARAMS_FILE, help="Params file (default: %(default)s).")
 
     lineage = commands.add_parser("lineage", help="Print an artifact's chain back to the raw data.",
                                   description="Walk manifests from an artifact back to its raw inputs.")
     lineage.add_argument("uri", help="Artifact directory or URI (e.g. artifacts/report, s3://bucket/run/report).")
+
+    stack = commands.add_parser("stack", help="Start or stop a local Prefect server and process worker.",
+                                description="A Prefect server (SQLite, 127.0.0.1) and a process worker on the "
+                                            "'crucible' work pool; pids and logs under --state-dir.")
+    stack.add_argument("action", choices=["up", "down", "status"],
+                       help="up: start (or restart a dead worker); down: stop both; status: pids, URL, logs.")
+    stack.add_argument("--state-dir", default=None, help="Pids, logs, database (default: ~/.cache/crucible/stack).")
+    stack.add_argument("--host", default="127.0.0.1", help="Server address (default: %(default)s; another "
+                                                           "address needs PREFECT_SERVER_API_AUTH_STRING).")
+    stack.add_argument("--port", type=int, default=4200, help="Server port, 0 for a free one (default: %(default)s).")
+    stack.add_argument("--pool", default="crucible", help="Process work pool (default: %(default)s).")
+    stack.add_argument("--deploy", action="store_true", help="Also deploy every flow of infra/prefect.yaml.")
 
     for stage in STAGES:
         sub = commands.add_parser(stage.name, help=stage.help, description=stage.help)
@@ -90,8 +103,25 @@ def _run_flow(name: str, config_path: str) -> None:
         print((report_dir / REPORT_FILE).read_text(encoding="utf-8"))
         cached = sum(info["cached"] for info in result.values())
         print(f"pipeline: {len(result)} stages, {cached} from cache")
+    elif name == "rl_studies":
+        for stage, info in result.items():
+            print(f"{stage}: {info['uri']} ({'cached' if info['cached'] else 'built'})")
     else:
         print(f"{name}: {result['uri']} ({'cached' if result['cached'] else 'built'})")
+
+
+def _stack(args: argparse.Namespace) -> None:
+    from flows import stack
+
+    state_dir = Path(args.state_dir) if args.state_dir else stack.DEFAULT_STATE_DIR
+    if args.action == "up":
+        state = stack.up(state_dir, host=args.host, port=args.port, pool=args.pool, deploy=args.deploy)
+        print(stack.status(state_dir))
+        print(f"export PREFECT_API_URL={state.api_url}")
+    elif args.action == "down":
+        print("stopped" if stack.down(state_dir) else f"no stack in {state_dir}")
+    else:
+        print(stack.status(state_dir))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -102,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             _run_flow(args.flow, args.config)
+        elif args.command == "stack":
+            _stack(args)
         elif args.command == "lineage":
             print("\n".join(lineage_lines(args.uri)))
         elif args.command == "estimate" and estimate_cli.wants_adhoc(args):

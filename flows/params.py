@@ -22,6 +22,7 @@ from components.data.sft_data import SFTDataConfig
 from components.data.preferences import PreferencePairsConfig
 from components.train.dpo import DPOConfig, DPOReferenceConfig
 from components.train.grpo import GRPOConfig
+from components.train.grpo_study import GRPOStudyConfig
 from components.train.ppo import PPOConfig
 from components.train.reward_model import RewardModelConfig
 from components.train.pretrain import PretrainConfig
@@ -72,6 +73,7 @@ class PipelineParams(StrictConfig):
     arithmetic_sft_data: SFTDataConfig = SFTDataConfig()
     arithmetic_sft: SFTConfig = SFTConfig()
     grpo: GRPOConfig = GRPOConfig()
+    grpo_study: GRPOStudyConfig = GRPOStudyConfig()
     evaluate_arithmetic: AccuracyConfig = Field(default_factory=lambda: AccuracyConfig(
         max_new_tokens=64, tool_use=False), description="Settings of both arithmetic evaluations (SFT and GRPO).")
     compare_test_time_compute: CompareConfig = CompareConfig()

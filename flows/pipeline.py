@@ -28,7 +28,7 @@ from components.config import StrictConfig
 from components.feasibility.estimate import FeasibilityConfig, estimate, read_estimate, render_markdown, run_estimate
 from flows.params import DEFAULT_PARAMS_FILE, PipelineParams, TaskRunnerConfig, load_params
 from components.train.progress import step_observer
-from flows.stages import COMPONENT_ENTRIES, PIPELINE_STAGES, STAGES, Stage
+from flows.stages import COMPONENT_ENTRIES, PIPELINE_STAGES, RL_STUDY_STAGES, STAGES, Stage
 
 
 def _task_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -184,14 +184,32 @@ sft_flow = STAGE_FLOWS["sft"]
 prompt_tuning_flow = STAGE_FLOWS["prompt_tuning"]
 evaluate_sft_flow = STAGE_FLOWS["evaluate_sft"]
 compare_test_time_compute_flow = STAGE_FLOWS["compare_test_time_compute"]
+arithmetic_task_flow = STAGE_FLOWS["arithmetic_task"]
+arithmetic_sft_data_flow = STAGE_FLOWS["arithmetic_sft_data"]
+arithmetic_sft_flow = STAGE_FLOWS["arithmetic_sft"]
+grpo_flow = STAGE_FLOWS["grpo"]
+evaluate_arithmetic_sft_flow = STAGE_FLOWS["evaluate_arithmetic_sft"]
+evaluate_grpo_flow = STAGE_FLOWS["evaluate_grpo"]
+preference_pairs_flow = STAGE_FLOWS["preference_pairs"]
+reward_model_flow = STAGE_FLOWS["reward_model"]
+dpo_reference_flow = STAGE_FLOWS["dpo_reference"]
+dpo_flow = STAGE_FLOWS["dpo"]
+ppo_flow = STAGE_FLOWS["ppo"]
+grpo_study_flow = STAGE_FLOWS["grpo_study"]
 
 
 @flow(name="pipeline", description="The whole chain: curate -> tokenizer -> pack -> estimate -> pretrain -> evaluate -> report -> sft_data -> sft -> evaluate_sft -> compare_test_time_compute.")
 def pipeline(params_file: str = DEFAULT_PARAMS_FILE, params: PipelineParams | None = None) -> dict[str, Any]:
-    params = _flow_params(params_file, params)
+    upstream, summary = _run_stages(PIPELINE_STAGES, _flow_params(params_file, params), "pipeline-stages")
+    create_table_artifact(key="pipeline-metrics", table=_metrics_rows(upstream["report"]))
+    return summary
+
+
+def _run_stages(stages: tuple[Stage, ...], params: PipelineParams, table_key: str) -> tuple[dict[str, Manifest], dict[str, Any]]:
+    """Stages in order, each on its upstream's manifests (or the published artifacts of stages not run here)."""
     upstream: dict[str, Manifest] = {}
     summary: dict[str, Any] = {}
-    for stage in PIPELINE_STAGES:
+    for stage in stages:
         manifest, cached = submit_stage(stage, params, upstream)
         if stage.markdown_file or stage.tables_file:
             publish_stage_artifacts(stage, manifest, cached)
@@ -199,13 +217,15 @@ def pipeline(params_file: str = DEFAULT_PARAMS_FILE, params: PipelineParams | No
         summary[stage.name] = {
             "uri": manifest.output.uri, "content_hash": manifest.output.content_hash, "cached": cached,
         }
-    create_table_artifact(
-        key="pipeline-stages",
-        table=[{"stage": name, **info} for name, info in summary.items()],
-        description="Each stage's artifact and whether it came from cache.",
-    )
-    create_table_artifact(key="pipeline-metrics", table=_metrics_rows(upstream["report"]))
-    return summary
+    create_table_artifact(key=table_key, table=[{"stage": name, **info} for name, info in summary.items()],
+                          description="Each stage's artifact and whether it came from cache.")
+    return upstream, summary
+
+
+@flow(name="rl-studies", description="After `pipeline`: the GRPO seed study, then preference pairs -> reward model -> "
+                                     "DPO (cached reference) and PPO rewarded by the reward model.")
+def rl_studies(params_file: str = DEFAULT_PARAMS_FILE, params: PipelineParams | None = None) -> dict[str, Any]:
+    return _run_stages(RL_STUDY_STAGES, _flow_params(params_file, params), "rl-studies-stages")[1]
 
 
 @task(name="estimate")
@@ -224,7 +244,7 @@ def feasibility_flow(config: FeasibilityConfig, output: str | None = None) -> di
     return result
 
 
-FLOWS = {"pipeline": pipeline, **STAGE_FLOWS}
+FLOWS = {"pipeline": pipeline, "rl_studies": rl_studies, **STAGE_FLOWS}
 
 
 def make_task_runner(config: TaskRunnerConfig) -> TaskRunner:

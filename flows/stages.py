@@ -14,7 +14,7 @@ from components.data import arithmetic, curate, pack, preferences, sft_data, tok
 from components.eval import accuracy, compare, perplexity, report
 from components.feasibility import training as feasibility
 from components.feasibility.estimate import REPORT_FILE as ESTIMATE_REPORT
-from components.train import dpo, grpo, ppo, prompt_tuning, pretrain, reward_model, sft
+from components.train import dpo, grpo, grpo_study, ppo, prompt_tuning, pretrain, reward_model, sft
 from components.train.trainer import SUMMARY_FILE as TRAIN_REPORT
 from flows.params import PipelineParams
 
@@ -54,10 +54,15 @@ def _prompt_tuning_parts(config: StrictConfig, inputs: Mapping[str, ArtifactRef]
     return prompt_tuning.plan_trials(config, dest)
 
 
+def _grpo_study_parts(config: StrictConfig, inputs: Mapping[str, ArtifactRef], dest: str) -> list[tuple[str, StrictConfig, str]]:
+    return grpo_study.plan_seeds(config, dest)
+
+
 CURATE_FAN_OUT = FanOut(curate.SHARD_SPEC.name, _curate_parts, ("input", "decontaminate_against"),
                         curate.SPEC.name, ("input", "decontaminate_against"))
 PROMPT_TUNING_FAN_OUT = FanOut(prompt_tuning.SPEC.name, _prompt_tuning_parts, ("model", "dataset", "heldout"),
                                prompt_tuning.STUDY_SPEC.name, ())
+GRPO_STUDY_FAN_OUT = FanOut(grpo.SPEC.name, _grpo_study_parts, ("model", "problems", "heldout"), grpo_study.SPEC.name, ())
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,10 @@ STAGES: tuple[Stage, ...] = (
           {"model": "arithmetic_sft", "problems": "arithmetic_task/train.jsonl", "heldout": "arithmetic_task/test.jsonl"},
           "RL with verifiable rewards (GRPO) from the SFT model; held-out accuracy before, during and after.",
           markdown_file=grpo.REPORT_FILE),
+    Stage("grpo_study", "grpo_study", grpo_study.SPEC, grpo_study.grpo_study,
+          {"model": "arithmetic_sft", "problems": "arithmetic_task/train.jsonl", "heldout": "arithmetic_task/test.jsonl"},
+          "Does GRPO learn? The GRPO run over several seeds: held-out accuracy vs step, mean +- std (`make rl-demo`).",
+          fan_out=GRPO_STUDY_FAN_OUT, markdown_file=grpo_study.REPORT_FILE, in_pipeline=False),
     Stage("evaluate_arithmetic_sft", "evaluate_arithmetic", accuracy.SPEC, accuracy.evaluate_accuracy,
           {"model": "arithmetic_sft", "dataset": "arithmetic_task/test.jsonl"},
           "Verifiable accuracy and test-time compute of the arithmetic SFT model.", markdown_file=accuracy.REPORT_FILE),
@@ -181,8 +190,11 @@ COMPONENT_ENTRIES: dict[str, tuple[ComponentSpec, Callable[..., Manifest]]] = {
     curate.SHARD_SPEC.name: (curate.SHARD_SPEC, curate.curate_shard),
     prompt_tuning.SPEC.name: (prompt_tuning.SPEC, prompt_tuning.prompt_tuning),
     prompt_tuning.STUDY_SPEC.name: (prompt_tuning.STUDY_SPEC, prompt_tuning.summarize_study),
+    grpo_study.SPEC.name: (grpo_study.SPEC, grpo_study.summarize_study),
 }
 PIPELINE_STAGES = tuple(stage for stage in STAGES if stage.in_pipeline)
+RL_STUDY_STAGES = tuple(STAGES_BY_NAME[name] for name in (
+    "grpo_study", "preference_pairs", "reward_model", "dpo_reference", "dpo", "ppo"))
 
 
 def run_stage(

@@ -116,6 +116,43 @@ def test_completion_logprobs_equal_a_plain_forward(setup: Path) -> None:
             assert torch.allclose(entropy[row, :n], -(expected.exp() * expected).sum(-1), atol=1e-5)
 
 
+@pytest.mark.parametrize("kv_heads", [2, 1])
+def test_shared_prompt_forward_equals_the_model_on_every_row(setup: Path, kv_heads: int) -> None:
+    """Each prompt run once for its group gives the log-probs, entropies and gradients of
+    running every row as prompt + completion through transformers (plain and grouped-query)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from components.eval.generate import prompt_ids
+    from components.models.factory import ModelConfig, build_causal_lm
+    from components.train.fast_llama import shared_prompt_logprobs
+    from components.train.rl import completion_logprobs, decode
+
+    tokenizer = AutoTokenizer.from_pretrained(setup / "model")
+    torch.manual_seed(0)
+    model = build_causal_lm(ModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=kv_heads,
+                                        intermediate_size=64, max_position_embeddings=512), tokenizer)
+    questions = [json.loads(line)["question"] for line in (setup / "test.jsonl").read_text().splitlines()][:3]
+    rollout = decode(model, tokenizer, [prompt_ids(tokenizer, q) for q in questions], 3, 12, 1.0)
+    width, mask = rollout.prompt_width, rollout.completion_mask
+    results = []
+    for shared in (False, True):
+        model.zero_grad()
+        if shared:
+            logprobs, entropy = shared_prompt_logprobs(model, rollout.input_ids[::3, :width],
+                                                       rollout.attention_mask[::3, :width],
+                                                       rollout.input_ids[:, width:], mask, 0.8, entropy=True)
+        else:
+            logprobs, entropy, _ = completion_logprobs(model, rollout.input_ids, rollout.attention_mask, width, 0.8,
+                                                       entropy=True)
+        (logprobs * mask * torch.linspace(-1, 1, mask.shape[0])[:, None]).sum().backward()
+        results.append((logprobs.detach() * mask, entropy * mask, [p.grad.clone() for p in model.parameters()]))
+    (lp_a, ent_a, grads_a), (lp_b, ent_b, grads_b) = results
+    assert torch.allclose(lp_a, lp_b, atol=1e-5) and torch.allclose(ent_a, ent_b, atol=1e-5)
+    for a, b in zip(grads_a, grads_b):
+        assert torch.allclose(a, b, atol=1e-5 * max(1.0, float(a.abs().max())))
+
+
 def test_reward_functions_and_their_failures_are_counted_or_stop() -> None:
     assert correctness("3 + 4 = 7\n#### 7", "#### 7") == 1.0 and correctness("#### 8", "7") == 0.0
     assert answer_format("so\n#### 12", "") == 1.0

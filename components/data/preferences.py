@@ -7,8 +7,10 @@ user's file, and tokenized into the padded columns the preference trainers train
   (rejected) of the same prompt, up to `pairs_per_prompt` distinct pairs. This is how
   preference data is made from a verifier rather than from human labels (Pang et al. 2024,
   "Iterative Reasoning Preference Optimization", §2.1: correct vs incorrect chains of thought
-  sampled from the current model). Prompts whose samples are all correct or all wrong give
-  no pair and are counted; blank completions are counted and never paired (the pair format
+  sampled from the current model). Prompts whose samples are all correct give no pair;
+  all-wrong prompts give none either, unless `reference_when_all_wrong` pairs the problem's
+  reference solution (chosen) with a wrong sample (as RPO/SPIN-style pipelines use gold
+  answers); both are counted; blank completions are counted and never paired (the pair format
   refuses empty text), and completions cut at `max_new_tokens` are counted but verified as
   they are.
 - `read_pairs`: a pairs file in TRL's standard (text) preference format, one JSON object per
@@ -57,6 +59,9 @@ class PreferencePairsConfig(StrictConfig):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (diversity makes pairs).")
     max_new_tokens: int = Field(256, gt=0)
     batch_prompts: int = Field(8, gt=0, description="Problems per generation batch.")
+    reference_when_all_wrong: bool = Field(
+        False, description="When no sample of a problem is correct, pair its reference solution (chosen) with a "
+                           "wrong sample (rejected) instead of skipping the problem.")
     seed: int = 0
 
 
@@ -201,7 +206,8 @@ def _build(config: PreferencePairsConfig, paths: dict[str, Path], out_dir: Path)
     model = load_causal_lm(paths["model"]).eval()
     problems = read_problems(paths["problems"], "gsm8k", config.max_problems)
     counts = {"samples": 0, "correct_samples": 0, "blank_samples": 0, "unfinished_samples": 0,
-              "prompts_with_pairs": 0, "prompts_all_correct": 0, "prompts_all_wrong": 0, "pairs": 0}
+              "prompts_with_pairs": 0, "prompts_all_correct": 0, "prompts_all_wrong": 0, "reference_pairs": 0,
+              "pairs": 0}
     with open(out_dir / PAIRS_FILE, "w", encoding="utf-8") as sink:
         for start in range(0, len(problems), config.batch_prompts):
             batch = problems[start:start + config.batch_prompts]
@@ -218,7 +224,10 @@ def _build(config: PreferencePairsConfig, paths: dict[str, Path], out_dir: Path)
                 wrong = [s.text for s, ok in zip(pool, verdicts) if not ok and s.text.strip()]
                 if not correct:
                     counts["prompts_all_wrong"] += 1
-                    continue
+                    if not (config.reference_when_all_wrong and wrong):
+                        continue
+                    correct = [reference]
+                    counts["reference_pairs"] += 1
                 if not wrong:
                     counts["prompts_all_correct"] += 1
                     continue

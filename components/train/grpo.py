@@ -9,6 +9,7 @@ a format reward, any `module:function`), and turns rewards into group-relative a
 carry no signal and are dropped, and more prompts are sampled, up to `max_sampling_rounds`
 rounds, to refill the batch. The policy is updated `iterations` times on the batch (GRPO's
 mu) with the clipped surrogate (`losses.ppo_policy_loss`, clip-higher eps_low / eps_high),
+computed with each prompt run once for its group (`fast_llama.shared_prompt_logprobs`),
 aggregated per token, per sequence or by Dr. GRPO's constant; a KL term to the frozen
 starting policy (`losses.kl_estimate`, k3) is off by default, as in DAPO and Dr. GRPO.
 
@@ -89,6 +90,7 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
     from components.models.factory import load_causal_lm
     from components.train.losses import aggregate_loss, group_advantages, kl_estimate, masked_mean, ppo_policy_loss
     from components.train.rewards import score
+    from components.train.fast_llama import shared_prompt_logprobs, supports
     from components.train.rl import completion_logprobs, decode, run_rl
     from components.train.trainer import training_flops_per_token
 
@@ -111,6 +113,7 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
     train_flops = training_flops_per_token(policy, context)
     group = config.group_size
     micro_prompts = config.train.micro_batch_rows or config.train.batch_size_rows
+    shared_prompt = supports(policy)
     totals = {"training_flops": 0.0, "reward_errors": 0}
 
     def make_step(backend: Any, sampler: Any):  # noqa: ANN202
@@ -125,6 +128,16 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
             prompt_tokens = int(rollout.attention_mask[:, :rollout.prompt_width].sum()) // group
             totals["training_flops"] += forward_flops * (prompt_tokens + float(rollout.completion_mask.sum()))
             return rollout, torch.tensor(scores.total), scores
+
+        def group_logprobs(chunk: _Chunk, rows: slice, entropy: bool) -> tuple[Any, Any]:
+            """Log-probs of a piece's completions: each prompt run once for its group (Llama), or
+            every row as prompt + completion through the model's own forward."""
+            ids, mask, width = chunk.input_ids[rows].to(device), chunk.attention_mask[rows].to(device), chunk.prompt_width
+            if shared_prompt:
+                return shared_prompt_logprobs(policy, ids[::group, :width], mask[::group, :width], ids[:, width:],
+                                              chunk.completion_mask[rows].to(device), config.temperature, entropy)
+            logprobs, entropies, _ = completion_logprobs(policy, ids, mask, width, config.temperature, entropy=entropy)
+            return logprobs, entropies
 
         def step(step_index: int, indices: Any, learning_rate: float) -> dict[str, Any]:
             started = time.perf_counter()
@@ -183,9 +196,7 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
                     weight = {"token_mean": tokens / total_tokens, "sequence_mean": count / total_rows,
                               "constant": 1.0}[config.loss_aggregation]
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=backend.precision == "bf16"):
-                        logprobs, entropies, _ = completion_logprobs(
-                            policy, chunk.input_ids[rows].to(device), chunk.attention_mask[rows].to(device),
-                            chunk.prompt_width, config.temperature, entropy=iteration == 0)
+                        logprobs, entropies = group_logprobs(chunk, rows, iteration == 0)
                     if iteration == 0:  # the sampling policy's log-probs: these weights, before any update
                         old_logprobs[piece_index] = logprobs.detach()
                     old = old_logprobs[piece_index]
@@ -202,7 +213,10 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
                         sums[name] += float(stats[name]) * tokens / total_tokens / config.iterations
                     if entropies is not None:
                         sums["entropy"] += float(masked_mean(entropies, mask)) * tokens / total_tokens
-                    totals["training_flops"] += train_flops * float(chunk.attention_mask[rows].sum())
+                    prompt_tokens = float(chunk.attention_mask[rows, :chunk.prompt_width].sum())
+                    completion_tokens = float(chunk.completion_mask[rows].sum())
+                    totals["training_flops"] += train_flops * (
+                        prompt_tokens / (group if shared_prompt else 1) + completion_tokens)
                 grad_norms.append(backend.optimizer_step(learning_rate))
             record.update(sums if pieces else {"loss": None})
             if reference is None:
@@ -222,7 +236,7 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
 
     records = run_rl(policy, policy, tokenizer, config.train, len(problems), run_dir, make_step=make_step,
                      save_model=save_model, heldout=heldout, heldout_settings=config.heldout,
-                     max_new_tokens=config.max_new_tokens, final_dir=out_dir, description="grpo")
+                     max_new_tokens=config.max_new_tokens, temperature=config.temperature, final_dir=out_dir, description="grpo")
     return summarize_rl(run_dir, records)
 
 
@@ -245,6 +259,9 @@ def summarize_rl(run_dir: Path, records: list[dict[str, Any]]) -> dict[str, Any]
         metrics.update({"heldout_accuracy_before": heldout[0]["heldout_accuracy"],
                         "heldout_accuracy_after": heldout[-1]["heldout_accuracy"],
                         "heldout_problems": heldout[-1]["problems"]})
+        if "heldout_sampled_accuracy" in heldout[0]:
+            metrics.update({"heldout_sampled_accuracy_before": heldout[0]["heldout_sampled_accuracy"],
+                            "heldout_sampled_accuracy_after": heldout[-1]["heldout_sampled_accuracy"]})
     return metrics
 
 
@@ -261,16 +278,19 @@ def publish_rl_metrics(run_dir: Path, out_dir: Path, title: str, metrics: dict[s
         writer.writeheader()
         writer.writerows(records)
     heldout = read_metrics(run_dir / HELDOUT_FILE)
+    (out_dir / HELDOUT_FILE).write_text("".join(_dump(r) for r in heldout), encoding="utf-8")
     with open(out_dir / "heldout_accuracy.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=("step", "heldout_accuracy"), extrasaction="ignore")
+        writer = csv.DictWriter(handle, fieldnames=("step", "heldout_accuracy", "heldout_sampled_accuracy"),
+                                extrasaction="ignore")
         writer.writeheader()
         writer.writerows(heldout)
     lines = [f"# {title}", "", "| metric | value |", "|---|---|"]
     lines += [f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |"
               for key, value in metrics.items()]
     if heldout:
-        lines += ["", "| step | held-out accuracy |", "|---:|---:|"]
-        lines += [f"| {r['step']} | {r['heldout_accuracy']:.3f} |" for r in heldout]
+        lines += ["", "| step | held-out greedy accuracy | held-out sampled accuracy (pass@1) |", "|---:|---:|---:|"]
+        lines += [f"| {r['step']} | {r['heldout_accuracy']:.3f} | {r.get('heldout_sampled_accuracy', float('nan')):.3f} |"
+                  for r in heldout]
     (out_dir / REPORT_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 

@@ -232,7 +232,7 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
 
     records = run_rl(module, policy, tokenizer, config.train, len(problems), run_dir, make_step=make_step,
                      save_model=save_model, heldout=heldout, heldout_settings=config.heldout,
-                     max_new_tokens=config.max_new_tokens, final_dir=out_dir, description="ppo")
+                     max_new_tokens=config.max_new_tokens, temperature=config.temperature, final_dir=out_dir, description="ppo")
     return summarize_rl(run_dir, records)
 
 

@@ -2,7 +2,7 @@
 
 A reward function takes `(completion, reference)` (the sampled text and the problem's
 reference answer, a GSM8K `... #### N` string or a bare number) and returns a float.
-Built-ins are named in configs (`correctness`, `format`); any other function is named as
+Built-ins are named in configs (`correctness`, `format`, `calculation`); any other function is named as
 `package.module:function`. A function that raises or returns NaN/inf gives that sample
 reward 0 and is counted (`on_error: zero`), or stops the run with the function, the sample
 and the error (`on_error: stop`): never a silent wrong gradient.
@@ -25,6 +25,7 @@ from components.eval.verifiers import is_correct
 
 RewardFunction = Callable[[str, str], float]
 _FINAL_ANSWER = re.compile(r"####\s*-?[\d,]*\.?\d+\s*$")
+_ANNOTATION = re.compile(r"<<([^=<>]*)=([^<>]*)>>")
 
 
 def correctness(completion: str, reference: str) -> float:
@@ -37,11 +38,31 @@ def answer_format(completion: str, reference: str) -> float:
     return 1.0 if _FINAL_ANSWER.search(completion.strip()) else 0.0
 
 
-BUILT_IN: dict[str, RewardFunction] = {"correctness": correctness, "format": answer_format}
+def calculation(completion: str, reference: str) -> float:
+    """The share of the completion's calculator annotations `<<expr=value>>` whose value is the
+    expression's (checked by the evaluators' AST calculator; 0 when there is none): a
+    verifiable per-step signal (a process reward in the sense of Lightman et al. 2023, "Let's
+    Verify Step by Step", computed by a checker instead of a learned model)."""
+    from components.eval.calculator import CalculatorError, evaluate_arithmetic
+    from components.eval.verifiers import answer_value
+
+    annotations = _ANNOTATION.findall(completion)
+    if not annotations:
+        return 0.0
+    right = 0
+    for expression, value in annotations:
+        try:
+            right += evaluate_arithmetic(expression) == answer_value(value)
+        except CalculatorError:
+            pass
+    return right / len(annotations)
+
+
+BUILT_IN: dict[str, RewardFunction] = {"correctness": correctness, "format": answer_format, "calculation": calculation}
 
 
 class RewardSpec(StrictConfig):
-    function: str = Field(description="A built-in (correctness, format) or 'package.module:function'.")
+    function: str = Field(description="A built-in (correctness, format, calculation) or 'package.module:function'.")
     weight: float = 1.0
 
 

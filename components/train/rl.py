@@ -4,7 +4,7 @@ the outer loop around the training engine's pieces.
 - `decode` samples completions with a KV cache: one prefill per distinct prompt, the cache
   repeated for the group's samples, then one token per step for every live row; rows that
   finished are dropped from the batch and the cache, so late steps cost only what is still
-  generating. Llama models go through `fast_decode.LlamaSampler` (the same mathematics on
+  generating. Llama models go through `fast_llama.LlamaSampler` (the same mathematics on
   the model's weights, without transformers' per-token overhead); others through their own
   forward with a `DynamicCache`. Sampling
   draws from torch's global RNG, which the checkpoints save, so a resumed run samples what
@@ -79,7 +79,7 @@ def decode(model: Any, tokenizer: Any, prompts: list[list[int]], repeats: int, m
     """`repeats` completions per prompt (consecutive rows), sampled at `temperature` (0: greedy)."""
     import torch
 
-    from components.train.fast_decode import LlamaSampler, supports
+    from components.train.fast_llama import LlamaSampler, supports
 
     stops = torch.tensor(_stop_ids(tokenizer))
     pad = tokenizer.pad_token_id
@@ -178,20 +178,24 @@ def completion_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: tor
 
 
 class HeldoutSettings(StrictConfig):
-    problems: int = Field(100, ge=0, description="Held-out problems scored greedily (0: none).")
+    problems: int = Field(100, ge=0, description="Held-out problems scored (0: none).")
+    samples: int = Field(4, ge=0, description="Also sample this many completions per problem at the rollout "
+                                              "temperature: their accuracy is the held-out pass@1 (0: greedy only).")
     every_steps: int = Field(0, ge=0, description="Also score every k steps (0: only before and after).")
     batch_prompts: int = Field(50, gt=0)
 
 
-def greedy_accuracy(model: Any, tokenizer: Any, problems: list[tuple[str, str]], max_new_tokens: int,
-                    batch_prompts: int) -> float:
-    """Fraction of `problems` whose greedy completion the verifier accepts."""
+def verified_accuracy(model: Any, tokenizer: Any, problems: list[tuple[str, str]], max_new_tokens: int,
+                      batch_prompts: int, samples: int = 1, temperature: float = 0.0) -> float:
+    """Fraction of completions of `problems` the verifier accepts: greedy (temperature 0, one
+    per problem) or `samples` sampled per problem (their mean is pass@1)."""
     correct = 0
     for start in range(0, len(problems), batch_prompts):
         batch = problems[start:start + batch_prompts]
-        rollout = decode(model, tokenizer, [prompt_ids(tokenizer, q) for q, _ in batch], 1, max_new_tokens, 0.0)
-        correct += sum(is_correct(text, reference) for text, (_, reference) in zip(rollout.texts, batch))
-    return correct / max(1, len(problems))
+        rollout = decode(model, tokenizer, [prompt_ids(tokenizer, q) for q, _ in batch], samples, max_new_tokens,
+                         temperature)
+        correct += sum(is_correct(text, batch[row // samples][1]) for row, text in enumerate(rollout.texts))
+    return correct / max(1, len(problems) * samples)
 
 
 # One RL step: given the prompts' indices, do the rollout and updates; return the step record.
@@ -212,15 +216,17 @@ def run_rl(
     heldout: list[tuple[str, str]],
     heldout_settings: HeldoutSettings,
     max_new_tokens: int,
+    temperature: float,
     final_dir: Path,
     description: str,
 ) -> list[dict[str, Any]]:
     """`config.max_steps` RL steps of `batch_size_rows` prompts each; returns the step records.
 
     `backend_module` holds every trainable parameter (the policy, and a value head for PPO);
-    `make_step(backend, sampler)` returns the algorithm's step. Held-out greedy accuracy is
-    logged to `heldout_accuracy.jsonl` before training, every `heldout_settings.every_steps`
-    and at the end.
+    `make_step(backend, sampler)` returns the algorithm's step. Held-out accuracy (greedy, and
+    pass@1 of samples at the rollout temperature) is logged to `heldout_accuracy.jsonl` before
+    training, every `heldout_settings.every_steps` and at the end. Its samples draw from a
+    generator of their own, so scoring never changes the training run's random stream.
     """
     import random
 
@@ -240,13 +246,19 @@ def run_rl(
         if not heldout or any(r["step"] == step for r in read_metrics(heldout_path)):
             return
         started = time.perf_counter()
-        accuracy = greedy_accuracy(policy, tokenizer, heldout, max_new_tokens, heldout_settings.batch_prompts)
-        record = {"step": step, "heldout_accuracy": accuracy, "problems": len(heldout),
-                  "eval_time_s": round(time.perf_counter() - started, 2)}
+        record = {"step": step, "problems": len(heldout), "heldout_accuracy": verified_accuracy(
+            policy, tokenizer, heldout, max_new_tokens, heldout_settings.batch_prompts)}
+        if heldout_settings.samples:
+            rng_state = torch.get_rng_state()
+            torch.manual_seed(config.seed + 7919 * step)
+            record["heldout_sampled_accuracy"] = verified_accuracy(
+                policy, tokenizer, heldout, max_new_tokens, heldout_settings.batch_prompts,
+                heldout_settings.samples, temperature)
+            torch.set_rng_state(rng_state)
+        record["eval_time_s"] = round(time.perf_counter() - started, 2)
         with open(heldout_path, "a", encoding="utf-8") as sink:
             sink.write(json.dumps(record) + "\n")
 
-    # the held-out score draws no random numbers (greedy), so it does not disturb a resumed run
     score_heldout(start_step)
     step_function = make_step(backend, sampler)
     records = []

@@ -1,4 +1,5 @@
-"""A lean sampler for the Llama models the platform builds: the rollout engine of the RL trainers.
+"""Lean Llama passes for the RL trainers: the rollout sampler, and a training forward that
+runs each prompt once for its whole group of completions.
 
 Small models decode at a cost set by per-operation overhead, not FLOPs: transformers' forward
 builds a 4-D mask, a cache object and output records on every token. This module runs the
@@ -8,8 +9,12 @@ embeddings, SwiGLU) on the model's own weight tensors, with
 - preallocated key/value buffers ([rows, kv_heads, max_len, head_dim]) written in place;
 - one boolean attention mask per step shared by every layer, and grouped-query attention
   through SDPA's `enable_gqa` instead of repeating keys and values.
-`tests/test_grpo.py` checks its logits against transformers' forward and its greedy
-completions against `generate`. Models it does not cover (other architectures, dynamic RoPE
+`shared_prompt_logprobs` is the update's forward for G completions of one prompt: the prompt
+is run once (not G times) and its keys and values are shared by the group's completions, so
+with GRPO's groups the update costs prompt + G completions instead of G (prompt + completion)
+tokens; gradients flow through the shared prompt as through G copies.
+`tests/test_grpo.py` checks the sampler's greedy completions against `generate` and the
+shared-prompt log-probs and gradients against transformers' forward. Models it does not cover (other architectures, dynamic RoPE
 types, attention or MLP biases) are decoded by transformers instead (`supports`).
 """
 
@@ -160,3 +165,94 @@ class LlamaSampler:
             position = position + 1
             logits = self.forward(token[:, None], position[:, None], cache, slot, valid[:, None, :slot + 1])
         return tokens, lengths, finished
+
+
+def _weights(model: Any) -> tuple[Any, list[tuple[torch.Tensor, ...]]]:
+    """The model's parameters as the training forward uses them (live tensors, with grad)."""
+    decoder = model.model
+    layers = []
+    for layer in decoder.layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        layers.append((layer.input_layernorm.weight, attention.q_proj.weight, attention.k_proj.weight,
+                       attention.v_proj.weight, attention.o_proj.weight, layer.post_attention_layernorm.weight,
+                       mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight))
+    return decoder, layers
+
+
+def shared_prompt_logprobs(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                           completion_ids: torch.Tensor, completion_mask: torch.Tensor, temperature: float,
+                           entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs [rows, T] of `completion_ids` (G = rows / prompts consecutive rows
+    per left-padded prompt in `prompt_ids` [prompts, W]) under softmax(logits / temperature),
+    and optionally their distributions' entropies (no grad). Differentiable in the model's
+    parameters; equal to running every row as prompt + completion through the model."""
+    config = model.config
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    eps = config.rms_norm_eps
+    decoder, layers = _weights(model)
+    prompts, width = prompt_ids.shape
+    rows, steps = completion_ids.shape
+    group = rows // prompts
+    rotary = decoder.rotary_emb
+
+    def norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+    def angles(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[..., None].float() * rotary.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return emb.cos() * rotary.attention_scaling, emb.sin() * rotary.attention_scaling
+
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+    def heads_of(x: torch.Tensor, count: int) -> torch.Tensor:
+        return x.view(x.shape[0], x.shape[1], count, head_dim).transpose(1, 2)
+
+    prompt_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    completion_positions = prompt_positions[:, -1:].repeat_interleave(group, dim=0) + 1 + torch.arange(steps)
+    p_cos, p_sin = angles(prompt_positions)
+    c_cos, c_sin = angles(completion_positions)
+    valid = prompt_mask.bool()
+    # prompt queries: causal over valid prompt keys (a padding query sees itself, never empty)
+    prompt_allowed = ((torch.ones(width, width, dtype=torch.bool).tril()[None] & valid[:, None, :])
+                      | torch.eye(width, dtype=torch.bool)[None])[:, None]
+    # completion queries: every valid prompt key, then causal over the completion
+    completion_allowed = torch.cat([valid.repeat_interleave(group, dim=0)[:, None, :].expand(rows, steps, width),
+                                    torch.ones(steps, steps, dtype=torch.bool).tril()[None].expand(rows, -1, -1)],
+                                   dim=-1)[:, None]
+    gqa = heads != kv_heads
+    prompt_hidden = F.embedding(prompt_ids, decoder.embed_tokens.weight)
+    hidden = F.embedding(completion_ids, decoder.embed_tokens.weight)
+    for norm1, w_q, w_k, w_v, w_o, norm2, w_gate, w_up, w_down in layers:
+        x_p, x_c = norm(prompt_hidden, norm1), norm(hidden, norm1)
+        q_p = rotate(heads_of(F.linear(x_p, w_q), heads), p_cos, p_sin)
+        k_p = rotate(heads_of(F.linear(x_p, w_k), kv_heads), p_cos, p_sin)
+        v_p = heads_of(F.linear(x_p, w_v), kv_heads)
+        q_c = rotate(heads_of(F.linear(x_c, w_q), heads), c_cos, c_sin)
+        k_c = rotate(heads_of(F.linear(x_c, w_k), kv_heads), c_cos, c_sin)
+        v_c = heads_of(F.linear(x_c, w_v), kv_heads)
+        attended_p = F.scaled_dot_product_attention(q_p, k_p, v_p, attn_mask=prompt_allowed, enable_gqa=gqa)
+        keys = torch.cat([k_p.repeat_interleave(group, dim=0), k_c], dim=2)
+        values = torch.cat([v_p.repeat_interleave(group, dim=0), v_c], dim=2)
+        attended_c = F.scaled_dot_product_attention(q_c, keys, values, attn_mask=completion_allowed, enable_gqa=gqa)
+        prompt_hidden = prompt_hidden + F.linear(attended_p.transpose(1, 2).reshape(prompts, width, -1), w_o)
+        hidden = hidden + F.linear(attended_c.transpose(1, 2).reshape(rows, steps, -1), w_o)
+        x_p = norm(prompt_hidden, norm2)
+        prompt_hidden = prompt_hidden + F.linear(F.silu(F.linear(x_p, w_gate)) * F.linear(x_p, w_up), w_down)
+        x_c = norm(hidden, norm2)
+        hidden = hidden + F.linear(F.silu(F.linear(x_c, w_gate)) * F.linear(x_c, w_up), w_down)
+    # the prompt's last state predicts the first completion token; each completion state the next
+    states = torch.cat([prompt_hidden[:, -1:].repeat_interleave(group, dim=0), hidden[:, :-1]], dim=1)
+    logits = F.linear(norm(states, decoder.norm.weight), model.lm_head.weight).float()
+    if temperature > 0:
+        logits = logits / temperature
+    logprobs_all = torch.log_softmax(logits, dim=-1)
+    logprobs = logprobs_all.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+    entropies = None
+    if entropy:
+        with torch.no_grad():
+            entropies = -(logprobs_all.exp() * logprobs_all).sum(-1)
+    return logprobs, entropies
