@@ -281,3 +281,33 @@ def test_ppo_raises_a_learnable_reward_with_value_head_and_kl(setup: Path, tmp_p
         **config.train.model_dump(), "distributed": {"launcher": "deepspeed"}}})
     with pytest.raises(Exception, match="launcher must be 'none'"):
         ppo(distributed, str(setup / "model"), str(setup / "train.jsonl"), str(tmp_path / "bad"))
+
+
+def test_ppo_takes_its_reward_from_a_reward_model_and_refuses_another_tokenizer(setup: Path, tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from components.errors import ConfigError
+    from components.train.reward_model import load_reward_model, score
+
+    torch.manual_seed(1)
+    head = AutoModelForSequenceClassification.from_pretrained(setup / "model", num_labels=1)
+    head.config.pad_token_id = AutoTokenizer.from_pretrained(setup / "model").pad_token_id
+    head.save_pretrained(tmp_path / "rm")
+    AutoTokenizer.from_pretrained(setup / "model").save_pretrained(tmp_path / "rm")
+    config = PPOConfig.model_validate({
+        "train": {"max_steps": 2, "batch_size_rows": 2, "checkpoint_every_steps": 0},
+        "samples_per_prompt": 2, "max_new_tokens": 6, "ppo_epochs": 1, "minibatches": 1, "heldout": {"problems": 0}})
+    ppo(config, str(setup / "model"), str(setup / "train.jsonl"), str(tmp_path / "ppo"), reward_model=str(tmp_path / "rm"))
+    records = read_metrics(tmp_path / "ppo/train_metrics.jsonl")
+    rm, rm_tokenizer = load_reward_model(tmp_path / "rm")
+    assert all(r["reward_mean"] not in (0.0, 1.0) for r in records)  # scores of the head, not 0/1 verdicts
+    assert len(score(rm, rm_tokenizer, ["q"], ["a"])) == 1
+    other = tmp_path / "other_tok"
+    AutoTokenizer.from_pretrained(setup / "tok").save_pretrained(other)
+    tokenizer = AutoTokenizer.from_pretrained(other)
+    tokenizer.add_tokens(["<extra_token>"])
+    tokenizer.save_pretrained(tmp_path / "rm")
+    with pytest.raises(ConfigError, match="the reward model's tokenizer differs from the policy's"):
+        ppo(config, str(setup / "model"), str(setup / "train.jsonl"), str(tmp_path / "ppo2"), reward_model=str(tmp_path / "rm"))
+    assert not (tmp_path / "ppo2").exists()
