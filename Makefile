@@ -10,7 +10,8 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DVC_NO_ANALYTICS ?= 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install demo test test-fast repro clean bench-sft bench-grpo prompt-tuning rl-demo test-time-compute-full
+.PHONY: install demo test test-fast repro clean bench-sft bench-grpo prompt-tuning rl-demo test-time-compute-full \
+	stack-up stack-down
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -35,6 +36,12 @@ repro: install  ## the same chain through DVC
 
 clean:
 	rm -rf artifacts
+
+stack-up: install  ## a local Prefect server + process worker with every deployment (docs/operations.md)
+	$(BIN)/crucible stack up --deploy
+
+stack-down:
+	$(BIN)/crucible stack down
 
 prompt-tuning: install  ## the prompt-tuning initialisation study (text vs random vs vocab, 3 seeds)
 	$(BIN)/crucible run prompt_tuning

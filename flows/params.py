@@ -49,9 +49,11 @@ def heldout_curation() -> CurateConfig:
 class TaskRunnerConfig(StrictConfig):
     """Where flows run their tasks (curation shards fan out over it)."""
 
-    kind: Literal["threads", "dask"] = Field("threads", description="Prefect's thread pool, or Dask via prefect-dask.")
+    kind: Literal["threads", "dask", "ray"] = Field(
+        "threads", description="Prefect's thread pool, Dask via prefect-dask, or Ray via prefect-ray.")
     max_workers: int | None = Field(None, ge=1, description="Threads, or local Dask worker processes.")
     dask_address: str | None = Field(None, description="A running Dask scheduler (tcp://host:8786); else a LocalCluster.")
+    ray_address: str | None = Field(None, description="A running Ray cluster (ray://host:10001); else a local one.")
 
 
 class PipelineParams(StrictConfig):

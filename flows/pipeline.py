@@ -57,9 +57,10 @@ class TrainingProgress:
             self.artifact_id = create_progress_artifact(progress=percent, description=f"{trainer} steps")
         else:
             update_progress_artifact(self.artifact_id, progress=percent)
-        get_run_logger().info(
-            "%s step %d/%d loss %.4f lr %.2e grad_norm %.3f tokens/s %.0f", trainer, record["step"], max_steps,
-            record["loss"], record["learning_rate"], record["grad_norm"], record["tokens_per_s"])
+        shown = [f"{name} {record[name]:.4g}" for name in (
+            "loss", "learning_rate", "grad_norm", "tokens_per_s", "reward_mean", "kl", "rollout_time_s", "update_time_s",
+            "pairwise_accuracy", "reward_accuracy") if isinstance(record.get(name), (int, float))]
+        get_run_logger().info("%s step %d/%d %s", trainer, record["step"], max_steps, " ".join(shown))
 
 
 def run_component(component: str, config: StrictConfig, inputs: dict[str, ArtifactRef], dest: str, overwrite: bool,
@@ -248,7 +249,14 @@ FLOWS = {"pipeline": pipeline, "rl_studies": rl_studies, **STAGE_FLOWS}
 
 
 def make_task_runner(config: TaskRunnerConfig) -> TaskRunner:
-    """Prefect's thread pool, or Dask (a running scheduler, else a LocalCluster of processes)."""
+    """Prefect's thread pool, Dask (a running scheduler, else a LocalCluster of processes) or
+    Ray (a running cluster, else a local one)."""
+    if config.kind == "ray":
+        from prefect_ray import RayTaskRunner
+
+        if config.ray_address:
+            return RayTaskRunner(address=config.ray_address)
+        return RayTaskRunner(init_kwargs={"num_cpus": config.max_workers or 2, "include_dashboard": False})
     if config.kind == "dask":
         from prefect_dask import DaskTaskRunner
 
