@@ -22,7 +22,7 @@ from components.artifacts import ComponentSpec, Manifest, produce, read_manifest
 from components.config import StrictConfig
 from components.eval.accuracy import CURVE_FILE
 
-SPEC = ComponentSpec(name="compare_test_time_compute", version="1")
+SPEC = ComponentSpec(name="compare_test_time_compute", version="2")
 REPORT_FILE = "report.md"
 PLOT_FILE = "accuracy_vs_compute.png"
 TABLE_FILE = "accuracy_vs_compute.csv"
@@ -39,6 +39,63 @@ def _read_curve(evaluation: Path, label: str, extra_flops_per_query: float = 0.0
         return [{"model": label, "method": row["method"], "n": int(row["n"]), "accuracy": float(row["accuracy"]),
                  "flops_per_query": float(row["inference_flops"]) + extra_flops_per_query}
                 for row in csv.DictReader(handle)]
+
+
+# Methods usable on a new query: no answer key (the verifier's best-of-n and reflection with
+# the verifier's verdict need the reference answer) and no tool; a single sample (n = 1) is.
+DEPLOYABLE = ("majority", "best_logprob", "best_reward", "reflection (self)")
+
+
+def _deployable(point: dict[str, Any]) -> bool:
+    return point["method"] in DEPLOYABLE or (point["method"] == "oracle" and point["n"] == 1)
+
+
+def rl_versus_best_of_n(sft_points: list[dict[str, Any]], rl_points: list[dict[str, Any]],
+                        training_flops: float, volumes: list[int]) -> tuple[list[str], dict[str, Any]]:
+    """The seed post's question, answered without the answer key or tools: the RL model's single
+    sample against the SFT model's best-of-n / majority vote. The SFT model needs C_sft FLOPs per
+    query to match the RL model's accuracy (or cannot, up to its largest n); the RL model costs
+    C_rl + T / Q. RL is cheaper above the break-even volume Q* = T / (C_sft - C_rl)."""
+    rl_single = next(p for p in rl_points if p["method"] == "oracle" and p["n"] == 1)
+    deployable = sorted((p for p in sft_points if _deployable(p)), key=lambda p: p["flops_per_query"])
+    matching = [p for p in deployable if p["accuracy"] >= rl_single["accuracy"]]
+    best = max(deployable, key=lambda p: p["accuracy"])
+    lines = ["", "## RL vs best-of-n (no answer key, no tool)", "",
+             f"RL model, one sample: accuracy {rl_single['accuracy']:.4f} at {rl_single['flops_per_query']:.3g} "
+             f"inference FLOPs per query, plus {training_flops:.3g} training FLOPs in all.",
+             f"SFT model's best answer-key-free method: {best['method']}@{best['n']} = {best['accuracy']:.4f} at "
+             f"{best['flops_per_query']:.3g} FLOPs per query."]
+    metrics: dict[str, Any] = {"rl_single_sample_accuracy": rl_single["accuracy"],
+                               "sft_best_deployable_accuracy": best["accuracy"],
+                               "sft_best_deployable_method": f"{best['method']}@{best['n']}"}
+    if matching:
+        cheapest = matching[0]
+        extra = cheapest["flops_per_query"] - rl_single["flops_per_query"]
+        breakeven = training_flops / extra if extra > 0 else 0.0
+        lines.append(f"The SFT model matches it with {cheapest['method']}@{cheapest['n']} at "
+                     f"{cheapest['flops_per_query']:.3g} FLOPs per query: RL is cheaper above "
+                     f"**{breakeven:,.0f} queries** (break-even).")
+    else:
+        extra = best["flops_per_query"] - rl_single["flops_per_query"]
+        breakeven = training_flops / extra if extra > 0 else None
+        lines.append(f"No answer-key-free method of the SFT model reaches it up to n = {best['n']}: RL is more "
+                     f"accurate at every volume, and also cheaper than that largest n above "
+                     f"**{breakeven:,.0f} queries**." if breakeven is not None else
+                     "No answer-key-free method of the SFT model reaches it.")
+    metrics["breakeven_queries"] = breakeven
+    for volume in volumes:
+        cost = rl_single["flops_per_query"] + training_flops / volume
+        within = [p for p in deployable if p["flops_per_query"] <= cost]
+        rival = max(within, key=lambda p: p["accuracy"]) if within else None
+        verdict = ("RL" if rival is None or rl_single["accuracy"] > rival["accuracy"] else "best-of-n / majority")
+        rival_text = (f"the SFT model's best within that budget is {rival['method']}@{rival['n']} = "
+                      f"{rival['accuracy']:.4f}" if rival else "no SFT method fits that budget")
+        largest = deployable[-1]["flops_per_query"]
+        caveat = (f" (at {cost / largest:.0f}x the compute of the largest n measured: a larger n might do better)"
+                  if cost > largest else "")
+        lines.append(f"- {volume:,} queries: RL costs {cost:.3g} FLOPs per query for {rl_single['accuracy']:.4f}; "
+                     f"{rival_text}; **{verdict} wins**{caveat}.")
+    return lines, metrics
 
 
 def _best_within(points: list[dict[str, Any]], budget: float) -> dict[str, Any] | None:
@@ -64,7 +121,9 @@ def _build(config: CompareConfig, paths: dict[str, Path], out_dir: Path) -> dict
         curve = sorted((p for p in sft_points if p["method"] == method), key=lambda p: p["flops_per_query"])
         axis.plot([p["flops_per_query"] for p in curve], [p["accuracy"] for p in curve], marker="o", label=f"SFT {method}")
     rows += sft_points
-    verdicts = []
+    verdicts, rl_points_raw = [], None
+    if rl_training_flops is not None:
+        rl_points_raw = _read_curve(paths["rl_evaluation"], "rl")
     for volume in (config.query_volumes if rl_training_flops is not None else [0]):
         points = list(sft_points)
         if rl_training_flops is not None:
@@ -99,12 +158,17 @@ def _build(config: CompareConfig, paths: dict[str, Path], out_dir: Path) -> dict
               "|---:|---:|---|---:|"]
     lines += [f"| {v['queries']:,} | {v['budget_flops']:.3g} | {v['winner']} | {v['accuracy']:.4f} |".replace("| 0 |", "| - |", 1)
               for v in verdicts]
-    if rl_training_flops is None:
-        lines += ["", "No RL model evaluated yet: the table compares test-time methods of the SFT model only."]
-    (out_dir / REPORT_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
     best_overall = max(sft_points, key=lambda p: p["accuracy"])
     metrics = {"best_sft_method": f"{best_overall['method']}@{best_overall['n']}", "best_sft_accuracy": best_overall["accuracy"],
                "rl_training_flops": rl_training_flops}
+    if rl_training_flops is None:
+        lines += ["", "No RL model evaluated yet: the table compares test-time methods of the SFT model only."]
+    else:
+        verdict_lines, verdict_metrics = rl_versus_best_of_n(sft_points, rl_points_raw, rl_training_flops,
+                                                             config.query_volumes)
+        lines = lines[:2] + verdict_lines[1:] + [""] + lines[2:]
+        metrics.update(verdict_metrics)
+    (out_dir / REPORT_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
     (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     return metrics
 
