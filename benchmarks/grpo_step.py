@@ -85,6 +85,8 @@ BUSY_CORES = 0.1  # 'other load' above this many cores flags a contaminated timi
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks._load import process_cpu_s, system_busy_s, wait_idle  # noqa: E402
+
 
 # ---------------------------------------------------------------------------------------------
 # Shared setup (parent): tokenizer, model, prompts -> a work directory both sides read
@@ -172,18 +174,6 @@ def load_problems(path: Path) -> list[dict[str, str]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _system_busy_s() -> float:
-    import psutil
-
-    t = psutil.cpu_times()
-    return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
-
-
-def _process_cpu_s() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
 class Clock:
     """Snapshots (wall, system busy, own CPU) at step boundaries: other processes' load between two."""
 
@@ -191,7 +181,7 @@ class Clock:
         self.marks: list[tuple[float, float, float]] = []
 
     def mark(self) -> None:
-        self.marks.append((time.perf_counter(), _system_busy_s(), _process_cpu_s()))
+        self.marks.append((time.perf_counter(), system_busy_s(), process_cpu_s()))
 
     @staticmethod
     def other_cores(a: tuple[float, float, float], b: tuple[float, float, float]) -> float:
@@ -472,23 +462,10 @@ def _child_args(args: argparse.Namespace, side: str, result: Path) -> list[str]:
             "--lr", str(args.lr), "--problems", str(args.problems), "--seed", str(args.seed)]
 
 
-def wait_idle(max_wait_s: float, interval_s: float = 2.0) -> float:
-    """Wait (up to max_wait_s) until other processes use at most BUSY_CORES; return the last reading."""
-    deadline = time.monotonic() + max_wait_s
-    while True:
-        before = _system_busy_s()
-        time.sleep(interval_s)
-        busy = (_system_busy_s() - before) / interval_s
-        if busy <= BUSY_CORES or time.monotonic() >= deadline:
-            return busy
-        print(f"    machine busy ({busy:.2f} cores used by other processes), waiting ...", flush=True)
-        time.sleep(3)
-
-
 def run_side(args: argparse.Namespace, side: str) -> dict[str, Any]:
     for attempt in range(args.retries + 1):
         if args.max_wait_idle > 0:
-            wait_idle(args.max_wait_idle)
+            wait_idle(args.max_wait_idle, BUSY_CORES)
         out = _run_side_once(args, side)
         if "error" in out or out["other_processes_cores"] <= BUSY_CORES:
             break

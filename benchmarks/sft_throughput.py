@@ -104,6 +104,8 @@ CHECKPOINT_WINDOW = 0.1  # loss at a checkpoint = mean over steps in the last 10
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks._load import process_cpu_s, system_busy_s, wait_idle  # noqa: E402
+
 
 # ---------------------------------------------------------------------------------------------
 # Shared setup: tokenizer, examples, model (both sides use these)
@@ -196,18 +198,6 @@ def _rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
-def _system_busy_s() -> float:
-    import psutil
-
-    t = psutil.cpu_times()
-    return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
-
-
-def _process_cpu_s() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
 def _lifetime_peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
@@ -242,10 +232,8 @@ class Recorder:
             self._peak_train_rss = max(self._peak_train_rss, process.memory_info().rss)
 
     def start(self) -> None:
-        import psutil
-
-        self._cpu_s = _process_cpu_s()
-        self._system_busy = _system_busy_s()
+        self._cpu_s = process_cpu_s()
+        self._system_busy = system_busy_s()
         self.rss_before_train = _rss_bytes()
         self.peak_rss_before_train = _lifetime_peak_rss_bytes()
         self._peak_train_rss = self.rss_before_train
@@ -254,13 +242,13 @@ class Recorder:
         self._started = time.perf_counter()
 
     def begin_step(self) -> None:
-        self._step_started = (time.perf_counter(), _system_busy_s(), _process_cpu_s())
+        self._step_started = (time.perf_counter(), system_busy_s(), process_cpu_s())
 
     def step(self, *, total_tokens: int, effective_tokens: int, loss_tokens: int, sequences: int,
              loss: float) -> None:
         t0, busy0, cpu0 = self._step_started
         seconds = time.perf_counter() - t0
-        other = max(0.0, (_system_busy_s() - busy0) - (_process_cpu_s() - cpu0)) / seconds
+        other = max(0.0, (system_busy_s() - busy0) - (process_cpu_s() - cpu0)) / seconds
         self.cum_total += total_tokens
         self.cum_effective += effective_tokens
         self.cum_loss_tokens += loss_tokens
@@ -277,9 +265,9 @@ class Recorder:
 
     def stop(self) -> None:
         self.train_s = time.perf_counter() - self._started
-        self.cpu_s = _process_cpu_s() - self._cpu_s
+        self.cpu_s = process_cpu_s() - self._cpu_s
         # CPU time other processes took while we trained, in cores: > ~0.1 means the timing is contaminated
-        self.other_cores = max(0.0, _system_busy_s() - self._system_busy - self.cpu_s) / self.train_s
+        self.other_cores = max(0.0, system_busy_s() - self._system_busy - self.cpu_s) / self.train_s
         self._sampling.set()
         if self._thread is not None:
             self._thread.join()
@@ -512,29 +500,11 @@ def _child_args(args: argparse.Namespace, side: str, result: Path) -> list[str]:
     return out
 
 
-def _other_cores(interval_s: float = 2.0) -> float:
-    """Cores busy right now (this process is idle while it measures)."""
-    before = _system_busy_s()
-    time.sleep(interval_s)
-    return (_system_busy_s() - before) / interval_s
-
-
-def wait_idle(max_wait_s: float) -> float:
-    """Wait (up to max_wait_s) until the machine is idle; return the last busy-core reading."""
-    deadline = time.monotonic() + max_wait_s
-    busy = _other_cores()
-    while busy > BUSY_CORES and time.monotonic() < deadline:
-        print(f"    machine busy ({busy:.2f} cores used by other processes), waiting ...", flush=True)
-        time.sleep(5)
-        busy = _other_cores()
-    return busy
-
-
 def run_side(args: argparse.Namespace, side: str, work: Path) -> dict[str, Any]:
     """Run one side in a child process; rerun (up to --retries times) when other processes used
     more than BUSY_CORES while it trained."""
     for attempt in range(args.retries + 1):
-        wait_idle(args.max_wait_idle)
+        wait_idle(args.max_wait_idle, BUSY_CORES)
         out = _run_side_once(args, side, work)
         if "error" in out or out["other_processes_cores"] <= BUSY_CORES:
             break

@@ -105,5 +105,27 @@ def run_cli(*args: str, cwd: Path | None = None, check: bool = False) -> subproc
     return result
 
 
+def build_tiny_lm(root: Path, max_positions: int = 512) -> Path:
+    """A byte-level BPE tokenizer (vocab 400, trained on 100 curated GSM8K records) at root/tok
+    and an untrained one-layer Llama saved with it at root/model; returns root/model."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from components.data.curate import curate
+    from components.data.tokenizer import TokenizerConfig, train_tokenizer
+    from components.models.factory import ModelConfig, build_causal_lm
+    from flows.params import heldout_curation
+
+    curate(heldout_curation().model_copy(update={"max_docs": 100}), str(REPO_ROOT / "data/raw/gsm8k/train.jsonl"),
+           str(root / "curated"))
+    train_tokenizer(TokenizerConfig(vocab_size=400), str(root / "curated"), str(root / "tok"))
+    tokenizer = AutoTokenizer.from_pretrained(root / "tok")
+    torch.manual_seed(0)
+    build_causal_lm(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
+                                max_position_embeddings=max_positions), tokenizer).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    return root / "model"
+
+
 def have_git() -> bool:
     return shutil.which("git") is not None

@@ -10,31 +10,14 @@ from pydantic import ValidationError
 
 from components.errors import DataError
 from components.eval.accuracy import AccuracyConfig, evaluate_accuracy
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, build_tiny_lm
 
 HELDOUT = REPO_ROOT / "data/raw/gsm8k/test.jsonl"
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-
-    from components.data.curate import curate
-    from components.data.tokenizer import TokenizerConfig, train_tokenizer
-    from components.models.factory import ModelConfig, build_causal_lm
-    from flows.params import heldout_curation
-    from transformers import AutoTokenizer
-
-    root = tmp_path_factory.mktemp("acc")
-    curate(heldout_curation().model_copy(update={"max_docs": 100}), str(REPO_ROOT / "data/raw/gsm8k/train.jsonl"),
-           str(root / "curated"))
-    train_tokenizer(TokenizerConfig(vocab_size=400), str(root / "curated"), str(root / "tok"))
-    tokenizer = AutoTokenizer.from_pretrained(root / "tok")
-    torch.manual_seed(0)
-    build_causal_lm(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
-                                max_position_embeddings=512), tokenizer).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    return root / "model"
+    return build_tiny_lm(tmp_path_factory.mktemp("acc"))
 
 
 def test_metrics_agree_with_the_recorded_samples(tiny_model: Path, tmp_path: Path) -> None:

@@ -17,29 +17,14 @@ from components.train.engine import read_metrics
 from components.train.grpo import GRPOConfig, grpo
 from components.train.ppo import PPOConfig, adaptive_kl_coef, ppo
 from components.train.rewards import RewardError, RewardSpec, answer_format, correctness, score
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, build_tiny_lm
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny tokenizer + causal LM and an arithmetic task in GSM8K format."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from components.data.curate import curate
-    from components.data.tokenizer import TokenizerConfig, train_tokenizer
-    from components.models.factory import ModelConfig, build_causal_lm
-    from flows.params import heldout_curation
-
     root = tmp_path_factory.mktemp("rl")
-    curate(heldout_curation().model_copy(update={"max_docs": 100}), str(REPO_ROOT / "data/raw/gsm8k/train.jsonl"),
-           str(root / "curated"))
-    train_tokenizer(TokenizerConfig(vocab_size=400), str(root / "curated"), str(root / "tok"))
-    tokenizer = AutoTokenizer.from_pretrained(root / "tok")
-    torch.manual_seed(0)
-    build_causal_lm(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
-                                max_position_embeddings=512), tokenizer).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    build_tiny_lm(root)
     splits = generate(ArithmeticTaskConfig(train_problems=32, test_problems=4, max_steps=1, max_operand=9))
     for split, rows in splits.items():
         (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

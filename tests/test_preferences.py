@@ -17,32 +17,15 @@ from components.data.preferences import (
 )
 from components.errors import DataError
 from components.eval.verifiers import is_correct
-from tests.conftest import REPO_ROOT
+from tests.conftest import build_tiny_lm
 
 NAMES = ["Ava", "Ben", "Cleo", "Dan", "Eli", "Fay"]
 ITEMS = ["apples", "pens", "books", "coins", "shells"]
 
 
 def build_base(root: Path) -> Path:
-    """A byte-level BPE tokenizer (trained on curated GSM8K) and an untrained tiny Llama
-    saved with it under root/model; returns that model directory."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from components.data.curate import curate
-    from components.data.tokenizer import TokenizerConfig, train_tokenizer
-    from components.models.factory import ModelConfig, build_causal_lm
-    from flows.params import heldout_curation
-
-    curate(heldout_curation().model_copy(update={"max_docs": 100}), str(REPO_ROOT / "data/raw/gsm8k/train.jsonl"),
-           str(root / "curated"))
-    train_tokenizer(TokenizerConfig(vocab_size=400), str(root / "curated"), str(root / "tok"))
-    tokenizer = AutoTokenizer.from_pretrained(root / "tok")
-    torch.manual_seed(0)
-    build_causal_lm(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
-                                max_position_embeddings=256), tokenizer).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    return root / "model"
+    """The shared tiny tokenizer + untrained Llama (context 256) under root/model."""
+    return build_tiny_lm(root, max_positions=256)
 
 
 def write_sign_pairs(path: Path, count: int, seed: int = 0) -> list[dict[str, str]]:

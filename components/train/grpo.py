@@ -29,9 +29,7 @@ from pydantic import Field
 
 from components.artifacts import ComponentSpec, Manifest, produce
 from components.config import StrictConfig
-from components.errors import ConfigError, DataError
-from components.eval.accuracy import read_problems
-from components.eval.generate import prompt_ids
+from components.errors import ConfigError
 from components.train.engine import METRICS_FILE, TrainConfig, read_metrics
 from components.train.launch import make_job, read_job, run_job
 from components.train.loop import OptimConfig
@@ -84,33 +82,18 @@ class _Chunk:
 
 def train_job(job: dict[str, Any]) -> dict[str, Any]:
     import torch
-    from transformers import AutoTokenizer
 
-    from components.eval.accuracy import inference_flops_per_token
-    from components.models.factory import load_causal_lm
+    from components.train.fast_llama import shared_prompt_logprobs, supports
     from components.train.losses import aggregate_loss, group_advantages, kl_estimate, masked_mean, ppo_policy_loss
     from components.train.rewards import score
-    from components.train.fast_llama import shared_prompt_logprobs, supports
-    from components.train.rl import completion_logprobs, decode, run_rl
-    from components.train.trainer import training_flops_per_token
+    from components.train.rl import completion_logprobs, decode, load_rl_setup, run_rl
 
     job_ = read_job(job, GRPOConfig)
     config, paths, run_dir, out_dir = job_.config, job_.paths, job_.run_dir, job_.out_dir
-    tokenizer = AutoTokenizer.from_pretrained(paths["model"])
-    if tokenizer.pad_token_id is None:
-        raise ConfigError(f"{paths['model']}: the tokenizer has no pad token")
-    policy = load_causal_lm(paths["model"], attn_implementation="sdpa", dtype=torch.float32)
-    problems = read_problems(paths["problems"], config.problems_format, config.max_problems)
-    heldout = (read_problems(paths["heldout"], config.problems_format, config.heldout.problems)
-               if "heldout" in paths and config.heldout.problems else [])
-    if len(problems) < config.train.batch_size_rows:
-        raise DataError(f"{paths['problems']}: {len(problems)} problems, fewer than batch_size_rows "
-                        f"({config.train.batch_size_rows})")
-    encoded = [prompt_ids(tokenizer, question) for question, _ in problems]
+    setup = load_rl_setup(paths, config)
+    tokenizer, policy, problems, encoded = setup.tokenizer, setup.policy, setup.problems, setup.encoded
     reference = copy.deepcopy(policy).eval().requires_grad_(False) if config.kl_coef > 0 else None
-    context = max(len(ids) for ids in encoded) + config.max_new_tokens
-    forward_flops = inference_flops_per_token(policy, context)
-    train_flops = training_flops_per_token(policy, context)
+    forward_flops, train_flops = setup.forward_flops_per_token, setup.training_flops_per_token
     group = config.group_size
     micro_prompts = config.train.micro_batch_rows or config.train.batch_size_rows
     shared_prompt = supports(policy)
@@ -235,7 +218,7 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
         tokenizer.save_pretrained(directory)
 
     records = run_rl(policy, policy, tokenizer, config.train, len(problems), run_dir, make_step=make_step,
-                     save_model=save_model, heldout=heldout, heldout_settings=config.heldout,
+                     save_model=save_model, heldout=setup.heldout, heldout_settings=config.heldout,
                      max_new_tokens=config.max_new_tokens, temperature=config.temperature, final_dir=out_dir, description="grpo")
     return summarize_rl(run_dir, records)
 

@@ -29,9 +29,7 @@ from pydantic import Field
 
 from components.artifacts import ComponentSpec, Manifest, produce
 from components.config import StrictConfig
-from components.errors import ConfigError, DataError
-from components.eval.accuracy import read_problems
-from components.eval.generate import prompt_ids
+from components.errors import ConfigError
 from components.train.engine import TrainConfig
 from components.train.launch import make_job, read_job, run_job
 from components.train.loop import OptimConfig
@@ -96,30 +94,18 @@ def adaptive_kl_coef(coef: float, measured_kl: float, target: float, samples: in
 
 def train_job(job: dict[str, Any]) -> dict[str, Any]:
     import torch
-    from transformers import AutoTokenizer
 
-    from components.eval.accuracy import inference_flops_per_token
-    from components.models.factory import load_causal_lm
     from components.train.grpo import summarize_rl
-    from components.train.trainer import training_flops_per_token
     from components.train.losses import gae_advantages, kl_estimate, masked_mean, ppo_policy_loss, value_loss
     from components.train.rewards import score
-    from components.train.rl import completion_logprobs, decode, run_rl
+    from components.train.rl import completion_logprobs, decode, load_rl_setup, run_rl
 
     job_ = read_job(job, PPOConfig)
     config, paths, run_dir, out_dir = job_.config, job_.paths, job_.run_dir, job_.out_dir
-    tokenizer = AutoTokenizer.from_pretrained(paths["model"])
-    if tokenizer.pad_token_id is None:
-        raise ConfigError(f"{paths['model']}: the tokenizer has no pad token")
-    policy = load_causal_lm(paths["model"], attn_implementation="sdpa", dtype=torch.float32)
+    setup = load_rl_setup(paths, config)
+    tokenizer, policy, problems, encoded = setup.tokenizer, setup.policy, setup.problems, setup.encoded
     module = _policy_with_value(policy)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    problems = read_problems(paths["problems"], config.problems_format, config.max_problems)
-    heldout = (read_problems(paths["heldout"], config.problems_format, config.heldout.problems)
-               if "heldout" in paths and config.heldout.problems else [])
-    if len(problems) < config.train.batch_size_rows:
-        raise DataError(f"{paths['problems']}: {len(problems)} problems, fewer than batch_size_rows "
-                        f"({config.train.batch_size_rows})")
     reward_model = reward_tokenizer = None
     if "reward_model" in paths:
         from components.train.reward_model import load_reward_model
@@ -128,10 +114,8 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
         if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise ConfigError(f"{paths['reward_model']}: the reward model's tokenizer differs from the policy's "
                               f"({paths['model']})")
-    encoded = [prompt_ids(tokenizer, question) for question, _ in problems]
-    context = max(len(ids) for ids in encoded) + config.max_new_tokens
-    forward_flops = inference_flops_per_token(policy, context)  # per token: rollout, old and reference passes
-    train_flops = training_flops_per_token(policy, context)  # per token of each minibatch update
+    forward_flops = setup.forward_flops_per_token  # per token: rollout, old and reference passes
+    train_flops = setup.training_flops_per_token  # per token of each minibatch update
     samples = config.samples_per_prompt
     state = {"kl_coef": config.kl_coef, "reward_errors": 0, "training_flops": 0.0}
 
@@ -231,7 +215,7 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
         torch.save(wrapper.value_head.state_dict(), directory / VALUE_HEAD_FILE)
 
     records = run_rl(module, policy, tokenizer, config.train, len(problems), run_dir, make_step=make_step,
-                     save_model=save_model, heldout=heldout, heldout_settings=config.heldout,
+                     save_model=save_model, heldout=setup.heldout, heldout_settings=config.heldout,
                      max_new_tokens=config.max_new_tokens, temperature=config.temperature, final_dir=out_dir, description="ppo")
     return summarize_rl(run_dir, records)
 

@@ -198,6 +198,47 @@ def verified_accuracy(model: Any, tokenizer: Any, problems: list[tuple[str, str]
     return correct / max(1, len(problems) * samples)
 
 
+@dataclass
+class RLSetup:
+    """What every RL job starts from: the policy (fp32 master weights) and its tokenizer, the
+    training and held-out problems, the prompts' token ids, and FLOPs per token for accounting."""
+
+    tokenizer: Any
+    policy: Any
+    problems: list[tuple[str, str]]
+    heldout: list[tuple[str, str]]
+    encoded: list[list[int]]
+    forward_flops_per_token: float
+    training_flops_per_token: float
+
+
+def load_rl_setup(paths: dict[str, Path], config: Any) -> RLSetup:
+    """The policy from `paths["model"]`, problems from `paths["problems"]` (and `heldout`), as
+    `config` (a GRPO or PPO config) asks; a tokenizer without padding or too few problems is named."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from components.errors import ConfigError, DataError
+    from components.eval.accuracy import inference_flops_per_token, read_problems
+    from components.models.factory import load_causal_lm
+    from components.train.trainer import training_flops_per_token
+
+    tokenizer = AutoTokenizer.from_pretrained(paths["model"])
+    if tokenizer.pad_token_id is None:
+        raise ConfigError(f"{paths['model']}: the tokenizer has no pad token")
+    policy = load_causal_lm(paths["model"], attn_implementation="sdpa", dtype=torch.float32)
+    problems = read_problems(paths["problems"], config.problems_format, config.max_problems)
+    heldout = (read_problems(paths["heldout"], config.problems_format, config.heldout.problems)
+               if "heldout" in paths and config.heldout.problems else [])
+    if len(problems) < config.train.batch_size_rows:
+        raise DataError(f"{paths['problems']}: {len(problems)} problems, fewer than batch_size_rows "
+                        f"({config.train.batch_size_rows})")
+    encoded = [prompt_ids(tokenizer, question) for question, _ in problems]
+    context = max(len(ids) for ids in encoded) + config.max_new_tokens
+    return RLSetup(tokenizer, policy, problems, heldout, encoded, inference_flops_per_token(policy, context),
+                   training_flops_per_token(policy, context))
+
+
 # One RL step: given the prompts' indices, do the rollout and updates; return the step record.
 StepFunction = Callable[[int, "torch.Tensor", float], dict[str, Any]]
 
