@@ -22,7 +22,7 @@ from components.artifacts import ComponentSpec, Manifest, produce, read_manifest
 from components.config import StrictConfig
 from components.eval.accuracy import CURVE_FILE
 
-SPEC = ComponentSpec(name="compare_test_time_compute", version="2")
+SPEC = ComponentSpec(name="compare_test_time_compute", version="3")
 REPORT_FILE = "report.md"
 PLOT_FILE = "accuracy_vs_compute.png"
 TABLE_FILE = "accuracy_vs_compute.csv"
@@ -78,7 +78,8 @@ def rl_versus_best_of_n(sft_points: list[dict[str, Any]], rl_points: list[dict[s
     else:
         extra = best["flops_per_query"] - rl_single["flops_per_query"]
         breakeven = training_flops / extra if extra > 0 else None
-        lines.append(f"No answer-key-free method of the SFT model reaches it up to n = {best['n']}: RL is more "
+        largest_n = max(p["n"] for p in deployable)
+        lines.append(f"No answer-key-free method of the SFT model reaches it up to n = {largest_n}: RL is more "
                      f"accurate at every volume, and also cheaper than that largest n above "
                      f"**{breakeven:,.0f} queries**." if breakeven is not None else
                      "No answer-key-free method of the SFT model reaches it.")
