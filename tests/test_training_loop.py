@@ -256,6 +256,30 @@ def test_deepspeed_ranks_on_cpu_train_the_single_process_model(chain: Path, zero
     assert_same_weights(chain / f"single_{zero_stage}", chain / f"ranks_{zero_stage}", atol=1e-6)
 
 
+@pytest.mark.slow
+def test_a_hostfile_from_the_prefect_task_launches_this_nodes_ranks_without_ssh(chain: Path, tmp_path: Path) -> None:
+    """The hostfile the `deepspeed-hostfile` task writes, launched as node 0 (`--no_ssh`, as one
+    pod or Slurm task per node would): two CPU ranks train the single-process model."""
+    from flows.scale_out import deepspeed_hostfile
+
+    hostfile = deepspeed_hostfile.fn(str(tmp_path / "hostfile"), 2, ["localhost"])
+    base = TrainConfig(batch_size_rows=8, micro_batch_rows=2, max_steps=4)
+    single = PretrainConfig(model=TINY, train=base)
+    ranks = PretrainConfig(model=TINY, train=base.model_copy(update={"distributed": DistributedConfig(
+        launcher="deepspeed", num_procs=2, hostfile=hostfile, node_rank=0)}))
+    run(chain, single, "single_hostfile")
+    manifest = run(chain, ranks, "ranks_hostfile", num_gpus=2, zero_stage=1)
+    assert manifest.metrics["world_size"] == 2
+    (run_dir,) = runs_of(chain / "ranks_hostfile")
+    from components.train.launch import deepspeed_command
+
+    command = deepspeed_command(ranks.train.distributed, 2, run_dir / "job.json")
+    assert command[command.index("--hostfile") + 1] == hostfile and "--no_ssh" in command
+    assert command[command.index("--node_rank") + 1] == "0"
+    assert len({(run_dir / f"weights-rank{rank}.sha256").read_text() for rank in (0, 1)}) == 1
+    assert_same_weights(chain / "single_hostfile", chain / "ranks_hostfile", atol=1e-6)
+
+
 def test_a_nan_gradient_with_a_finite_loss_stops_before_the_update(chain: Path, tmp_path: Path) -> None:
     from components.train.modules import CausalLMLoss
 

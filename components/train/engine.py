@@ -80,6 +80,11 @@ class DistributedConfig(StrictConfig):
         None, ge=1, description="Ranks per node for the deepspeed launcher; default: the estimate's num_gpus, else 1.",
     )
     hostfile: str | None = Field(None, description="DeepSpeed hostfile for multi-node runs.")
+    node_rank: int | None = Field(
+        None, ge=0, description="With a hostfile: start only this node's ranks, without ssh (DeepSpeed --no_ssh); "
+                                "run the stage once per node with its node_rank (one pod or Slurm task per node).")
+    master_addr: str | None = Field(None, description="Address of the hostfile's first node (with node_rank); "
+                                                      "default 127.0.0.1.")
     master_port: int | None = Field(None, ge=1024, le=65535, description="Default: a free port.")
     deepspeed_config: dict[str, Any] | None = Field(
         None, description="A DeepSpeed config; default: the feasibility estimate's recommended `deepspeed_config`.",

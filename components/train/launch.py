@@ -91,9 +91,16 @@ def _free_port() -> int:
 
 
 def deepspeed_command(distributed: DistributedConfig, num_procs: int, job_path: Path) -> list[str]:
-    """`deepspeed` on this node's ranks (master on 127.0.0.1), or on a hostfile's nodes."""
+    """`deepspeed` on this node's ranks (master on 127.0.0.1), on a hostfile's nodes (over ssh), or
+    on this node's share of a hostfile (`node_rank`: DeepSpeed's `--no_ssh`)."""
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
-    where = ["--hostfile", distributed.hostfile] if distributed.hostfile else ["--master_addr", "127.0.0.1"]
+    if distributed.hostfile and distributed.node_rank is not None:  # one launcher per node, no ssh between them
+        where = ["--hostfile", distributed.hostfile, "--no_ssh", "--node_rank", str(distributed.node_rank),
+                 "--master_addr", distributed.master_addr or "127.0.0.1"]
+    elif distributed.hostfile:  # this launcher reaches every node over passwordless ssh
+        where = ["--hostfile", distributed.hostfile]
+    else:
+        where = ["--master_addr", "127.0.0.1"]
     return [launcher, *where, "--num_gpus", str(num_procs), "--master_port", str(distributed.master_port or _free_port()),
             "--module", "components.train.worker", str(job_path)]
 
