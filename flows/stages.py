@@ -14,7 +14,7 @@ from components.data import arithmetic, curate, pack, preferences, sft_data, tok
 from components.eval import accuracy, compare, perplexity, report
 from components.feasibility import training as feasibility
 from components.feasibility.estimate import REPORT_FILE as ESTIMATE_REPORT
-from components.train import dpo, grpo, grpo_study, ppo, prompt_tuning, pretrain, reward_model, sft
+from components.train import dpo, grpo, grpo_study, ppo, prompt_tuning, pretrain, reward_model, rl, sft
 from components.train.trainer import SUMMARY_FILE as TRAIN_REPORT
 from flows.params import PipelineParams
 
@@ -139,7 +139,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("grpo", "grpo", grpo.SPEC, grpo.grpo,
           {"model": "arithmetic_sft", "problems": "arithmetic_task/train.jsonl", "heldout": "arithmetic_task/test.jsonl"},
           "RL with verifiable rewards (GRPO) from the SFT model; held-out accuracy before, during and after.",
-          markdown_file=grpo.REPORT_FILE),
+          markdown_file=rl.REPORT_FILE),
     Stage("grpo_study", "grpo_study", grpo_study.SPEC, grpo_study.grpo_study,
           {"model": "arithmetic_sft", "problems": "arithmetic_task/train.jsonl", "heldout": "arithmetic_task/test.jsonl"},
           "Does GRPO learn? The GRPO run over several seeds: held-out accuracy vs step, mean +- std (`make rl-demo`).",
@@ -174,7 +174,7 @@ STAGES: tuple[Stage, ...] = (
           {"model": "arithmetic_sft", "problems": "arithmetic_task/train.jsonl",
            "heldout": "arithmetic_task/test.jsonl", "reward_model": "reward_model"},
           "RLHF with PPO: value head, frozen reference, KL penalty, GAE; rewarded by the reward model.",
-          markdown_file=grpo.REPORT_FILE, in_pipeline=False),
+          markdown_file=rl.REPORT_FILE, in_pipeline=False),
     Stage("prompt_tuning", "prompt_tuning", prompt_tuning.STUDY_SPEC, prompt_tuning.prompt_tuning_study,
           {"model": "pretrain", "dataset": "data.raw_train", "heldout": "data.raw_heldout"},
           "Prompt tuning of the frozen pretrained model: text vs random vs vocab initialisation over seeds.",

@@ -20,28 +20,23 @@ low / high, the fraction of zero-variance groups, response length, and rollout v
 from __future__ import annotations
 
 import copy
-import csv
 import time
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
 
-from components.artifacts import ComponentSpec, Manifest, produce
+from components.artifacts import ComponentSpec, Manifest
 from components.config import StrictConfig
-from components.errors import ConfigError
-from components.train.engine import METRICS_FILE, TrainConfig, read_metrics
-from components.train.launch import make_job, read_job, run_job
+from components.train.engine import TrainConfig
+from components.train.launch import read_job
 from components.train.loop import OptimConfig
 from components.train.losses import Aggregation, GroupNorm, KLEstimator
 from components.train.rewards import RewardSpec
-from components.train.rl import HELDOUT_FILE, HeldoutSettings
+from components.train.rl import HeldoutSettings, produce_rl, summarize_rl
 
 SPEC = ComponentSpec(name="grpo", version="1")
-REPORT_FILE = "train_report.md"
-RL_CSV_COLUMNS = ("step", "loss", "reward_mean", "reward_std", "kl", "entropy", "clip_fraction_low",
-                  "clip_fraction_high", "zero_variance_fraction", "response_length", "rollout_time_s",
-                  "update_time_s", "grad_norm", "learning_rate")
+
 
 
 class GRPOConfig(StrictConfig):
@@ -223,77 +218,9 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
     return summarize_rl(run_dir, records)
 
 
-def summarize_rl(run_dir: Path, records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Run metrics over every step, including those before a resume (read from the live log)."""
-    every = read_metrics(run_dir / METRICS_FILE) or records
-    heldout = read_metrics(run_dir / HELDOUT_FILE)
-    tail = every[-min(5, len(every)):]
-    metrics: dict[str, Any] = {
-        "steps": len(every),
-        "reward_mean_first": every[0]["reward_mean"],
-        "reward_mean_last5": sum(r["reward_mean"] for r in tail) / len(tail),
-        "rollout_time_s": round(sum(r["rollout_time_s"] for r in every), 2),
-        "update_time_s": round(sum(r["update_time_s"] for r in every), 2),
-        "train_time_s": round(sum(r["step_time_s"] for r in every), 2),
-        "training_flops": every[-1]["training_flops"],
-        "reward_errors": every[-1]["reward_errors"],
-    }
-    if heldout:
-        metrics.update({"heldout_accuracy_before": heldout[0]["heldout_accuracy"],
-                        "heldout_accuracy_after": heldout[-1]["heldout_accuracy"],
-                        "heldout_problems": heldout[-1]["problems"]})
-        if "heldout_sampled_accuracy" in heldout[0]:
-            metrics.update({"heldout_sampled_accuracy_before": heldout[0]["heldout_sampled_accuracy"],
-                            "heldout_sampled_accuracy_after": heldout[-1]["heldout_sampled_accuracy"]})
-    return metrics
-
-
-def publish_rl_metrics(run_dir: Path, out_dir: Path, title: str, metrics: dict[str, Any]) -> None:
-    """The step log (jsonl, csv for `dvc plots`), the held-out curve, metrics.json (DVC metrics)
-    and a markdown summary."""
-    import json
-
-    records = read_metrics(run_dir / METRICS_FILE)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    (out_dir / "train_metrics.jsonl").write_text("".join(_dump(r) for r in records), encoding="utf-8")
-    with open(out_dir / "train_metrics.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=RL_CSV_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(records)
-    heldout = read_metrics(run_dir / HELDOUT_FILE)
-    (out_dir / HELDOUT_FILE).write_text("".join(_dump(r) for r in heldout), encoding="utf-8")
-    with open(out_dir / "heldout_accuracy.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=("step", "heldout_accuracy", "heldout_sampled_accuracy"),
-                                extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(heldout)
-    lines = [f"# {title}", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |"
-              for key, value in metrics.items()]
-    if heldout:
-        lines += ["", "| step | held-out greedy accuracy | held-out sampled accuracy (pass@1) |", "|---:|---:|---:|"]
-        lines += [f"| {r['step']} | {r['heldout_accuracy']:.3f} | {r.get('heldout_sampled_accuracy', float('nan')):.3f} |"
-                  for r in heldout]
-    (out_dir / REPORT_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-def _dump(record: dict[str, Any]) -> str:
-    import json
-
-    return json.dumps(record) + "\n"
-
-
 def grpo(config: GRPOConfig, model: str, problems: str, dest: str, heldout: str | None = None,
          overwrite: bool = False) -> Manifest:
     """Train `model` (an SFT model artifact) by GRPO on `problems` (GSM8K-format jsonl); score
     greedy accuracy on `heldout` problems before, during and after."""
-    def build(out_dir: Path, paths: dict[str, Path]) -> dict[str, Any]:
-        job = make_job("grpo", config, paths, out_dir, dest)
-        metrics = run_job(job, config.train.distributed, 1)
-        publish_rl_metrics(Path(job["run_dir"]), out_dir, "GRPO", metrics)
-        return metrics
-
-    if config.train.distributed.launcher != "none":
-        raise ConfigError("grpo: train.distributed.launcher must be 'none' (RL trainers run in one process)")
     inputs = {"model": model, "problems": problems, **({"heldout": heldout} if heldout else {})}
-    return produce(SPEC, config, inputs, dest, build, overwrite=overwrite)
+    return produce_rl(SPEC, "grpo", "GRPO", config, inputs, dest, overwrite)

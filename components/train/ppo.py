@@ -27,14 +27,14 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from components.artifacts import ComponentSpec, Manifest, produce
+from components.artifacts import ComponentSpec, Manifest
 from components.config import StrictConfig
 from components.errors import ConfigError
 from components.train.engine import TrainConfig
-from components.train.launch import make_job, read_job, run_job
+from components.train.launch import read_job
 from components.train.loop import OptimConfig
 from components.train.rewards import RewardSpec
-from components.train.rl import HeldoutSettings
+from components.train.rl import HeldoutSettings, produce_rl
 
 SPEC = ComponentSpec(name="ppo", version="1")
 VALUE_HEAD_FILE = "value_head.pt"
@@ -95,10 +95,9 @@ def adaptive_kl_coef(coef: float, measured_kl: float, target: float, samples: in
 def train_job(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from components.train.grpo import summarize_rl
     from components.train.losses import gae_advantages, kl_estimate, masked_mean, ppo_policy_loss, value_loss
     from components.train.rewards import score
-    from components.train.rl import completion_logprobs, decode, load_rl_setup, run_rl
+    from components.train.rl import completion_logprobs, decode, load_rl_setup, run_rl, summarize_rl
 
     job_ = read_job(job, PPOConfig)
     config, paths, run_dir, out_dir = job_.config, job_.paths, job_.run_dir, job_.out_dir
@@ -224,16 +223,6 @@ def ppo(config: PPOConfig, model: str, problems: str, dest: str, heldout: str | 
         reward_model: str | None = None, overwrite: bool = False) -> Manifest:
     """Train `model` by PPO on `problems`, rewarded by `reward_model` (a reward_model artifact)
     or by the configured reward functions; held-out greedy accuracy before, during and after."""
-    from components.train.grpo import publish_rl_metrics
-
-    def build(out_dir: Path, paths: dict[str, Path]) -> dict[str, Any]:
-        job = make_job("ppo", config, paths, out_dir, dest)
-        metrics = run_job(job, config.train.distributed, 1)
-        publish_rl_metrics(Path(job["run_dir"]), out_dir, "PPO", metrics)
-        return metrics
-
-    if config.train.distributed.launcher != "none":
-        raise ConfigError("ppo: train.distributed.launcher must be 'none' (RL trainers run in one process)")
     inputs = {"model": model, "problems": problems, **({"heldout": heldout} if heldout else {}),
               **({"reward_model": reward_model} if reward_model else {})}
-    return produce(SPEC, config, inputs, dest, build, overwrite=overwrite)
+    return produce_rl(SPEC, "ppo", "PPO", config, inputs, dest, overwrite)

@@ -20,6 +20,7 @@ the outer loop around the training engine's pieces.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import time
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
+from components.artifacts import ComponentSpec, Manifest
 from components.config import StrictConfig
 from components.eval.generate import _stop_ids, prompt_ids
 from components.eval.verifiers import is_correct
@@ -43,6 +45,10 @@ if TYPE_CHECKING:
     import torch
 
 HELDOUT_FILE = "heldout_accuracy.jsonl"
+REPORT_FILE = "train_report.md"
+RL_CSV_COLUMNS = ("step", "loss", "reward_mean", "reward_std", "kl", "entropy", "clip_fraction_low",
+                  "clip_fraction_high", "zero_variance_fraction", "response_length", "rollout_time_s",
+                  "update_time_s", "grad_norm", "learning_rate")
 
 
 @dataclass
@@ -329,3 +335,82 @@ def run_rl(
     (run_dir / "weights-rank0.sha256").write_text(weights_digest(backend.module) + "\n", encoding="utf-8")
     (run_dir / COMPLETED_FILE).write_text(json.dumps({"steps": config.max_steps}) + "\n", encoding="utf-8")
     return records
+
+
+def summarize_rl(run_dir: Path, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Run metrics over every step, including those before a resume (read from the live log)."""
+    every = read_metrics(run_dir / METRICS_FILE) or records
+    heldout = read_metrics(run_dir / HELDOUT_FILE)
+    tail = every[-min(5, len(every)):]
+    metrics: dict[str, Any] = {
+        "steps": len(every),
+        "reward_mean_first": every[0]["reward_mean"],
+        "reward_mean_last5": sum(r["reward_mean"] for r in tail) / len(tail),
+        "rollout_time_s": round(sum(r["rollout_time_s"] for r in every), 2),
+        "update_time_s": round(sum(r["update_time_s"] for r in every), 2),
+        "train_time_s": round(sum(r["step_time_s"] for r in every), 2),
+        "training_flops": every[-1]["training_flops"],
+        "reward_errors": every[-1]["reward_errors"],
+    }
+    if heldout:
+        metrics.update({"heldout_accuracy_before": heldout[0]["heldout_accuracy"],
+                        "heldout_accuracy_after": heldout[-1]["heldout_accuracy"],
+                        "heldout_problems": heldout[-1]["problems"]})
+        if "heldout_sampled_accuracy" in heldout[0]:
+            metrics.update({"heldout_sampled_accuracy_before": heldout[0]["heldout_sampled_accuracy"],
+                            "heldout_sampled_accuracy_after": heldout[-1]["heldout_sampled_accuracy"]})
+    return metrics
+
+
+def publish_rl_metrics(run_dir: Path, out_dir: Path, title: str, metrics: dict[str, Any]) -> None:
+    """The step log (jsonl, csv for `dvc plots`), the held-out curve, metrics.json (DVC metrics)
+    and a markdown summary."""
+    import json
+
+    records = read_metrics(run_dir / METRICS_FILE)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    (out_dir / "train_metrics.jsonl").write_text("".join(_dump(r) for r in records), encoding="utf-8")
+    with open(out_dir / "train_metrics.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=RL_CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(records)
+    heldout = read_metrics(run_dir / HELDOUT_FILE)
+    (out_dir / HELDOUT_FILE).write_text("".join(_dump(r) for r in heldout), encoding="utf-8")
+    with open(out_dir / "heldout_accuracy.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=("step", "heldout_accuracy", "heldout_sampled_accuracy"),
+                                extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(heldout)
+    lines = [f"# {title}", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |"
+              for key, value in metrics.items()]
+    if heldout:
+        lines += ["", "| step | held-out greedy accuracy | held-out sampled accuracy (pass@1) |", "|---:|---:|---:|"]
+        lines += [f"| {r['step']} | {r['heldout_accuracy']:.3f} | {r.get('heldout_sampled_accuracy', float('nan')):.3f} |"
+                  for r in heldout]
+    (out_dir / REPORT_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _dump(record: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(record) + "\n"
+
+def produce_rl(spec: ComponentSpec, trainer: str, title: str, config: Any, inputs: dict[str, str], dest: str,
+               overwrite: bool) -> Manifest:
+    """Publish an RL trainer's run (`trainer` in launch.TRAINERS) as a component: the job runs in
+    this process (RL trainers have no launcher), then its step log and held-out curve are published."""
+    from components.artifacts import produce
+    from components.errors import ConfigError
+    from components.train.launch import make_job, run_job
+
+    if config.train.distributed.launcher != "none":
+        raise ConfigError(f"{trainer}: train.distributed.launcher must be 'none' (RL trainers run in one process)")
+
+    def build(out_dir: Path, paths: dict[str, Path]) -> dict[str, Any]:
+        job = make_job(trainer, config, paths, out_dir, dest)
+        metrics = run_job(job, config.train.distributed, 1)
+        publish_rl_metrics(Path(job["run_dir"]), out_dir, title, metrics)
+        return metrics
+
+    return produce(spec, config, inputs, dest, build, overwrite=overwrite)
