@@ -1,7 +1,10 @@
 """Curation throughput, memory and dedup quality: crucible's `curate` vs datatrove 0.10.1.
 
-    .venv/bin/python benchmarks/curation.py [--docs 50000] [--also 200000] [--also-datatrove]
-                                           [--docs-per-shard 12500] [--profile-docs 5000]
+    .venv/bin/python benchmarks/curation.py [--docs 12000] [--repeats 3] [--docs-per-shard 3000]
+                                           [--also 200000] [--also-datatrove] [--profile-docs 5000]
+
+The script writes curation.json and curation.md next to itself, with the git commit, whether the
+working tree and this script had local changes, and the script's sha256.
 
 Corpus. The 7,473 GSM8K train problems ("Question: {question}\\nAnswer: {answer}") plus
 synthetic GSM8K-style problems assembled from real GSM8K pieces: for each new document a base
@@ -22,18 +25,26 @@ GSM8K vocabulary, in one of three shapes chosen per document: one contiguous run
 scattered words. The true Jaccard of each pair is computed on `components.data.dedup
 .shingle_hashes` (our 5-gram shingles). Everything is shuffled; ids are random-looking hex strings.
 
-Both pipelines run in a subprocess pinned to one core (`taskset -c 0`, OMP_NUM_THREADS=1):
+Each pipeline runs in a subprocess pinned to one core (`taskset -c 0`, OMP_NUM_THREADS=1), in
+`--repeats` rounds of ours, datatrove, datatrove with our word splitting (alternating, so drift in
+the shared machine's load hits every side alike); ratios pair the runs of one round, and the
+median and range over rounds are reported, with the load average around every run:
   ours:      curate() with the demo filters (Gopher repetition + Gopher quality at
              max_non_alpha_words_ratio 0.4; C4, FineWeb, PII, decontamination off), exact dedup,
-             MinHash-LSH fuzzy dedup (5-grams, 14 bands x 8 rows), sequential shards.
+             MinHash-LSH fuzzy dedup (5-grams, 14 bands x 8 rows; words = regex `\\w+` runs),
+             sequential shards, the corpus `id` passed through. Writes parquet, snappy.
   datatrove: LocalPipelineExecutor(tasks=1, workers=1): JsonlReader -> GopherRepetitionFilter ->
-             GopherQualityFilter(max_non_alpha_words_ratio=0.4) -> JsonlWriter, then the 4-stage
+             GopherQualityFilter(max_non_alpha_words_ratio=0.4) -> ParquetWriter, then the 4-stage
              MinHash recipe of examples/minhash_deduplication.py (signature, buckets with
              tasks=num_buckets as the recipe requires, cluster, filter) with MinhashConfig(5-grams,
              14 buckets x 8 hashes, 64-bit xxhash). datatrove has no exact-dedup step: an exact
              copy has an identical signature and so collides in every band; MinHash removes it.
              Its number normalisation (digits -> "0") is turned off so both sides hash the same
              words (on math text it would merge problems that differ only in their numbers).
+             Every writer is a ParquetWriter with snappy compression, as ours (its JsonlWriter
+             would gzip). Its MinHash splits words with spaCy (its default for English).
+  datatrove_regex_words: the same, with MinhashDedupSignature(language=<a WordTokenizer that
+             calls our `dedup.words`>): the same word splitting on both sides.
 
 Quality metrics, per side, over planted pairs (copy, source) that both survived that side's
 filters: recall = fraction of pairs not both kept. Precision = fraction of documents removed as
@@ -45,7 +56,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import gzip
+import hashlib
 import json
 import math
 import os
@@ -54,6 +65,7 @@ import random
 import re
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -69,6 +81,8 @@ SEED = 20240917
 NGRAM, BANDS, ROWS = 5, 14, 8
 NATURAL_DUP_JACCARD = 0.7
 MIB = 1024 * 1024
+OUTPUT_COMPRESSION = "snappy"  # both sides: parquet, snappy (see _datatrove_writer)
+SIDES = ("ours", "datatrove", "datatrove_regex_words")  # one round runs each once, in this order
 
 # ---------------------------------------------------------------------------------------------
 # Corpus
@@ -328,7 +342,8 @@ def ours_config(n_docs: int, docs_per_shard: int):
     from components.data.pii import PIIConfig
 
     return CurateConfig(
-        text_field="text", num_shards=max(1, math.ceil(n_docs / docs_per_shard)), filters=_filters_config(),
+        text_field="text", passthrough_fields=("id",), num_shards=max(1, math.ceil(n_docs / docs_per_shard)),
+        filters=_filters_config(),
         pii=PIIConfig(enabled=False), decontamination=DecontaminationConfig(enabled=False),
         exact_dedup=ExactDedupConfig(enabled=True), fuzzy_dedup=_fuzzy_config(),
     )
@@ -376,7 +391,44 @@ def datatrove_minhash_config():
                          norm_config=TextNormConfig(norm_numbers=False))
 
 
-def child_datatrove(corpus: Path, work: Path, profile_out: Path | None) -> dict:
+def regex_word_tokenizer():
+    """A datatrove WordTokenizer that splits words exactly as our MinHash does (`dedup.words`:
+    maximal `\\w+` runs), handed to MinhashDedupSignature through its `language` argument, which
+    takes a WordTokenizer instance for custom tokenizers (datatrove/utils/word_tokenizers.py,
+    `load_word_tokenizer`). Only the MinHash stage uses it; the Gopher filters keep spaCy."""
+    from datatrove.utils.word_tokenizers import WordTokenizer
+
+    from components.data.dedup import words
+
+    class RegexWordTokenizer(WordTokenizer):
+        def word_tokenize(self, text: str) -> list[str]:
+            return words(text, lowercase=False)  # simplify_text has lowercased already
+
+        def sent_tokenize(self, text: str) -> list[str]:
+            raise NotImplementedError("MinHash needs words only")
+
+        def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+            raise NotImplementedError("MinHash needs words only")
+
+    return RegexWordTokenizer("en")
+
+
+# Every datatrove writer writes what ours writes: parquet, snappy-compressed (pyarrow's default
+# codec, which `pq.write_table` in our component uses), no content-defined chunking or page index
+# (ParquetWriter's defaults, which `pq.write_table` does not do). The schema is given because
+# ParquetWriter otherwise infers it from the first document and drops metadata keys added later.
+def _datatrove_writer(folder: Path):
+    import pyarrow as pa
+    from datatrove.pipeline.writers import ParquetWriter
+
+    metadata = pa.struct([("file_path", pa.string()), ("filter_reason", pa.string()),
+                          ("minhash_cluster_id", pa.int64()), ("minhash_cluster_size", pa.int64())])
+    schema = pa.schema([("text", pa.string()), ("id", pa.string()), ("metadata", metadata)])
+    return ParquetWriter(str(folder), compression=OUTPUT_COMPRESSION, schema=schema,
+                         use_content_defined_chunking=False, write_page_index=False)
+
+
+def child_datatrove(corpus: Path, work: Path, profile_out: Path | None, side: str = "datatrove") -> dict:
     import_start = time.perf_counter()
     baseline = _warm_imports()
     from datatrove.executor import LocalPipelineExecutor
@@ -384,24 +436,24 @@ def child_datatrove(corpus: Path, work: Path, profile_out: Path | None) -> dict:
         MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter, MinhashDedupSignature,
     )
     from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter
-    from datatrove.pipeline.readers import JsonlReader
-    from datatrove.pipeline.writers import JsonlWriter
+    from datatrove.pipeline.readers import JsonlReader, ParquetReader
 
     config = datatrove_minhash_config()
+    language = regex_word_tokenizer() if side == "datatrove_regex_words" else "en"
     imported, cpu_at_start = time.perf_counter(), _cpu_s()
-    w = work / "datatrove"
+    w = work / side
     logs = w / "logs"
     stages = {
         "filter": LocalPipelineExecutor(pipeline=[
             JsonlReader(str(corpus.parent), glob_pattern=corpus.name),
-            GopherRepetitionFilter(exclusion_writer=JsonlWriter(str(w / "removed" / "gopher_repetition"))),
+            GopherRepetitionFilter(exclusion_writer=_datatrove_writer(w / "removed" / "gopher_repetition")),
             GopherQualityFilter(max_non_alpha_words_ratio=0.4,
-                                exclusion_writer=JsonlWriter(str(w / "removed" / "gopher_quality"))),
-            JsonlWriter(str(w / "filtered")),
+                                exclusion_writer=_datatrove_writer(w / "removed" / "gopher_quality")),
+            _datatrove_writer(w / "filtered"),
         ], tasks=1, workers=1, logging_dir=str(logs / "filter")),
         "signature": LocalPipelineExecutor(pipeline=[
-            JsonlReader(str(w / "filtered")),
-            MinhashDedupSignature(output_folder=str(w / "signatures"), config=config),
+            ParquetReader(str(w / "filtered")),
+            MinhashDedupSignature(output_folder=str(w / "signatures"), config=config, language=language),
         ], tasks=1, workers=1, logging_dir=str(logs / "signature")),
         "buckets": LocalPipelineExecutor(pipeline=[
             MinhashDedupBuckets(input_folder=str(w / "signatures"), output_folder=str(w / "buckets"), config=config),
@@ -411,10 +463,10 @@ def child_datatrove(corpus: Path, work: Path, profile_out: Path | None) -> dict:
                                 save_cluster_id=True),
         ], tasks=1, workers=1, logging_dir=str(logs / "cluster")),
         "filter_dups": LocalPipelineExecutor(pipeline=[
-            JsonlReader(str(w / "filtered")),
+            ParquetReader(str(w / "filtered")),
             MinhashDedupFilter(input_folder=str(w / "remove_ids"), load_cluster_ids=True,
-                               exclusion_writer=JsonlWriter(str(w / "removed" / "minhash"))),
-            JsonlWriter(str(w / "output")),
+                               exclusion_writer=_datatrove_writer(w / "removed" / "minhash")),
+            _datatrove_writer(w / "output"),
         ], tasks=1, workers=1, logging_dir=str(logs / "filter_dups")),
     }
     profiler = cProfile.Profile() if profile_out else None
@@ -571,49 +623,57 @@ def run_child(side: str, corpus: Path, work: Path, n_docs: int, docs_per_shard: 
 
 
 def outcome_ours(work: Path, truth: dict) -> dict:
-    """{"kept": set of positions, "filtered": {pos: reason}, "dup": {pos: (reason, rep pos)}}."""
+    """{"kept": set of positions, "filtered": {pos: reason}, "dup": {pos: (reason, rep pos)}}.
+
+    Documents are matched by the corpus `id` our rows carry (`passthrough_fields`), as datatrove's
+    are; `source_row` (the 1-based jsonl line) must name the same document.
+    """
     import pyarrow.parquet as pq
 
     dest = work / "ours"
+    position = {doc_id: p for p, doc_id in enumerate(truth["ids"])}
     kept = set()
     for path in sorted((dest / "data").glob("*.parquet")):
-        for line in pq.read_table(path, columns=["source_line"]).column("source_line").to_pylist():
-            kept.add(line - 1)  # source_line is the 1-based jsonl line; the corpus has no blank lines
+        table = pq.read_table(path, columns=["id", "source_row"]).to_pydict()
+        for doc_id, row in zip(table["id"], table["source_row"]):
+            assert row == position[doc_id] + 1, (doc_id, row)  # the corpus has no blank lines
+            kept.add(position[doc_id])
     filtered, dup = {}, {}
     for path in sorted((dest / "removed").glob("*.parquet")):
-        table = pq.read_table(path, columns=["source_row", "reason", "cluster_id"]).to_pydict()
-        for row, reason, cluster in zip(table["source_row"], table["reason"], table["cluster_id"]):
+        table = pq.read_table(path, columns=["id", "source_row", "reason", "cluster_id"]).to_pydict()
+        for doc_id, row, reason, cluster in zip(table["id"], table["source_row"], table["reason"], table["cluster_id"]):
+            assert row == position[doc_id] + 1, (doc_id, row)
             if reason in ("exact_duplicate", "fuzzy_duplicate"):
-                dup[row - 1] = (reason, int(cluster.split(":")[1]) - 1)
+                dup[position[doc_id]] = (reason, int(cluster.split(":")[1]) - 1)
             else:
-                filtered[row - 1] = reason
+                filtered[position[doc_id]] = reason
     _check_ids(truth, kept, filtered, dup)
     return {"kept": kept, "filtered": filtered, "dup": dup}
 
 
-def _read_jsonl_gz(folder: Path):
-    for path in sorted(folder.glob("*.jsonl.gz")):
-        with gzip.open(path, "rt") as handle:
-            for line in handle:
-                yield json.loads(line)
+def _read_parquet_docs(folder: Path):
+    import pyarrow.parquet as pq
+
+    for path in sorted(folder.glob("*.parquet")):
+        yield from pq.read_table(path).to_pylist()
 
 
-def outcome_datatrove(work: Path, truth: dict) -> dict:
-    w = work / "datatrove"
+def outcome_datatrove(work: Path, truth: dict, side: str = "datatrove") -> dict:
+    w = work / side
     position = {doc_id: p for p, doc_id in enumerate(truth["ids"])}
     kept, filtered, dup = set(), {}, {}
     cluster_rep: dict[int, int] = {}
-    for doc in _read_jsonl_gz(w / "output"):
+    for doc in _read_parquet_docs(w / "output"):
         p = position[doc["id"]]
         kept.add(p)
-        cluster = doc.get("metadata", {}).get("minhash_cluster_id", -1)
-        if cluster != -1:
+        cluster = (doc.get("metadata") or {}).get("minhash_cluster_id")
+        if cluster is not None and cluster != -1:
             assert cluster not in cluster_rep, f"two kept documents in minhash cluster {cluster}"
             cluster_rep[cluster] = p
     for name in ("gopher_repetition", "gopher_quality"):
-        for doc in _read_jsonl_gz(w / "removed" / name):
-            filtered[position[doc["id"]]] = doc["metadata"].get("filter_reason", name)
-    for doc in _read_jsonl_gz(w / "removed" / "minhash"):
+        for doc in _read_parquet_docs(w / "removed" / name):
+            filtered[position[doc["id"]]] = doc["metadata"].get("filter_reason") or name
+    for doc in _read_parquet_docs(w / "removed" / "minhash"):
         cluster = doc["metadata"]["minhash_cluster_id"]
         dup[position[doc["id"]]] = ("minhash_duplicate", cluster_rep[cluster])
     _check_ids(truth, kept, filtered, dup)
@@ -748,54 +808,111 @@ def _short(filename: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_scale(n_docs: int, tmp: Path, docs_per_shard: int, with_datatrove: bool, repeats: int = 1) -> dict:
-    """Build the corpus, run each side `repeats` times (alternating which goes first, each in a
-    fresh work directory), score the first run of each side; later runs only add timings."""
+def _load() -> list[float]:
+    """1, 5 and 15-minute load averages (they include the benchmark's own running child, ~1)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def _spread(values: list[float]) -> dict:
+    ordered = sorted(values)
+    return {"median": round(statistics.median(ordered), 3), "min": round(ordered[0], 3),
+            "max": round(ordered[-1], 3), "all": [round(v, 3) for v in values]}
+
+
+def run_one(side: str, corpus: Path, run_dir: Path, n_docs: int, docs_per_shard: int, truth: dict) -> tuple[dict, dict]:
+    """One pipeline run in a fresh work directory: (timings with the load around it, its decisions)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    load_before = _load()
+    perf = run_child(side, corpus, run_dir, n_docs, docs_per_shard)
+    perf["load_before"], perf["load_after"] = load_before, _load()
+    outcome = outcome_ours(run_dir, truth) if side == "ours" else outcome_datatrove(run_dir, truth, side)
+    shutil.rmtree(run_dir / side, ignore_errors=True)
+    shutil.rmtree(run_dir / f"{side}.shards", ignore_errors=True)
+    return perf, outcome
+
+
+def _summarize_runs(runs: list[dict]) -> dict:
+    """Median wall and CPU time over the runs (each run listed too), the largest memory peaks."""
+    wall, cpu = [r["wall_s"] for r in runs], [r["cpu_s"] for r in runs]
+    median_run = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
+    return {**median_run, "wall_s": statistics.median(wall), "cpu_s": statistics.median(cpu),
+            "wall_s_all": [round(x, 1) for x in wall], "cpu_s_all": [round(x, 1) for x in cpu],
+            "load_all": [{"before": r["load_before"], "after": r["load_after"]} for r in runs],
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
+            "tree_peak_rss_mib_sampled": max(r["tree_peak_rss_mib_sampled"] for r in runs)}
+
+
+def speed_ratios(sides: dict) -> dict:
+    """Per round, a datatrove side's time over ours (= our docs/s over its docs/s): the two ran
+    back to back in the same round, so slow drift in the machine's load cancels in the ratio."""
+    ours = sides["ours"]["perf"]
+    out = {}
+    for name, side in sides.items():
+        if name == "ours":
+            continue
+        theirs = side["perf"]
+        out[name] = {"wall": _spread([t / o for o, t in zip(ours["wall_s_all"], theirs["wall_s_all"])]),
+                     "cpu": _spread([t / o for o, t in zip(ours["cpu_s_all"], theirs["cpu_s_all"])])}
+    return out
+
+
+def run_scale(n_docs: int, tmp: Path, docs_per_shard: int, sides: tuple[str, ...], repeats: int = 1) -> dict:
+    """Build the corpus, then `repeats` rounds that each run every side once, in `sides` order
+    (ours, datatrove, datatrove with our word splitting, ours, ...); score each side's first run,
+    later runs add timings (and must make the same decisions: the pipelines are deterministic)."""
     work = tmp / f"n{n_docs}"
     print(f"[{n_docs}] building corpus ...", flush=True)
     truth = build_corpus(n_docs, work / "corpus")
     corpus = work / "corpus" / "corpus.jsonl"
     print(f"[{n_docs}] corpus: {json.dumps(truth['summary'])}", flush=True)
     cache: dict = {}
-    names = ["ours", "datatrove"] if with_datatrove else ["ours"]
-    sides: dict[str, dict] = {name: {"runs": []} for name in names}
+    results: dict[str, dict] = {name: {"runs": []} for name in sides}
     filtered_ids = {}
-    for repeat in range(repeats):
-        for side in (names if repeat % 2 == 0 else names[::-1]):
-            run_dir = work / f"run{repeat}"
-            run_dir.mkdir(exist_ok=True)
-            print(f"[{n_docs}] running {side} (run {repeat + 1}/{repeats}) ...", flush=True)
-            perf = run_child(side, corpus, run_dir, n_docs, docs_per_shard)
-            outcome = (outcome_ours if side == "ours" else outcome_datatrove)(run_dir, truth)
-            if repeat == 0:
-                sides[side]["quality"] = quality(outcome, truth, cache)
+    for round_index in range(repeats):
+        for side in sides:
+            print(f"[{n_docs}] round {round_index + 1}/{repeats}: {side} (load {_load()}) ...", flush=True)
+            perf, outcome = run_one(side, corpus, work / f"round{round_index}", n_docs, docs_per_shard, truth)
+            if round_index == 0:
+                results[side]["quality"] = quality(outcome, truth, cache)
                 filtered_ids[side] = set(outcome["filtered"])
-                q = sides[side]["quality"]
+                q = results[side]["quality"]
                 print(f"[{n_docs}] {side}: precision {q['precision']}, recall J>=0.8 "
                       f"{q['recall_near_j_ge_0.8']['recall']}", flush=True)
-            else:  # the pipelines are deterministic: same decisions every run
-                assert len(outcome["kept"]) == sides[side]["quality"]["kept"], f"{side}: run {repeat} kept differs"
-            sides[side]["runs"].append(perf)
+            else:
+                assert len(outcome["kept"]) == results[side]["quality"]["kept"], f"{side}: round {round_index} differs"
+            results[side]["runs"].append(perf)
             print(f"[{n_docs}] {side}: wall {perf['wall_s']:.1f} s, CPU {perf['cpu_s']:.1f} s, "
-                  f"peak RSS {perf['peak_rss_mib']:.0f} MiB", flush=True)
-            shutil.rmtree(run_dir / side, ignore_errors=True)
-            shutil.rmtree(run_dir / f"{side}.shards", ignore_errors=True)
-    for side in sides.values():
-        runs = side["runs"]
-        best = min(runs, key=lambda r: r["wall_s"])
-        side["perf"] = {**best, "wall_s_all": [round(r["wall_s"], 1) for r in runs],
-                        "cpu_s_all": [round(r["cpu_s"], 1) for r in runs],
-                        "cpu_s": min(r["cpu_s"] for r in runs),
-                        "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
-                        "tree_peak_rss_mib_sampled": max(r["tree_peak_rss_mib_sampled"] for r in runs)}
-        del side["runs"]
-    if "datatrove" in sides:
-        a, b = filtered_ids["ours"], filtered_ids["datatrove"]
-        filter_agreement = {"both": len(a & b), "only_ours": len(a - b), "only_datatrove": len(b - a)}
-    else:
-        filter_agreement = None
-    return {"docs": n_docs, "repeats": repeats, "corpus": truth["summary"], "sides": sides,
-            "filter_agreement": filter_agreement}
+                  f"peak RSS {perf['peak_rss_mib']:.0f} MiB, load after {perf['load_after']}", flush=True)
+    for side in results.values():
+        side["perf"] = _summarize_runs(side.pop("runs"))
+    agreement = {name: {"both": len(filtered_ids["ours"] & ids), "only_ours": len(filtered_ids["ours"] - ids),
+                        f"only_{name}": len(ids - filtered_ids["ours"])}
+                 for name, ids in filtered_ids.items() if name != "ours"}
+    return {"docs": n_docs, "repeats": repeats, "corpus": truth["summary"], "sides": results,
+            "ratios": speed_ratios(results) if len(results) > 1 else {}, "filter_agreement": agreement,
+            "word_splitting": word_splitting_agreement(truth["texts"]) if "datatrove" in results else None}
+
+
+def word_splitting_agreement(texts: list[str], sample: int = 2000) -> dict:
+    """How often each datatrove MinHash word splitting gives exactly our words, on a sample.
+
+    Ours: `dedup.words` of the lowercased text. datatrove: its `simplify_text` (lowercase,
+    punctuation to spaces, diacritics removed; number normalisation off, as configured), then
+    spaCy's English tokenizer (its default) or our regex (the same-splitting variant).
+    """
+    from datatrove.utils.text import simplify_text
+    from datatrove.utils.word_tokenizers import load_word_tokenizer
+
+    from components.data.dedup import words
+
+    norm = datatrove_minhash_config().norm_config
+    spacy_tokenizer, regex_tokenizer = load_word_tokenizer("en"), regex_word_tokenizer()
+    picked = random.Random(SEED).sample(texts, min(sample, len(texts)))
+    ours = [words(text) for text in picked]
+    simplified = [simplify_text(text, norm) for text in picked]
+    same = {"datatrove": sum(a == spacy_tokenizer.word_tokenize(t) for a, t in zip(ours, simplified)),
+            "datatrove_regex_words": sum(a == regex_tokenizer.word_tokenize(t) for a, t in zip(ours, simplified))}
+    return {"docs_sampled": len(picked), "docs_with_our_exact_words": same}
 
 
 def run_profile(n_docs: int, tmp: Path, docs_per_shard: int, source: Path) -> dict:
@@ -829,7 +946,8 @@ def _fmt(x, digits=1):
 def _row(side: str, r: dict) -> str:
     p, q = r["perf"], r["quality"]
     n = r["docs"]
-    return (f"| {side} | {n:,} | {p['wall_s']:.1f} | {p['cpu_s']:.1f} | {n / p['wall_s']:,.0f} "
+    return (f"| {side} | {n:,} | {p['wall_s']:.1f} ({min(p['wall_s_all']):.1f}-{max(p['wall_s_all']):.1f}) "
+            f"| {p['cpu_s']:.1f} | {n / p['wall_s']:,.0f} "
             f"| {n / p['cpu_s']:,.0f} | {p['peak_rss_mib']:.0f} "
             f"| {p['tree_peak_rss_mib_sampled']:.0f} | {q['kept']:,} | {q['removed_by_filters']:,} "
             f"| {q['removed_as_duplicates']:,} | {_fmt(q['recall_near_j_ge_0.8']['recall'], 3)} "
@@ -837,40 +955,89 @@ def _row(side: str, r: dict) -> str:
             f"| {_fmt(q['precision'], 4)} |")
 
 
+SIDE_LABELS = {"ours": "ours (regex words)", "datatrove": "datatrove (spaCy words, its default)",
+               "datatrove_regex_words": "datatrove with our regex words"}
+
+
+def _ratio_text(ratio: dict) -> str:
+    return f"**{ratio['median']:.2f}x** (range {ratio['min']:.2f}-{ratio['max']:.2f}; per round {ratio['all']})"
+
+
+def headline(report: dict) -> list[str]:
+    """The speed ratios, with what they compare, first."""
+    scale = report["scales"][0]
+    ratios, rounds = scale["ratios"], scale["repeats"]
+    if not ratios:
+        return []
+    lines = [f"**Headline** ({scale['docs']:,} documents, {rounds} alternating rounds, each running ours, "
+             "datatrove, datatrove with our word splitting, back to back; ratio = datatrove's time / ours = our docs/s "
+             "/ datatrove's, per round, then the median and range over rounds):", ""]
+    for name, ratio in ratios.items():
+        what = ("datatrove as it ships: its MinHash re-tokenizes each document with spaCy, ours splits words with "
+                "a regex (`\\w+`)" if name == "datatrove" else
+                "same word splitting on both sides: datatrove's MinHash given our regex word tokenizer")
+        lines.append(f"- {what}: CPU time {_ratio_text(ratio['cpu'])}; wall {_ratio_text(ratio['wall'])}.")
+    busiest = max(x["after"][0] for side in scale["sides"].values() for x in side["perf"]["load_all"])
+    if busiest > report["cpus"]:
+        lines.append(f"- The machine was shared: the 1-minute load reached {busiest:.1f} on {report['cpus']} CPUs, so "
+                     "wall times include waiting for a CPU, unevenly between runs; CPU time (user + sys of each "
+                     "pipeline) is the steadier measure here.")
+    splitting = scale.get("word_splitting")
+    if splitting:
+        same, n = splitting["docs_with_our_exact_words"], splitting["docs_sampled"]
+        lines.append(f"- Word splitting checked on {n:,} sampled documents: datatrove's spaCy words equal ours on "
+                     f"{same['datatrove']:,}, the regex variant's on {same['datatrove_regex_words']:,}.")
+    lines.append(f"- Output: both sides write parquet compressed with {report['output_compression']} (ours: "
+                 "`pq.write_table`'s default; datatrove: ParquetWriter instead of its gzip JsonlWriter), between "
+                 "stages and for kept and removed documents.")
+    return lines + [""]
+
+
+def _code_line(code: dict) -> str:
+    if not code.get("commit"):
+        return "Code: not a git checkout."
+    state = "clean" if not code["tree_dirty"] else f"dirty ({code['dirty_paths']} paths with local changes)"
+    script = ("this script as committed" if not code["script_dirty"] else
+              "this script with local changes, not yet committed")
+    return (f"Code: commit {code['commit'][:10]}, working tree {state}; {script} (sha256 "
+            f"{code['script_sha256'][:12]}); components/ {'with' if code['components_dirty'] else 'without'} "
+            "local changes.")
+
+
 def render(report: dict) -> str:
     lines = ["# Curation benchmark: crucible `curate` vs datatrove 0.10.1", "",
-             f"Command: `{report['command']}` (components at commit {str(report['code']['commit'])[:10]}"
-             f"{', with local edits' if report['code']['components_dirty'] else ''}).", "",
-             f"Machine: {report['machine']}. Each side runs in its own interpreter pinned to one core "
-             "(`taskset -c 0`, OMP_NUM_THREADS=1). Wall = pipeline time after imports (best of the runs "
-             "listed below); CPU = user + sys seconds of the same span (less sensitive to other load on the shared "
-             "machine); docs/s = input docs / time. "
+             f"Command: `{report['command']}`. Written by `benchmarks/curation.py` itself.", "",
+             _code_line(report["code"]), "",
+             *headline(report),
+             f"Machine: {report['machine']}; load averages (1/5/15 min) at the start {report['load_start']}, at the "
+             f"end {report['load_end']}; total {report['total_s']:.0f} s. The 1-minute load includes the benchmark's "
+             "own child (about 1). Each side runs in its own interpreter pinned to one core "
+             "(`taskset -c 0`, OMP_NUM_THREADS=1). Wall = pipeline time after imports, median of the runs "
+             "(range in brackets); CPU = user + sys seconds of the same span, median (less sensitive to other load on "
+             "the shared machine); docs/s = input docs / time. "
              "Peak RSS = the main process's VmHWM (its own high-water mark; ru_maxrss is not used because a "
-             "vfork+exec child inherits the parent's); tree = max over 20 Hz samples of the summed RSS of the "
-             "process tree (datatrove's executor also runs a multiprocess Manager process).", "",
+             "vfork+exec child inherits the parent's), largest over the runs; tree = max over 20 Hz samples of the "
+             "summed RSS of the process tree (datatrove's executor also runs a multiprocess Manager process).", "",
              "| side | docs | wall s | CPU s | docs/s (wall) | docs/s (CPU) | peak RSS MiB | tree RSS MiB | kept "
              "| removed by filters | removed as duplicates | recall near J>=0.8 | recall all near | recall exact "
              "| precision |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    rows = []
     for scale in report["scales"]:
         for side, r in scale["sides"].items():
-            rows.append(_row(side, {**r, "docs": scale["docs"]}))
-    lines += rows
+            lines.append(_row(SIDE_LABELS[side], {**r, "docs": scale["docs"]}))
     lines.append("")
     for scale in report["scales"]:
-        s = scale["sides"]
-        if "datatrove" in s:
-            o, d = s["ours"]["perf"], s["datatrove"]["perf"]
-            lines.append(f"- {scale['docs']:,} docs: ours/datatrove docs/s = **{d['wall_s'] / o['wall_s']:.2f}x** by wall "
-                         f"(runs: ours {o['wall_s_all']} s, datatrove {d['wall_s_all']} s), "
-                         f"**{d['cpu_s'] / o['cpu_s']:.2f}x** by CPU time; "
-                         f"RSS after imports incl. spaCy: ours {o['rss_after_imports_mib']:.0f}, datatrove "
-                         f"{d['rss_after_imports_mib']:.0f} MiB; "
-                         f"peak RSS = **{o['peak_rss_mib'] / d['peak_rss_mib']:.2f}x** "
-                         f"(tree {o['tree_peak_rss_mib_sampled'] / d['tree_peak_rss_mib_sampled']:.2f}x). "
-                         f"datatrove stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in d["stage_s"].items())
-                         + f". Filter decisions: {scale['filter_agreement']}.")
+        for side, r in scale["sides"].items():
+            p = r["perf"]
+            loads = ", ".join(f"{x['before'][0]}->{x['after'][0]}" for x in p["load_all"])
+            stages = (" Stages of the median run (s): " + ", ".join(f"{k} {v:.1f}" for k, v in p["stage_s"].items())
+                      + "." if "stage_s" in p else "")
+            lines.append(f"- {SIDE_LABELS[side]}, {scale['docs']:,} docs: wall {p['wall_s_all']} s, CPU "
+                         f"{p['cpu_s_all']} s by round; 1-minute load before->after each run: {loads}; RSS after "
+                         f"imports incl. spaCy {p['rss_after_imports_mib']:.0f} MiB.{stages}")
+        if scale["filter_agreement"]:
+            lines.append(f"- Documents removed by the quality filters, ours vs each datatrove side: "
+                         f"{scale['filter_agreement']}.")
     for scale in report["scales"]:
         o = scale["sides"]["ours"]["perf"]
         lines.append(f"- ours at {scale['docs']:,} docs ({o['num_shards']} shards): peak RSS after each shard "
@@ -934,12 +1101,12 @@ def render(report: dict) -> str:
 def goals(report: dict) -> list[dict]:
     first = report["scales"][0]["sides"]
     out = []
-    if "datatrove" in first:
-        o, d = first["ours"]["perf"], first["datatrove"]["perf"]
-        speed, cpu = d["wall_s"] / o["wall_s"], d["cpu_s"] / o["cpu_s"]
-        per_run = [round(b / a, 2) for a, b in zip(o["wall_s_all"], d["wall_s_all"])]
-        out.append({"goal": ">= 2x datatrove's docs/s", "met": speed >= 2 and cpu >= 2,
-                    "value": f"{speed:.2f}x by best wall, {cpu:.2f}x by CPU time; per run pair {per_run}"})
+    for name, ratio in report["scales"][0]["ratios"].items():
+        wall, cpu = ratio["wall"], ratio["cpu"]
+        out.append({"goal": f">= 2x the docs/s of {SIDE_LABELS[name]} (median over rounds, CPU and wall)",
+                    "met": wall["median"] >= 2 and cpu["median"] >= 2,
+                    "value": f"CPU {cpu['median']:.2f}x (range {cpu['min']:.2f}-{cpu['max']:.2f}), "
+                             f"wall {wall['median']:.2f}x (range {wall['min']:.2f}-{wall['max']:.2f})"})
     q = first["ours"]["quality"]
     r = q["recall_near_j_ge_0.8"]
     out.append({"goal": "recall >= 0.95 on planted near duplicates with J >= 0.8", "met": (r["recall"] or 0) >= 0.95,
@@ -958,16 +1125,17 @@ def goals(report: dict) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--docs", type=int, default=50_000)
+    parser.add_argument("--docs", type=int, default=12_000)
     parser.add_argument("--also", type=int, default=0, help="Also run our pipeline at this many docs (memory growth).")
     parser.add_argument("--also-datatrove", action="store_true", help="Run datatrove at --also too.")
-    parser.add_argument("--docs-per-shard", type=int, default=12_500,
-                        help="Our shard size (12,500: 4 shards at 50k docs, as params.yaml's num_shards: 4).")
-    parser.add_argument("--profile-docs", type=int, default=5_000, help="0: skip the cProfile runs.")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="Runs per side at --docs (alternating order); the best wall time is reported.")
+    parser.add_argument("--docs-per-shard", type=int, default=3_000,
+                        help="Our shard size (3,000: 4 shards at 12k docs, as params.yaml's num_shards: 4).")
+    parser.add_argument("--profile-docs", type=int, default=0, help="Also profile this many docs (0: skip).")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="Rounds at --docs, each running every side once in turn; medians and ranges are reported.")
     parser.add_argument("--keep", action="store_true", help="Keep the temporary work directory.")
-    parser.add_argument("--child", choices=["ours", "datatrove", "tokenizer_memo"], help=argparse.SUPPRESS)
+    parser.add_argument("--output-dir", type=Path, default=HERE, help="Where curation.{json,md} go (smoke runs).")
+    parser.add_argument("--child", choices=[*SIDES, "tokenizer_memo"], help=argparse.SUPPRESS)
     parser.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -980,7 +1148,7 @@ def main() -> None:
         elif args.child == "tokenizer_memo":
             result = child_tokenizer_memo(args.corpus)
         else:
-            result = child_datatrove(args.corpus, args.work, args.profile_out)
+            result = child_datatrove(args.corpus, args.work, args.profile_out, side=args.child)
         args.result.write_text(json.dumps(result))
         return
 
@@ -991,13 +1159,17 @@ def main() -> None:
         report: dict = {
             "command": " ".join([".venv/bin/python", "benchmarks/curation.py", *sys.argv[1:]]),
             "machine": f"{os.cpu_count()} CPUs visible, Python {sys.version.split()[0]}",
+            "cpus": os.cpu_count(),
             "code": _code_version(),
+            "load_start": _load(),
+            "output_compression": OUTPUT_COMPRESSION,
             "config": {"ours": json.loads(ours_config(args.docs, args.docs_per_shard).model_dump_json()),
                        "datatrove_minhash": str(_safe_datatrove_config())},
-            "scales": [run_scale(args.docs, tmp, args.docs_per_shard, with_datatrove=True, repeats=args.repeats)],
+            "scales": [run_scale(args.docs, tmp, args.docs_per_shard, SIDES, repeats=args.repeats)],
         }
         if args.also:
-            report["scales"].append(run_scale(args.also, tmp, args.docs_per_shard, with_datatrove=args.also_datatrove))
+            report["scales"].append(run_scale(args.also, tmp, args.docs_per_shard,
+                                              SIDES[:2] if args.also_datatrove else SIDES[:1]))
             a, b = report["scales"][0], report["scales"][1]
             # the LSH index: one 112 x uint64 signature per document that passed the filters
             index = lambda s: (s["docs"] - s["sides"]["ours"]["quality"]["removed_by_filters"]) * BANDS * ROWS * 8 / MIB  # noqa: E731
@@ -1016,10 +1188,11 @@ def main() -> None:
                                             tmp / f"n{args.docs}" / "corpus" / "corpus.jsonl")
         report["goals"] = goals(report)
         report["total_s"] = round(time.perf_counter() - started, 1)
+        report["load_end"] = _load()
         report["notes"] = NOTES
-        (HERE / "curation.json").write_text(json.dumps(report, indent=1) + "\n")
+        (args.output_dir / "curation.json").write_text(json.dumps(report, indent=1) + "\n")
         markdown = render(report)
-        (HERE / "curation.md").write_text(markdown + "\n")
+        (args.output_dir / "curation.md").write_text(markdown + "\n")
         print(markdown)
     finally:
         if args.keep:
@@ -1028,16 +1201,24 @@ def main() -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+
 def _code_version() -> dict:
-    """The commit the components ran from, and whether components/ had local edits (read-only git)."""
+    """The commit, whether the working tree (and this script, and components/) had local changes,
+    and this script's sha256, so a results file can be tied to the script that wrote it (read-only git)."""
+    script = Path(__file__).resolve()
+    digest = hashlib.sha256(script.read_bytes()).hexdigest()
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "components"], cwd=ROOT, capture_output=True,
-                               text=True, check=True).stdout.strip()
+        commit = _git("rev-parse", "HEAD")
+        dirty = [line for line in _git("status", "--porcelain").splitlines() if line.strip()]
+        script_dirty = bool(_git("status", "--porcelain", "--", str(script.relative_to(ROOT))))
+        components_dirty = bool(_git("status", "--porcelain", "--", "components"))
     except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "components_dirty": None}
-    return {"commit": commit, "components_dirty": bool(dirty)}
+        return {"commit": None, "tree_dirty": None, "script_sha256": digest}
+    return {"commit": commit, "tree_dirty": bool(dirty), "dirty_paths": len(dirty), "script_dirty": script_dirty,
+            "components_dirty": components_dirty, "script_sha256": digest}
 
 
 def _safe_datatrove_config():
@@ -1054,11 +1235,19 @@ NOTES = [
     "Duplicates: ours = exact dedup (BLAKE2b of the lowercased normalised text) then MinHash-LSH; datatrove = "
     "MinHash only (an exact copy has an identical signature, so it collides in all 14 bands). Both keep one "
     "document per LSH-connected component (ours the first in input order, datatrove the union-find root).",
-    "Shingles differ slightly: ours are lowercased \\w+ runs; datatrove lowercases, strips punctuation and "
-    "tokenizes with spaCy. The planted pairs' Jaccard is computed on ours.",
-    "datatrove writes gzip jsonl (its default) between stages and keeps the removed documents "
-    "(exclusion writers), as ours keeps removed/ parquet; cluster ids are saved so removals can be matched to "
-    "the kept document (save_cluster_id / load_cluster_ids add little work).",
+    "MinHash words: ours are lowercased \\w+ runs (a regex); datatrove's simplify_text lowercases, turns "
+    "punctuation into spaces and removes diacritics, then its MinHash re-tokenizes every document with spaCy's "
+    "English tokenizer, which costs time. 'datatrove with our regex words' hands its MinHash stage a WordTokenizer "
+    "that calls our `dedup.words` (its Gopher filters keep spaCy, as ours do), so the MinHash stage splits words "
+    "the same way on both sides. The planted pairs' Jaccard is computed on ours.",
+    "Output: both sides write parquet with snappy compression: ours for its shards, kept and removed documents; "
+    "datatrove (ParquetWriter, snappy, no content-defined chunking or page index, as pyarrow's write_table) between "
+    "stages and for kept and removed documents (exclusion writers), instead of its JsonlWriter's default gzip. "
+    "Both sides keep the documents' ids (ours through `passthrough_fields: [id]`), and cluster ids are saved "
+    "so removals can be matched to the kept document (save_cluster_id / load_cluster_ids add little work).",
+    "Rounds: ours, datatrove, datatrove with our words, then again, so a change in the machine's load over the "
+    "run affects all sides alike; each ratio pairs runs of the same round. Other engineers use the same 2-core "
+    "machine, so single timings are noisy: the load averages around every run are in the JSON and listed above.",
     "LSH theory for 14x8: P(collide) = 1-(1-J^8)^14 is 0.92 at J=0.8 and 0.99 at J=0.85, so recall over "
     "J>=0.8 depends on how the pairs are spread above 0.8; the 'expected' column is that theory.",
 ]

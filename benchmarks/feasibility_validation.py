@@ -1,12 +1,21 @@
-"""Print the estimator's validation tables: published runs, Chinchilla Table 3, FLOPs vs
-torch's FlopCounterMode, model-state memory vs DeepSpeed's estimators, and the measured
-peak memory of a real CPU training step. Writes feasibility_validation.{json,md} here.
+"""Print the estimator's validation tables and write feasibility_validation.{json,md} here:
+
+- published figures (components/feasibility/validation.py): each row, what it can catch, and
+  which wrong counts (scaled by 0.9 and 1.1, the attention term dropped) fail it;
+- every decoder family `--model-config` reads: parameters vs the instantiated model, forward
+  FLOPs vs torch's FlopCounterMode, largest layer vs DeepSpeed's walk;
+- Chinchilla's Table 3 against the scaling laws; model-state memory against DeepSpeed's
+  estimators; the measured peak memory of a real CPU training step.
+
+The report records the git commit and whether the tree (and this script, and
+components/feasibility/) had local changes.
 
     .venv/bin/python benchmarks/feasibility_validation.py
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -17,25 +26,70 @@ from components.feasibility.estimate import FeasibilityConfig, ModelSource, esti
 from components.feasibility.flops import forward_flops_per_token
 from components.feasibility.memory import GIB, model_state_bytes
 from components.feasibility.plan import ParallelPlan
-from components.feasibility.published import CHINCHILLA_TABLE_3, PUBLISHED_RUNS, llama_shape
+from components.feasibility.published import CHINCHILLA_TABLE_3, FAMILY_EXAMPLES, llama_shape
 from components.feasibility.scaling import compute_optimal
 from components.feasibility.shapes import shape_from_hf_config
+from components.feasibility.validation import MUTATIONS, FlopsCount, caught_by, run_checks
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 
 
-def published_runs() -> list[dict]:
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def code_version() -> dict:
+    """Commit, and whether the tree, this script and components/feasibility/ had local changes."""
+    script = Path(__file__).resolve()
+    digest = hashlib.sha256(script.read_bytes()).hexdigest()
+    try:
+        return {"commit": _git("rev-parse", "HEAD"), "tree_dirty": bool(_git("status", "--porcelain")),
+                "script_dirty": bool(_git("status", "--porcelain", "--", str(script.relative_to(ROOT)))),
+                "feasibility_dirty": bool(_git("status", "--porcelain", "--", "components/feasibility")),
+                "script_sha256": digest}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "tree_dirty": None, "script_sha256": digest}
+
+
+def published_checks() -> list[dict]:
+    caught = caught_by()
+    return [{**{k: v for k, v in vars(row).items()}, "caught_mutations": caught[row.name]} for row in run_checks()]
+
+
+def mutation_test() -> list[dict]:
+    """The whole validation under our count and each wrong one: it must pass only the first."""
+    counts = {"our count": FlopsCount(), **MUTATIONS}
     rows = []
-    for run in PUBLISHED_RUNS:
-        result = estimate(FeasibilityConfig(model=ModelSource(shape=run.shape), tokens=run.tokens, gpu=run.gpu,
-                                            num_gpus=run.num_gpus, mfu=run.mfu))
-        rows.append({
-            "run": run.name, "mfu": round(run.mfu, 3), "params": result["params"],
-            "flops": result["training_flops"], "published_flops": run.published_flops,
-            "gpu_hours": result["gpu_hours"], "published_gpu_hours": run.published_gpu_hours,
-            "ratio": (result["gpu_hours"] / run.published_gpu_hours if run.published_gpu_hours
-                      else result["training_flops"] / run.published_flops),
-        })
+    for name, count in counts.items():
+        failing = [row.name for row in run_checks(count) if not row.passed]
+        rows.append({"count": name, "rows_failing": len(failing), "validation": "fails" if failing else "passes"})
+    return rows
+
+
+def model_families() -> list[dict]:
+    import torch
+    from deepspeed.runtime.zero.stage3 import model_to_params
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    rows = []
+    for label, model_type, kwargs in FAMILY_EXAMPLES:
+        config = AutoConfig.for_model(model_type, attn_implementation="eager", **kwargs)
+        shape, _ = shape_from_hf_config(config)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).eval()
+        tokens = torch.randint(3, shape.vocab_size, (2, shape.seq_len))
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model(input_ids=tokens)
+        measured = counter.get_total_flops() / tokens.numel()
+        rows.append({"family": label, "model_type": model_type, "params_ours": shape.parameter_count(),
+                     "params_instantiated": sum(p.numel() for p in model.parameters()),
+                     "forward_flops_ours": forward_flops_per_token(shape), "forward_flops_flop_counter": measured,
+                     "flops_ratio": forward_flops_per_token(shape) / measured,
+                     "largest_layer_ours": shape.largest_layer_parameters(),
+                     "largest_layer_deepspeed": model_to_params(model)[1]})
     return rows
 
 
@@ -43,27 +97,6 @@ def chinchilla() -> list[dict]:
     return [{"params": n, "flops": c, "tokens": d,
              **{law: compute_optimal(c, law)["params"] / n for law in ("epoch2024", "chinchilla", "tokens_per_param")}}
             for n, c, d in CHINCHILLA_TABLE_3]
-
-
-def flop_counter() -> list[dict]:
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    rows = []
-    for layers, d, heads, kv, ffn, vocab, seq in [(2, 64, 4, 4, 172, 1000, 128), (3, 128, 8, 2, 344, 3000, 256),
-                                                   (4, 256, 8, 8, 688, 8000, 512)]:
-        config = LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=ffn, num_hidden_layers=layers,
-                             num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=seq,
-                             attn_implementation="eager")
-        shape, _ = shape_from_hf_config(config)
-        counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad():
-            AutoModelForCausalLM.from_config(config)(input_ids=torch.randint(0, vocab, (1, seq)))
-        measured = counter.get_total_flops() / seq
-        rows.append({"shape": f"L{layers} d{d} H{heads}/{kv} T{seq}", "ours": forward_flops_per_token(shape),
-                     "flop_counter_mode": measured, "ratio": forward_flops_per_token(shape) / measured})
-    return rows
 
 
 def deepspeed_states() -> list[dict]:
@@ -98,29 +131,66 @@ def measured_memory() -> dict:
             "ratio": measured["peak_growth_bytes"] / GIB / predicted["memory_per_gpu_gib"]["total"]}
 
 
-def main() -> None:
-    results = {"published_runs": published_runs(), "chinchilla_table_3": chinchilla(), "flop_counter": flop_counter(),
-               "deepspeed": deepspeed_states(), "measured_memory": measured_memory()}
-    lines = ["| run | MFU | params | training FLOPs | GPU-hours (ours) | published | ours / published |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in results["published_runs"]:
-        published = f"{r['published_gpu_hours']:,.0f} GPU-h" if r["published_gpu_hours"] else f"{r['published_flops']:.3g} FLOPs"
-        lines.append(f"| {r['run']} | {r['mfu']:.3f} | {r['params'] / 1e9:.1f}B | {r['flops']:.3g} | "
-                     f"{r['gpu_hours']:,.0f} | {published} | {r['ratio']:.3f} |")
-    lines += ["", "| Table 3 params | FLOPs | epoch2024 / table | chinchilla (approach 3) / table | 20 tokens/param / table |",
-              "|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['params']:.3g} | {r['flops']:.3g} | {r['epoch2024']:.3f} | {r['chinchilla']:.3f} | {r['tokens_per_param']:.3f} |"
-              for r in results["chinchilla_table_3"]]
-    lines += ["", "| shape | forward FLOPs/token (ours) | FlopCounterMode | ratio |", "|---|---:|---:|---:|"]
-    lines += [f"| {r['shape']} | {r['ours']:,.0f} | {r['flop_counter_mode']:,.0f} | {r['ratio']:.4f} |" for r in results["flop_counter"]]
+def _value(quantity: str, value: float) -> str:
+    return f"{value:,.0f}" if quantity == "GPU-hours" else (f"{value:.3f}" if value < 100 else f"{value:.4g}")
+
+
+def checks_markdown(rows: list[dict]) -> list[str]:
+    lines = ["| row | kind | quantity | published | ours | passes if published in | passes | can catch | "
+             "fails under | source |", "|---|---|---|---:|---:|---:|:-:|---|---|---|"]
+    for r in rows:
+        ours = _value(r["quantity"], r["ours_low"]) + (
+            "" if r["ours_high"] == r["ours_low"] else f" - {_value(r['quantity'], r['ours_high'])}")
+        lines.append(f"| {r['name']} | {r['kind']} | {r['quantity']} | {_value(r['quantity'], r['published'])} | {ours} | "
+                     f"[{_value(r['quantity'], r['accepted_low'])}, {_value(r['quantity'], r['accepted_high'])}] | "
+                     f"{'yes' if r['passed'] else 'NO'} | {r['can_catch']} | {', '.join(r['caught_mutations']) or 'none'} "
+                     f"| {r['source']} |")
+    return lines
+
+
+def families_markdown(rows: list[dict]) -> list[str]:
+    lines = ["| family | parameters (ours) | instantiated | forward FLOPs/token ours / FlopCounterMode | "
+             "largest layer ours / DeepSpeed |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['family']} | {r['params_ours']:,} | {r['params_instantiated']:,} | {r['flops_ratio']:.4f} | "
+              f"{r['largest_layer_ours']:,} / {r['largest_layer_deepspeed']:,} |" for r in rows]
+    return lines
+
+
+def other_markdown(results: dict) -> list[str]:
+    lines = ["| Table 3 params | FLOPs | epoch2024 / table | chinchilla (approach 3) / table | 20 tokens/param / table |",
+             "|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['params']:.3g} | {r['flops']:.3g} | {r['epoch2024']:.3f} | {r['chinchilla']:.3f} | "
+              f"{r['tokens_per_param']:.3f} |" for r in results["chinchilla_table_3"]]
     lines += ["", "| params | GPUs | offload | ZeRO-2 ours | ZeRO-2 DeepSpeed | ZeRO-3 ours | ZeRO-3 DeepSpeed | (GiB per GPU) |",
               "|---:|---:|:-:|---:|---:|---:|---:|---|"]
     lines += [f"| {r['params']:.3g} | {r['gpus']} | {r['offload']} | {r['zero2_ours_gib']:.3f} | {r['zero2_deepspeed_gib']:.3f} | "
               f"{r['zero3_ours_gib']:.3f} | {r['zero3_deepspeed_gib']:.3f} | |" for r in results["deepspeed"]]
     m = results["measured_memory"]
-    lines += ["", f"Measured peak memory growth of two fp32 AdamW steps of a {m['params'] / 1e6:.0f}M-parameter Llama on the CPU: "
-              f"{m['measured_gib']:.3f} GiB; predicted {m['predicted_gib']:.3f} GiB (measured / predicted = {m['ratio']:.3f})."]
-    markdown = "\n".join(lines) + "\n"
+    return lines + ["", f"Measured peak memory growth of two fp32 AdamW steps of a {m['params'] / 1e6:.0f}M-parameter "
+                        f"Llama on the CPU: {m['measured_gib']:.3f} GiB; predicted {m['predicted_gib']:.3f} GiB "
+                        f"(measured / predicted = {m['ratio']:.3f})."]
+
+
+def render(results: dict) -> str:
+    code = results["code_version"]
+    lines = [f"Written by benchmarks/feasibility_validation.py at commit {code['commit']}; working tree "
+             f"{'with' if code['tree_dirty'] else 'without'} local changes (this script: "
+             f"{'changed' if code['script_dirty'] else 'as committed'}, sha256 {code['script_sha256'][:12]}; "
+             f"components/feasibility/: {'changed' if code['feasibility_dirty'] else 'as committed'}).", "",
+             "## Published figures", "", *checks_markdown(results["published_checks"]), "",
+             "Mutation test (the whole validation under each FLOPs count):", "",
+             "| FLOPs count | rows failing | validation |", "|---|---:|---|"]
+    lines += [f"| {r['count']} | {r['rows_failing']} | {r['validation']} |" for r in results["mutation_test"]]
+    lines += ["", "## Model families (`--model-config`)", "", *families_markdown(results["model_families"]), "",
+              "## Scaling laws, DeepSpeed model states, measured memory", "", *other_markdown(results)]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    results = {"code_version": code_version(), "published_checks": published_checks(), "mutation_test": mutation_test(),
+               "model_families": model_families(), "chinchilla_table_3": chinchilla(), "deepspeed": deepspeed_states(),
+               "measured_memory": measured_memory()}
+    markdown = render(results)
     (HERE / "feasibility_validation.json").write_text(json.dumps(results, indent=2) + "\n")
     (HERE / "feasibility_validation.md").write_text(markdown)
     print(markdown)

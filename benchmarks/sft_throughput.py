@@ -24,7 +24,10 @@ Sides (each in its own subprocess, re-invoking this script with --side, so peak 
                rows, examples are split across rows and attend across example boundaries.
   trl-bfd      packing=True, packing_strategy="bfd": best-fit-decreasing packing, padding-free (the
                batch is flattened into one row; the position ids restart per example and
-               transformers builds a block-diagonal mask from them for SDPA).
+               transformers builds a block-diagonal mask from them for SDPA). Not representative
+               here: TRL supports padding-free only with FlashAttention 2 or 3 (see
+               `not_representative`), which a CPU does not have, so this side is reported but
+               kept out of the ratios.
 
 Fairness. Every side trains until it has processed --effective-tokens non-padding tokens (the step
 that crosses the budget is the last one), so every side does the same amount of useful work and the
@@ -480,6 +483,7 @@ def run_trl(args: argparse.Namespace, side: str) -> dict[str, Any]:
                   f"foreach={optim.defaults.get('foreach')}), param groups "
                   f"{[(len(g['params']), g['weight_decay']) for g in optim.param_groups]}",
         padding_free=trainer.padding_free,
+        attn_implementation=trainer.model.config._attn_implementation,
         completion_only_loss=trainer.completion_only_loss,
         gradient_checkpointing=config.gradient_checkpointing,
     )
@@ -559,13 +563,34 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")
+
+
+def not_representative(result: dict[str, Any]) -> str | None:
+    """Why a side's timing does not stand for its TRL configuration, from what the side recorded
+    (None when it does). TRL documents padding-free batching, which `packing_strategy="bfd"`
+    forces on, as supported only with FlashAttention 2 or 3 (TRL 1.16, `SFTConfig.padding_free`:
+    "Currently, this is only supported with the FlashAttention 2 or 3 ... When packing is enabled
+    with strategy "bfd", padding-free is enabled, regardless of the value of this parameter";
+    docs/source/reducing_memory_usage.md, "Padding-free": "highly recommended to use padding-free
+    batching with Flash Attention 2"). With any other attention, transformers turns the flattened
+    row's position ids into a dense block-diagonal mask over all batch x max_length tokens, so
+    attention costs the square of the whole batch instead of the sum of squares per example."""
+    if result.get("padding_free") and result.get("attn_implementation") not in FLASH_ATTENTION:
+        return (f"padding-free (TRL: only supported with FlashAttention 2 or 3) ran with "
+                f"{result.get('attn_implementation')} attention, a dense mask over the whole flattened batch")
+    return None
+
+
 def compare(results: dict[str, dict]) -> dict[str, Any]:
+    """Ours over every TRL side that ran and is representative; losses at common checkpoints
+    for every side that ran."""
     ok = {side: r for side, r in results.items() if "error" not in r}
     ratios = {}
     if "ours" in ok:
         o = ok["ours"]
         for side, r in ok.items():
-            if side == "ours":
+            if side == "ours" or not_representative(r):
                 continue
             ratios[side] = {
                 "effective_tokens_per_s": o["effective_tokens_per_s"] / r["effective_tokens_per_s"],
@@ -585,7 +610,9 @@ def compare(results: dict[str, dict]) -> dict[str, Any]:
             tokens = fraction * reach
             checkpoints.append({"effective_tokens": round(tokens),
                                 "loss": {side: _loss_near(r["trajectory"], tokens, window) for side, r in ok.items()}})
-    return {"ratios_ours_over": ratios, "loss_checkpoints": checkpoints}
+    excluded = {side: reason for side, r in ok.items() if (reason := not_representative(r))}
+    return {"ratios_ours_over": ratios, "not_representative": excluded, "loss_checkpoints": checkpoints,
+            "steps": {side: r["steps"] for side, r in ok.items()}}
 
 
 def _fmt(value: Any, digits: int = 0, suffix: str = "") -> str:
@@ -616,8 +643,9 @@ def render(report: dict) -> str:
         if "error" in r:
             lines.append(f"| {side} | failed: {r['error'][:120]} |" + " |" * 13)
             continue
+        label = f"{side} (not representative)" if not_representative(r) else side
         lines.append(
-            f"| {side} | {r['steps']} | {_fmt(r['train_s'], 1)} | {_fmt(r['tokens_effective'])} | "
+            f"| {label} | {r['steps']} | {_fmt(r['train_s'], 1)} | {_fmt(r['tokens_effective'])} | "
             f"{_fmt(r['tokens_total'])} | {r['padding_fraction']:.1%} | {_fmt(r['tokens_loss'])} | "
             f"{_fmt(r['effective_tokens_per_s'])} | {_fmt(r['total_tokens_per_s'])} | {_fmt(r['loss_tokens_per_s'])} | "
             f"{_fmt(r['clean_effective_tokens_per_s'])} ({r['clean_steps']}) | "
@@ -640,7 +668,11 @@ def render(report: dict) -> str:
                   f"{q['effective_tokens_per_cpu_s']:.2f}x | {q['peak_rss']:.2f}x | {q['peak_rss_train']:.2f}x |"
                   for side, q in ratios.items()]
     else:
-        lines.append("n/a (our side did not produce a result).")
+        lines.append("n/a (our side or every TRL side did not produce a representative result).")
+    excluded = report["comparison"].get("not_representative", {})
+    if excluded:
+        lines += ["", "Not representative, so not in the ratios: " + "; ".join(
+            f"{side}: {reason}" for side, reason in excluded.items()) + "."]
     checkpoints = report["comparison"]["loss_checkpoints"]
     if checkpoints:
         sides = list(checkpoints[0]["loss"])
@@ -650,7 +682,7 @@ def render(report: dict) -> str:
                   "| effective tokens | " + " | ".join(sides) + " |", "|---:|" + "---:|" * len(sides)]
         lines += [f"| {c['effective_tokens']:,} | " + " | ".join(_fmt(c["loss"][side], 3) for side in sides) + " |"
                   for c in checkpoints]
-    lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
+    lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"] + measured_notes(report)]
     for side, r in report["results"].items():
         for note in r.get("notes", []):
             lines.append(f"- {side}: {note}")
@@ -671,26 +703,32 @@ NOTES = [
     "rows with other load near 0 are comparable.",
     "Peak RSS is the child process's lifetime ru_maxrss (it includes dataset preparation); the value in "
     "parentheses is the peak sampled every 10 ms while training.",
-    "Per step, TRL 1.16 computes the loss with its fused LM head (trl.trainer.utils.add_fused_lm_head, "
-    "outputs log_probs + entropy + is_top1): on CPU (no Triton) it scores every position, not only completion "
-    "tokens, in [4096 tokens x vocab] tiles, folds each tile into online-logsumexp stats plus the entropy and the "
-    "argmax test with torch ops, and recomputes the projection in the backward. It then logs entropy and "
-    "mean_token_accuracy (.item() each step) and a running token count; Trainer adds floating_point_ops and "
-    "grad-norm clipping. On CPU at this vocabulary (2,048) the fused head is no saving: measured separately "
-    "(idle 2-core machine, model fwd+bwd on 8x512 tokens) it took ~0.70-0.72 s vs 0.62 s for transformers' own "
-    "loss on full logits, and ~1.42-1.44 vs ~1.22 GiB peak RSS; the entropy / is_top1 extras cost nothing "
-    "measurable on top of log_probs alone.",
+    "Per step, TRL 1.16 (read from its source) computes the loss with its fused LM head "
+    "(trl.trainer.utils.add_fused_lm_head, outputs log_probs + entropy + is_top1): on CPU (no Triton) it scores "
+    "every position, not only completion tokens, in [4096 tokens x vocab] tiles, folds each tile into "
+    "online-logsumexp stats plus the entropy and the argmax test with torch ops, and recomputes the projection in "
+    "the backward. It then logs entropy and mean_token_accuracy (.item() each step) and a running token count; "
+    "Trainer adds floating_point_ops and grad-norm clipping.",
     "trl-wrapped cuts examples across rows and lets tokens attend across example boundaries (attention mask all "
-    "ones); trl-bfd keeps examples whole and separate but, with SDPA, attends over the flattened "
+    "ones); trl-bfd keeps examples whole and separate but, without FlashAttention, attends over the flattened "
     "batch_size*max_length row with a dense block-diagonal mask, so its attention cost is quadratic in the "
-    "whole batch's tokens (FlashAttention varlen would skip the off-diagonal blocks; not available on CPU).",
-    "Equal effective tokens is not equal optimizer steps: without packing a step holds ~1/2.5 the tokens of a packed "
-    "step, so trl-default takes ~2.5x more (smaller) steps for the same tokens and its loss is lower at every "
-    "checkpoint at a constant learning rate. Compare losses between sides with the same tokens per step (ours, "
-    "packed, vs trl-bfd / trl-wrapped); the data order differs between sides (TRL samples rows at random).",
+    "whole batch's tokens (FlashAttention's varlen kernel skips the off-diagonal blocks).",
+    "Equal effective tokens is not equal optimizer steps: a side with fewer tokens per step (padding, no packing) "
+    "takes more, smaller steps for the same tokens, and at a constant learning rate its loss is lower at the same "
+    "checkpoint. Compare losses between sides with the same tokens per step (ours, packed, vs the packed TRL "
+    "sides); the data order differs between sides (TRL samples rows at random).",
     "TRL's completion mask covers the tokens after the generation prompt, i.e. the answer, <|im_end|> and the "
     "template's trailing newline; our template's {% generation %} span stops at <|im_end|>.",
 ]
+
+
+def measured_notes(report: dict[str, Any]) -> list[str]:
+    """Notes whose figures come from this run's results."""
+    steps = report["comparison"].get("steps", {})
+    if "ours" not in steps:
+        return []
+    return ["Optimizer steps to the token budget: " + ", ".join(
+        f"{side} {count} ({count / steps['ours']:.2f}x ours)" for side, count in steps.items()) + "."]
 
 
 def main() -> None:

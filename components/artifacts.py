@@ -10,23 +10,25 @@ fsspec itself: `produce` hands it local input paths and a local staging director
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import Any, Literal
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any, Literal
 
 import fsspec
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
 from components import storage
 from components.config import StrictConfig
@@ -36,6 +38,10 @@ MANIFEST_NAME = "manifest.json"
 INCOMPLETE_MARKER = "_INCOMPLETE"  # written first on remote stores, removed after the manifest
 MANIFEST_SCHEMA_VERSION = 1
 _HASH_CHUNK_BYTES = 1 << 20
+# A content hash names a directory of the download cache, so it must be exactly this and
+# nothing a path could be made of ("../victim", "/etc").
+CONTENT_HASH_PATTERN = r"^sha256:[0-9a-f]{64}$"
+ContentHash = Annotated[str, StringConstraints(pattern=CONTENT_HASH_PATTERN)]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +55,15 @@ orchestrator_run_id: contextvars.ContextVar[str | None] = contextvars.ContextVar
 # that keeps state across attempts (a trainer's checkpoints) keys that state by it, so a
 # rerun of the same config on the same inputs resumes and any other run starts afresh.
 current_build_key: contextvars.ContextVar[str | None] = contextvars.ContextVar("current_build_key", default=None)
+
+# A driver's explicit request to run components even where the output is up to date
+# (`crucible STAGE --rebuild`, like `dvc repro --force`): for code changed without a version
+# bump, or to measure a run again. Without it an up-to-date, verified output is reused.
+rebuild_requested: contextvars.ContextVar[bool] = contextvars.ContextVar("rebuild_requested", default=False)
+
+
+class ContentMismatchError(ArtifactError):
+    """An artifact's bytes do not hash to the content hash its manifest (or reference) records."""
 
 
 class ComponentSpec(BaseModel):
@@ -64,7 +79,7 @@ class ArtifactRef(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     uri: str
-    content_hash: str
+    content_hash: ContentHash
     kind: Literal["artifact", "raw"] = "artifact"
 
 
@@ -249,48 +264,94 @@ def _cache_root() -> Path:
     return Path(os.environ.get("CRUCIBLE_CACHE_DIR", Path.home() / ".cache" / "crucible"))
 
 
+def _checked_hash(ref: ArtifactRef) -> str:
+    """`ref.content_hash`, refused unless it is "sha256:" and 64 hex digits. ArtifactRef checks
+    this when built from data; a copy made with `model_copy(update=...)` skips validation, and
+    the hash becomes a directory name, so it is checked again where it is used."""
+    if not re.fullmatch(CONTENT_HASH_PATTERN, ref.content_hash):
+        raise ArtifactError(f"{ref.uri}: content hash {ref.content_hash!r} is not 'sha256:' and 64 hex digits")
+    return ref.content_hash
+
+
+def cache_entry(ref: ArtifactRef) -> Path:
+    """Where the bytes of remote `ref` are cached: ROOT/sha256-<hex>/<last name of the URI>.
+
+    The name keeps a raw file's extension for readers that look at it. Every entry is
+    refused unless it resolves to exactly that place under the cache root, so neither a
+    hash, a URI ending in `..`, nor a symbolic link planted in the cache can point a
+    reader at another local directory.
+    """
+    digest = _checked_hash(ref).replace(":", "-")
+    name = PurePosixPath(ref.uri.split("://", 1)[-1].rstrip("/")).name
+    if name in ("", ".", "..") or "\\" in name:
+        raise ArtifactError(f"{ref.uri}: a remote artifact's URI must end in a file or directory name (got {name!r})")
+    root = _cache_root().resolve()
+    entry = root / digest / name
+    if entry.resolve() != entry:
+        raise ArtifactError(f"{entry}: this cache entry of {ref.uri} resolves outside the cache root {root} "
+                            "(a symbolic link?); remove it")
+    return entry
+
+
 def materialize(ref: ArtifactRef) -> Path:
     """A local path holding the bytes of `ref`, verified against its content hash.
 
-    Local inputs are used in place; remote ones are downloaded once into a cache keyed
-    by content hash. Either way a mismatch (a corrupt or edited artifact) is an error.
+    Local inputs are used in place; remote ones are downloaded once into a cache keyed by
+    content hash (see `cache_entry`). A cache hit is verified before use too: an entry
+    that no longer matches (a disk fault, an edit) is dropped and downloaded again. A
+    mismatch of what is at `ref.uri` (a corrupt or edited artifact) is a `ContentMismatchError`.
     """
     if not is_remote(ref.uri):
         local = local_path(ref.uri)
         _verify(local, ref)
         return local
-    local = _cache_root() / ref.content_hash.replace(":", "-") / Path(ref.uri).name
-    if not local.exists():
-        fs, path = _fs(ref.uri)
-        partial = local.with_name(local.name + f".partial-{uuid.uuid4().hex}")
-        partial.parent.mkdir(parents=True, exist_ok=True)
-
-        def download() -> None:
-            _remove(partial)  # a retry starts from nothing, never on top of a partial download
-            fs.get(path, str(partial), recursive=fs.isdir(path))
-
+    local = cache_entry(ref)
+    if local.exists():
         try:
-            _io(ref.uri, "downloading", download, fs)
-        except BaseException:
-            _remove(partial)
-            raise
-        try:
-            _verify(partial, ref)  # never let a bad download into the cache
-        except ArtifactError:
-            _remove(partial)
-            raise
-        partial.rename(local)
+            _verify(local, ref)
+            return local
+        except ContentMismatchError as error:
+            log.warning("%s: dropping the cached copy at %s: %s", ref.uri, local, error)
+            _remove(local)
+    _download(ref, local)
     return local
 
 
+def _download(ref: ArtifactRef, local: Path) -> None:
+    """Download `ref` into a partial path, verify it, then rename it to `local`: a bad
+    download never enters the cache."""
+    fs, path = _fs(ref.uri)
+    partial = local.with_name(local.name + f".partial-{uuid.uuid4().hex}")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+
+    def download() -> None:
+        _remove(partial)  # a retry starts from nothing, never on top of a partial download
+        fs.get(path, str(partial), recursive=fs.isdir(path))
+
+    try:
+        _io(ref.uri, "downloading", download, fs)
+        _verify(partial, ref)
+        partial.rename(local)
+    except OSError:
+        if not local.exists():  # else another process published the same verified bytes first
+            raise
+    finally:
+        _remove(partial)
+
+
 def _remove(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _verify(local: Path, ref: ArtifactRef) -> None:
+    if not local.exists():
+        raise ArtifactError(f"{ref.uri}: not found at {local}")
     actual = directory_content_hash(local) if local.is_dir() else "sha256:" + file_sha256(local)
     if actual != ref.content_hash:
-        raise ArtifactError(
+        raise ContentMismatchError(
             f"{ref.uri}: content hash {actual[:19]} does not match its manifest ({ref.content_hash[:19]}); "
             "the artifact is corrupt or was edited"
         )
@@ -378,7 +439,62 @@ def _publish_remote(staging: Path, dest: str) -> None:
     fs.invalidate_cache(path)
 
 
+def content_mismatch(manifest: Manifest, dest: str) -> str | None:
+    """Why the bytes at `dest` are not the output `manifest` records, or None when they are
+    (hashed in place locally; downloaded into the verified cache from a remote store)."""
+    try:
+        materialize(manifest.output.model_copy(update={"uri": display_uri(dest)}))
+    except ContentMismatchError as error:
+        return str(error)
+    return None
+
+
+def reusable(dest: str, key: str) -> Manifest | None:
+    """The manifest at `dest` when it holds the artifact `key` describes with verified bytes:
+    what `produce` reuses without running the component. Any driver may ask before running."""
+    existing = try_read_manifest(dest)
+    if existing is None or existing.cache_key != key or content_mismatch(existing, dest) is not None:
+        return None
+    return existing
+
+
+@contextlib.contextmanager
+def rebuilding() -> Iterator[None]:
+    """Inside this block `produce` runs its component even where the output is up to date."""
+    token = rebuild_requested.set(True)
+    try:
+        yield
+    finally:
+        rebuild_requested.reset(token)
+
+
 BuildFn = Callable[[Path, dict[str, Path]], dict[str, Any]]
+
+
+def _reuse_or_refuse(spec: ComponentSpec, dest: str, key: str, overwrite: bool) -> Manifest | None:
+    """`produce`'s look-up: the verified artifact at `dest` that `key` describes, to return
+    as is; None to build; an error where building would replace what `overwrite` does not allow."""
+    existing = try_read_manifest(dest)
+    if existing is not None and existing.cache_key == key:
+        if rebuild_requested.get():
+            return None
+        mismatch = content_mismatch(existing, dest)
+        if mismatch is None:
+            log.info("%s: up to date at %s (verified)", spec.name, dest)
+            return existing
+        if not overwrite:
+            raise ArtifactError(f"{dest}: holds this artifact but its bytes do not match its manifest ({mismatch}); "
+                                "pass --overwrite to rebuild it")
+        log.warning("%s: rebuilding %s: %s", spec.name, dest, mismatch)
+    elif existing is not None and not overwrite:
+        raise ArtifactError(
+            f"{dest}: already holds a different artifact ({existing.component.name} "
+            f"v{existing.component.version}, config {existing.config_hash[:12]}); "
+            "choose another output or pass --overwrite"
+        )
+    elif existing is None and not overwrite and not _is_empty_location(dest):
+        raise ArtifactError(f"{dest}: exists and is not an artifact; choose another output or pass --overwrite")
+    return None
 
 
 def produce(
@@ -392,27 +508,22 @@ def produce(
     """Run one component: resolve inputs, build into staging, publish, write the manifest last.
 
     `build(out_dir, input_paths)` writes the artifact's files into `out_dir` and returns its
-    metrics. If `dest` already holds the artifact this exact config and these inputs make,
-    it is returned untouched (no work). If it holds a different artifact, that is an error
-    unless `overwrite` is set, which also forces a rebuild of an up-to-date one. A failure
-    anywhere leaves `dest` as it was. An input given as an `ArtifactRef` is not hashed again
-    (a caller running many components over one input resolves it once); its bytes are still
-    verified against that hash before use.
+    metrics. `dest` is a run cache shared by every driver (as DVC's run cache is): if it
+    holds the artifact this exact config and these inputs make (the same cache key) and its
+    bytes still hash to its manifest's content hash, that manifest is returned and nothing
+    runs, whoever published it (the CLI, `dvc repro`, a Prefect run on another server).
+    Anything else at `dest` is replaced only with `overwrite`: a different artifact, a
+    directory that is no artifact, or this artifact with corrupt or edited bytes (which is
+    never reused). `rebuild_requested` (set by the driver) runs the component even when the
+    output is up to date. A failure anywhere leaves `dest` as it was. An input given as an
+    `ArtifactRef` is not hashed again (a caller running many components over one input
+    resolves it once); its bytes are still verified against that hash before use.
     """
     input_refs = {name: uri if isinstance(uri, ArtifactRef) else input_ref(uri) for name, uri in inputs.items()}
     key = cache_key(spec, config, input_refs)
-    existing = try_read_manifest(dest)
-    if existing is not None and existing.cache_key == key and not overwrite:
-        log.info("%s: up to date at %s", spec.name, dest)
-        return existing
-    if not overwrite and existing is not None:
-        raise ArtifactError(
-            f"{dest}: already holds a different artifact ({existing.component.name} "
-            f"v{existing.component.version}, config {existing.config_hash[:12]}); "
-            "choose another output or pass --overwrite"
-        )
-    if not overwrite and not _is_empty_location(dest):
-        raise ArtifactError(f"{dest}: exists and is not an artifact; choose another output or pass --overwrite")
+    up_to_date = _reuse_or_refuse(spec, dest, key, overwrite)
+    if up_to_date is not None:
+        return up_to_date
 
     input_paths = {name: materialize(ref) for name, ref in input_refs.items()}
     remote = is_remote(dest)

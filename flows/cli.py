@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from components.artifacts import input_ref, lineage_lines, materialize
+from components.artifacts import input_ref, lineage_lines, materialize, rebuilding
 from components.errors import CrucibleError
 from components.eval.report import REPORT_FILE
 from flows import estimate_cli
@@ -64,7 +65,10 @@ def _build_parser() -> argparse.ArgumentParser:
                              help=f"Input '{keyword}' (default: from the params file's layout, '{source}').")
         sub.add_argument("--output", metavar="URI", help="Output artifact (default: ARTIFACTS_ROOT/%s)." % stage.name)
         sub.add_argument("--overwrite", action="store_true",
-                         help="Replace an output location that holds a different artifact.")
+                         help="Replace an output location that holds a different artifact (or this one with "
+                              "corrupt bytes). An up-to-date artifact with verified bytes is reused either way.")
+        sub.add_argument("--rebuild", action="store_true",
+                         help="Run the component even when the output is up to date, and replace it.")
         if stage.name == "estimate":
             sub.set_defaults(config=None)  # so an explicit --config can be told from the default
         if stage.name == "report":
@@ -124,28 +128,33 @@ def _stack(args: argparse.Namespace) -> None:
         print(stack.status(state_dir))
 
 
+def _dispatch(args: argparse.Namespace) -> None:
+    if args.command == "run":
+        _run_flow(args.flow, args.config)
+    elif args.command == "stack":
+        _stack(args)
+    elif args.command == "lineage":
+        print("\n".join(lineage_lines(args.uri)))
+    elif args.command == "estimate" and estimate_cli.wants_adhoc(args):
+        estimate_cli.run_adhoc(args)
+    elif args.command == "report" and args.artifact:
+        print(evaluation_report(args.artifact))
+    else:
+        stage = STAGES_BY_NAME[args.command]
+        params = load_params(args.config or DEFAULT_PARAMS_FILE)
+        overrides = {k: getattr(args, k) for k in stage.inputs if getattr(args, k) is not None}
+        manifest = run_stage(stage, params, overrides, dest=args.output, overwrite=args.overwrite)
+        print(f"{stage.name}: {manifest.output.uri} {manifest.output.content_hash[:19]}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for ours in ("components", "flows"):
         logging.getLogger(ours).setLevel(logging.INFO)
     try:
-        if args.command == "run":
-            _run_flow(args.flow, args.config)
-        elif args.command == "stack":
-            _stack(args)
-        elif args.command == "lineage":
-            print("\n".join(lineage_lines(args.uri)))
-        elif args.command == "estimate" and estimate_cli.wants_adhoc(args):
-            estimate_cli.run_adhoc(args)
-        elif args.command == "report" and args.artifact:
-            print(evaluation_report(args.artifact))
-        else:
-            stage = STAGES_BY_NAME[args.command]
-            params = load_params(args.config or DEFAULT_PARAMS_FILE)
-            overrides = {k: getattr(args, k) for k in stage.inputs if getattr(args, k) is not None}
-            manifest = run_stage(stage, params, overrides, dest=args.output, overwrite=args.overwrite)
-            print(f"{stage.name}: {manifest.output.uri} {manifest.output.content_hash[:19]}")
+        with rebuilding() if getattr(args, "rebuild", False) else contextlib.nullcontext():
+            _dispatch(args)
     except CrucibleError as error:
         print(f"crucible: error: {error}", file=sys.stderr)
         return 1

@@ -3,16 +3,19 @@
 Flows hold no ML logic. Each stage is one Prefect task that calls its component; the task's
 cache key is the component's own cache key (name + version + config hash + input content
 hashes, see `components.artifacts.cache_key`) plus the output location, so an unchanged
-re-run returns every stage from cache without touching a component. The cache is only
-trusted while the output location still holds the artifact that key describes; otherwise
-the task is refreshed (its output was deleted or replaced by another run).
+re-run returns every stage from cache without touching a component. Prefect's cache only
+saves the look-up: it is trusted while the output location holds the artifact that key
+describes with verified bytes, else the task is refreshed. A task that does run still
+reuses such an artifact (`produce`'s run cache, shared with the CLI and DVC), so a new
+server with no cached results rebuilds nothing that is published. Downstream stages get
+the manifest that is on disk when the task returns, never one remembered from before.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import Any, NamedTuple
 
 from prefect import flow, task
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
@@ -22,9 +25,10 @@ from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 
 from components.artifacts import (
-    ArtifactRef, Manifest, cache_key, input_ref, materialize, orchestrator_run_id, try_read_manifest,
+    ArtifactRef, Manifest, cache_key, input_ref, materialize, orchestrator_run_id, reusable, try_read_manifest,
 )
 from components.config import StrictConfig
+from components.errors import ArtifactError
 from components.feasibility.estimate import FeasibilityConfig, estimate, read_estimate, render_markdown, run_estimate
 from flows.params import DEFAULT_PARAMS_FILE, PipelineParams, TaskRunnerConfig, load_params
 from components.train.progress import step_observer
@@ -84,33 +88,48 @@ def component_task(
     return run_component(component, config, inputs, dest, overwrite, flow_run.get_id())
 
 
-Submitted = tuple[PrefectFuture, Manifest | None]
+class Submitted(NamedTuple):
+    """A component run handed to the task runner, and what its output location held before."""
+
+    future: PrefectFuture
+    dest: str
+    key: str
+    reused: Manifest | None  # the verified artifact `key` describes, already at `dest`
 
 
 def _submit(component: str, task_name: str, config: StrictConfig, inputs: dict[str, ArtifactRef], dest: str,
             overwrite: bool) -> Submitted:
     """Submit one component run to the flow's task runner. Prefect's cache is trusted only
-    while `dest` still holds the artifact the key describes; otherwise the task is refreshed."""
+    while `dest` holds the artifact the key describes, with verified bytes; otherwise the
+    task is refreshed (and its component rebuilds or reuses what is there)."""
     spec, _ = COMPONENT_ENTRIES[component]
-    existing = try_read_manifest(dest)
-    current = existing if existing is not None and existing.cache_key == cache_key(spec, config, inputs) else None
+    key = cache_key(spec, config, inputs)
+    current = reusable(dest, key)
     future = component_task.with_options(name=task_name, refresh_cache=current is None).submit(
         component, config, inputs, dest, overwrite)
-    return future, current
+    return Submitted(future, dest, key, current)
 
 
 def _resolve(submitted: Submitted) -> tuple[Manifest, bool]:
-    future, current = submitted
-    manifest = future.result()
-    # The manifest on disk is the truth: a driver (DVC, the CLI) may have rebuilt the output
-    # with the same key since Prefect cached its result.
-    return (current or manifest), future.state.name == "Cached"
+    """The manifest now at the task's output location, and whether no component ran for it.
+
+    The manifest on disk is the truth, not the task's (possibly cached) return value: a
+    driver (DVC, the CLI) may have rebuilt the output with the same key since Prefect cached
+    its result. One with another key means another run replaced it meanwhile: refused."""
+    submitted.future.result()  # the task's failure, if any, is raised here
+    on_disk = try_read_manifest(submitted.dest)
+    if on_disk is None or on_disk.cache_key != submitted.key:
+        found = "nothing" if on_disk is None else f"cache key {on_disk.cache_key[:12]}"
+        raise ArtifactError(f"{submitted.dest}: holds {found} after its task returned, not the artifact of cache key "
+                            f"{submitted.key[:12]}; another run replaced it meanwhile, run the flow again")
+    return on_disk, on_disk == submitted.reused
 
 
 def submit_stage(
     stage: Stage, params: PipelineParams, upstream: dict[str, Manifest], overwrite: bool = True
 ) -> tuple[Manifest, bool]:
-    """Run one stage as tasks; returns its manifest and whether everything came from cache.
+    """Run one stage as tasks; returns its manifest (the one on disk) and whether it came from
+    cache, i.e. no component ran for it or any of its parts.
 
     A fanned-out stage (curation shards, prompt-tuning trials) runs its parts as tasks on the
     task runner, then merges."""

@@ -88,3 +88,123 @@ def test_the_calculator_fills_in_results_and_the_model_reads_them(tiny_model: Pa
     inserted = encode("5>>")
     assert any(feed[1:] == inserted for feed in model.fed)  # the calculator's tokens went through the model
     assert result.generated_tokens == len(script)  # inserted tokens are not counted as generated
+    assert result.calculator_calls == (("2+3", "5"),)  # the call's expression and what was inserted
+
+
+# --------------------------------------------------------------------------- what was used, and the transcripts
+
+CALL = "<<2+3=5>>5\n"
+
+
+def train_calculator_sft(root: Path, base_model: Path) -> Path:
+    """A tiny model fine-tuned (real sft_data + sft) to answer every question with a calculator
+    call and then `#### 5` 60% of the time, `#### -5` otherwise: its greedy answer uses the
+    calculator and says 5, its samples are sometimes right and sometimes wrong."""
+    import random
+
+    from components.data.sft_data import SFTDataConfig, sft_data
+    from components.train.engine import TrainConfig
+    from components.train.loop import OptimConfig
+    from components.train.sft import SFTConfig, sft
+
+    rng = random.Random(2)
+    records = [{"prompt": f"Question {rng.randint(0, 99)}: how many?",
+                "completion": CALL + ("#### 5" if rng.random() < 0.6 else "#### -5")} for _ in range(64)]
+    (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    sft_data(SFTDataConfig(format="prompt_completion", seq_len_tokens=128, packing=False), str(root / "sft.jsonl"),
+             str(base_model), str(root / "sft_rows"))
+    train = TrainConfig(batch_size_rows=8, max_steps=60, checkpoint_every_steps=0,
+                        optim=OptimConfig(learning_rate=1e-2, warmup_steps=5))
+    sft(SFTConfig(train=train), str(root / "sft_rows"), str(base_model), str(root / "sft_model"))
+    return root / "sft_model"
+
+
+@pytest.fixture(scope="module")
+def calculator_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_calculator_sft(tmp_path_factory.mktemp("calculator_sft"), tiny_model)
+
+
+def write_fifteen(path: Path) -> Path:
+    """15 problems in GSM8K's format; the answer is 5 for two in three and 7 for the rest."""
+    rows = [{"question": f"Question {i}: how many?", "answer": f"so\n#### {7 if i % 3 == 2 else 5}"} for i in range(15)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def recompute_from_samples(rows: list[dict], rounds: int) -> dict[str, float]:
+    """tool_accuracy, tool_calls_per_problem and reflection_round_r from samples.jsonl alone,
+    by the rules the evaluator's docs state, with the verifier (not the stored flags) judging."""
+    from components.eval.calculator import evaluate_arithmetic, format_number
+    from components.eval.verifiers import is_correct
+
+    for row in rows:
+        for call in row["calculator"]["calls"]:  # every inserted result is the calculator's, and in the text
+            assert format_number(evaluate_arithmetic(call["expression"])) == call["result"]
+            assert f"<<{call['expression']}={call['result']}>>" in row["calculator"]["text"]
+    out = {"tool_accuracy": sum(is_correct(r["calculator"]["text"], r["reference"]) for r in rows) / len(rows),
+           "tool_calls_per_problem": sum(len(r["calculator"]["calls"]) for r in rows) / len(rows)}
+    for round_index in range(rounds + 1):
+        solved = 0
+        for row in rows:
+            attempts = row["reflection"]["attempts"]
+            if row["reflection"]["feedback"] == "verifier":  # solved by any attempt up to this round
+                solved += any(is_correct(a["answer"], row["reference"]) for a in attempts if a["round"] <= round_index)
+            else:  # self: the attempt of this round counts
+                [attempt] = [a for a in attempts if a["round"] == round_index]
+                solved += is_correct(attempt["answer"], row["reference"])
+        out[f"reflection_round_{round_index}"] = solved / len(rows)
+    return out
+
+
+def test_samples_hold_the_calculator_and_reflection_transcripts_the_metrics_come_from(
+        calculator_model: Path, tmp_path: Path) -> None:
+    from components.eval.verifiers import is_correct
+
+    dataset = write_fifteen(tmp_path / "my15.jsonl")
+    config = AccuracyConfig(max_problems=12, samples_per_problem=2, ks=[1], ns=[1], max_new_tokens=24,
+                            reflection_rounds=2, temperature=1.0)
+    metrics = evaluate_accuracy(config, str(calculator_model), str(dataset), str(tmp_path / "eval")).metrics
+    rows = [json.loads(line) for line in (tmp_path / "eval/samples.jsonl").read_text().splitlines()]
+
+    assert len(rows) == 12 and metrics["problems_used"] == 12 and metrics["problems_available"] == 15
+    report = (tmp_path / "eval/report.md").read_text().splitlines()[0]
+    assert report == "# Verifiable accuracy: 12 of 15 problems from `my15.jsonl` (capped by max_problems=12)"
+
+    recomputed = recompute_from_samples(rows, config.reflection_rounds)
+    assert recomputed == {name: metrics[name] for name in recomputed}
+    assert 0 < metrics["tool_accuracy"] < 1 and metrics["tool_calls_per_problem"] > 0  # the check is not vacuous
+    first_round = [is_correct(r["reflection"]["attempts"][0]["answer"], r["reference"]) for r in rows]
+    assert 0 < sum(first_round) < len(rows)
+    for row in rows:  # each stored verdict is the verifier's; feedback follows each failed, non-final attempt
+        attempts = row["reflection"]["attempts"]
+        assert [a["round"] for a in attempts] == list(range(len(attempts)))
+        assert row["calculator"]["correct"] == is_correct(row["calculator"]["text"], row["reference"])
+        for a in attempts:
+            assert a["correct"] == is_correct(a["answer"], row["reference"])
+            assert (a["feedback"] is None) == (a["correct"] or a["round"] == config.reflection_rounds)
+    wrong = rows[first_round.index(False)]  # a mutated transcript no longer agrees with the metrics
+    wrong["reflection"]["attempts"][0]["answer"] = f"#### {wrong['reference'].split('####')[-1].strip()}"
+    assert recompute_from_samples(rows, config.reflection_rounds)["reflection_round_0"] > metrics["reflection_round_0"]
+
+
+def test_self_reflection_transcripts_hold_each_critique_and_recompute_the_rounds(
+        calculator_model: Path, tmp_path: Path) -> None:
+    dataset = write_fifteen(tmp_path / "my15.jsonl")
+    config = AccuracyConfig(max_problems=6, samples_per_problem=1, ks=[1], ns=[1], max_new_tokens=16,
+                            reflection_rounds=2, reflection_feedback="self", temperature=1.0)
+    metrics = evaluate_accuracy(config, str(calculator_model), str(dataset), str(tmp_path / "eval")).metrics
+    rows = [json.loads(line) for line in (tmp_path / "eval/samples.jsonl").read_text().splitlines()]
+    recomputed = recompute_from_samples(rows, config.reflection_rounds)
+    assert recomputed == {name: metrics[name] for name in recomputed}
+    for row in rows:  # every problem runs every round; a critique follows every round but the last
+        attempts = row["reflection"]["attempts"]
+        assert [a["round"] for a in attempts] == [0, 1, 2]
+        assert all(isinstance(a["critique"], str) and a["feedback"].startswith(a["critique"]) for a in attempts[:-1])
+        assert "critique" not in attempts[-1] and attempts[-1]["feedback"] is None
+
+
+def test_a_report_says_how_many_problems_were_used_of_how_many() -> None:
+    from components.eval.accuracy import problems_used_text
+
+    assert problems_used_text(12, 15, 12, "my15.jsonl") == "12 of 15 problems from `my15.jsonl` (capped by max_problems=12)"
+    assert problems_used_text(15, 15, 32, "my15.jsonl") == "15 of 15 problems from `my15.jsonl`"

@@ -15,19 +15,33 @@ from components.eval.verifiers import is_correct
 
 
 def test_problems_are_correct_reproducible_and_disjoint(tmp_path: Path) -> None:
-    config = ArithmeticTaskConfig(train_problems=500, test_problems=100, max_steps=3, seed=7)
+    config = ArithmeticTaskConfig(train_problems=500, test_problems=100, validation_problems=80, max_steps=3, seed=7)
     splits = generate(config)
     assert splits == generate(config) and splits != generate(config.model_copy(update={"seed": 8}))
-    assert not {r["question"] for r in splits["train"]} & {r["question"] for r in splits["test"]}
-    for row in splits["train"] + splits["test"]:
+    questions = {split: {r["question"] for r in rows} for split, rows in splits.items()}
+    assert {split: len(q) for split, q in questions.items()} == {"train": 500, "test": 100, "validation": 80}
+    assert not questions["train"] & questions["test"] and not questions["validation"] & (
+        questions["train"] | questions["test"])
+    for row in splits["train"] + splits["test"] + splits["validation"]:
         assert is_correct(row["answer"], row["answer"])
         steps = re.findall(r"<<([^=]+)=(-?\d+)>>", row["answer"])
         assert 1 <= len(steps) <= 3
         assert all(evaluate_arithmetic(expr) == int(value) >= 0 for expr, value in steps)  # every annotation is right
     manifest = arithmetic_task(config, str(tmp_path / "task"))
-    assert manifest.metrics == {"train_problems": 500, "test_problems": 100}
-    rows = [json.loads(line) for line in (tmp_path / "task/test.jsonl").read_text().splitlines()]
-    assert rows == splits["test"]
+    assert manifest.metrics == {"train_problems": 500, "test_problems": 100, "validation_problems": 80}
+    for split in ("train", "test", "validation"):
+        rows = [json.loads(line) for line in (tmp_path / f"task/{split}.jsonl").read_text().splitlines()]
+        assert rows == splits[split], split
+
+
+def test_validation_is_drawn_last_so_train_and_test_do_not_depend_on_it() -> None:
+    """Monitoring on validation must not change what is trained on or reported: the train and
+    test problems are the same whatever the validation size (they were generated before
+    validation existed), and the validation split of a larger size extends the smaller one."""
+    small = generate(ArithmeticTaskConfig(train_problems=300, test_problems=50, validation_problems=1, max_steps=2))
+    large = generate(ArithmeticTaskConfig(train_problems=300, test_problems=50, validation_problems=120, max_steps=2))
+    assert small["train"] == large["train"] and small["test"] == large["test"]
+    assert large["validation"][:1] == small["validation"]
 
 
 def test_bad_task_configs_are_refused() -> None:
@@ -35,3 +49,28 @@ def test_bad_task_configs_are_refused() -> None:
         ArithmeticTaskConfig(min_steps=3, max_steps=2)
     with pytest.raises(ValueError, match="cannot draw 5000 distinct"):
         generate(ArithmeticTaskConfig(train_problems=5000, test_problems=10, max_steps=1, max_operand=3))
+
+
+def test_only_the_final_evaluations_read_test_and_dvc_tracks_the_files_each_stage_reads() -> None:
+    """Held-out monitoring (the RL trainers' curves, which their settings were chosen by) reads
+    validation; test is read only by the evaluations whose numbers are reported. dvc.yaml
+    depends on exactly the split files the stage table names, so regenerating validation
+    reruns no SFT stage and no evaluation."""
+    import yaml
+
+    from components.data.arithmetic import SPLITS
+    from flows.stages import STAGES
+    from tests.conftest import REPO_ROOT
+
+    readers = {split: {stage.name for stage in STAGES if f"arithmetic_task/{split}.jsonl" in stage.inputs.values()}
+               for split in SPLITS}
+    assert readers["test"] == {"evaluate_arithmetic_sft", "evaluate_grpo"}
+    assert readers["validation"] == {"grpo", "grpo_study", "ppo"}
+    assert all(stage.inputs["heldout"] == "arithmetic_task/validation.jsonl"
+               for stage in STAGES if stage.name in readers["validation"])
+    dvc_stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+    for stage in STAGES:
+        named = {source for source in stage.inputs.values() if source.startswith("arithmetic_task/")}
+        deps = {dep.removeprefix("${artifacts_root}/") for dep in dvc_stages[stage.name].get("deps", [])
+                if dep.startswith("${artifacts_root}/arithmetic_task")}
+        assert deps == named, stage.name

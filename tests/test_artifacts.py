@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from components.artifacts import (
-    MANIFEST_NAME, ComponentSpec, directory_content_hash, input_ref, lineage_lines, materialize, produce,
-    read_manifest,
+    MANIFEST_NAME, ArtifactRef, ComponentSpec, cache_entry, directory_content_hash, input_ref, lineage_lines,
+    materialize, produce, read_manifest, rebuilding, reusable,
 )
 from components.config import StrictConfig
 from components.errors import ArtifactError
@@ -143,9 +146,13 @@ def test_lineage_walks_to_raw_and_flags_changes(tmp_path: Path, raw: Path) -> No
     assert "CHANGED since" in lineage_lines(str(tmp_path / "b"))[-1]
 
 
-def test_s3_artifacts_round_trip(tmp_path: Path, raw: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A real S3 protocol endpoint (moto's server on loopback) through s3fs."""
+@pytest.fixture
+def s3_bucket(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A real S3 protocol endpoint (moto's server on loopback) through s3fs; yields s3://BUCKET,
+    a new bucket each time (moto's servers in one process share their buckets)."""
     moto_server = pytest.importorskip("moto.server")
+    import uuid
+
     import boto3
     import fsspec
 
@@ -158,34 +165,59 @@ def test_s3_artifacts_round_trip(tmp_path: Path, raw: Path, monkeypatch: pytest.
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
         monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
         monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
-        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="crucible")
+        bucket = f"crucible-{uuid.uuid4().hex[:8]}"
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
         fsspec.config.conf["s3"] = {"client_kwargs": {"endpoint_url": endpoint}}
         monkeypatch.setattr(fsspec.config, "conf", fsspec.config.conf)
         fsspec.filesystem("s3").clear_instance_cache()
-
-        first = upper(UpperConfig(), str(raw), "s3://crucible/run/a")
-        second = upper(UpperConfig(suffix="?"), "s3://crucible/run/a", "s3://crucible/run/b")
-        assert read_manifest("s3://crucible/run/b").inputs["source"].content_hash == first.output.content_hash
-        local = materialize(second.output)
-        assert (local / "sub" / "out.txt").read_text() == "HELLO!?"
-        assert "s3://crucible/run/a" in "\n".join(lineage_lines("s3://crucible/run/b"))
-        with pytest.raises(ArtifactError, match="no such artifact"):
-            read_manifest("s3://crucible/run/missing")
+        yield f"s3://{bucket}"
     finally:
         fsspec.config.conf.pop("s3", None)
         server.stop()
 
 
-def test_overwrite_forces_a_rebuild_and_file_uris_are_local_paths(tmp_path: Path, raw: Path) -> None:
+def test_s3_artifacts_round_trip(s3_bucket: str, raw: Path) -> None:
+    first = upper(UpperConfig(), str(raw), f"{s3_bucket}/run/a")
+    second = upper(UpperConfig(suffix="?"), f"{s3_bucket}/run/a", f"{s3_bucket}/run/b")
+    assert read_manifest(f"{s3_bucket}/run/b").inputs["source"].content_hash == first.output.content_hash
+    local = materialize(second.output)
+    assert (local / "sub" / "out.txt").read_text() == "HELLO!?"
+    assert f"{s3_bucket}/run/a" in "\n".join(lineage_lines(f"{s3_bucket}/run/b"))
+    with pytest.raises(ArtifactError, match="no such artifact"):
+        read_manifest(f"{s3_bucket}/run/missing")
+
+
+def test_overwrite_reuses_an_up_to_date_artifact_and_rebuild_forces_a_run(tmp_path: Path, raw: Path) -> None:
     calls: list[str] = []
     dest = f"file://{tmp_path}/out"
-    upper(UpperConfig(), str(raw), dest, calls)
+    first = upper(UpperConfig(), str(raw), dest, calls)
     assert (tmp_path / "out" / MANIFEST_NAME).is_file()
-    upper(UpperConfig(), str(raw), dest, calls)
-    upper(UpperConfig(), str(raw), dest, calls, overwrite=True)
-    assert len(calls) == 2
+    assert upper(UpperConfig(), str(raw), dest, calls) == first
+    assert upper(UpperConfig(), str(raw), dest, calls, overwrite=True) == first  # up to date: reused, not rebuilt
+    assert len(calls) == 1
+    with rebuilding():
+        rebuilt = upper(UpperConfig(), str(raw), dest, calls)
+    assert len(calls) == 2 and rebuilt.started_at > first.started_at
+    assert rebuilt.output.content_hash == first.output.content_hash
     with pytest.raises(ArtifactError, match="needs a directory of its own"):
         upper(UpperConfig(), str(raw), "/", calls, overwrite=True)
+
+
+def test_an_edited_artifact_is_never_reused_under_its_cache_key(tmp_path: Path, raw: Path) -> None:
+    """Same config, same inputs, so the same cache key, but bytes that no longer hash to the
+    manifest: refused without --overwrite, rebuilt with it, and never offered for reuse."""
+    calls: list[str] = []
+    dest = str(tmp_path / "out")
+    first = upper(UpperConfig(), str(raw), dest, calls)
+    assert reusable(dest, first.cache_key) == first
+    (tmp_path / "out/sub/out.txt").write_text("TAMPERED!")
+    assert reusable(dest, first.cache_key) is None
+    with pytest.raises(ArtifactError, match=r"out: holds this artifact but its bytes do not match its manifest .*--overwrite"):
+        upper(UpperConfig(), str(raw), dest, calls)
+    assert (tmp_path / "out/sub/out.txt").read_text() == "TAMPERED!" and calls == [dest]  # nothing written
+    rebuilt = upper(UpperConfig(), str(raw), dest, calls, overwrite=True)
+    assert calls == [dest, dest] and (tmp_path / "out/sub/out.txt").read_text() == "HELLO!"
+    assert rebuilt.cache_key == first.cache_key and reusable(dest, first.cache_key) == rebuilt
 
 
 def test_lineage_reports_a_missing_upstream(tmp_path: Path, raw: Path) -> None:
@@ -195,3 +227,81 @@ def test_lineage_reports_a_missing_upstream(tmp_path: Path, raw: Path) -> None:
     upper(UpperConfig(), str(tmp_path / "a"), str(tmp_path / "b"))
     shutil.rmtree(tmp_path / "a")
     assert "MISSING now" in "\n".join(lineage_lines(str(tmp_path / "b")))
+
+
+# --------------------------------------------------------------------------- the download cache (issue 13, item 7)
+
+TRAVERSALS = ["../victim", "sha256:../../victim", "/srv/victim", "sha256-" + "0" * 64, "sha256:" + "A" * 64,
+              "sha256:" + "0" * 63, "sha256:" + "0" * 64 + "/../../victim"]
+
+
+@pytest.mark.parametrize("content_hash", TRAVERSALS)
+def test_a_content_hash_that_is_not_sha256_hex_is_refused_everywhere(
+        tmp_path: Path, raw: Path, content_hash: str) -> None:
+    with pytest.raises(ValidationError, match="content_hash"):
+        ArtifactRef(uri="s3://crucible/run/a", content_hash=content_hash)
+    upper(UpperConfig(), str(raw), str(tmp_path / "out"))
+    manifest = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())
+    manifest["output"]["content_hash"] = content_hash
+    (tmp_path / "out" / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"out/manifest.json: corrupt manifest: output.content_hash"):
+        read_manifest(str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("forged", ["../victim", "{tmp}/victim", "sha256:../../victim"])
+def test_a_traversing_hash_never_makes_materialize_return_a_local_directory(tmp_path: Path, forged: str) -> None:
+    """A reference built without validation (`model_copy(update=...)` skips it) whose hash would
+    place the cache entry on an existing directory outside the cache: refused before any look-up
+    (the old code returned that directory as a verified input)."""
+    content_hash = forged.format(tmp=tmp_path)
+    cache = Path(os.environ["CRUCIBLE_CACHE_DIR"])
+    victim = Path(content_hash) / "a" if content_hash.startswith("/") else cache / content_hash.replace(":", "-") / "a"
+    victim.mkdir(parents=True, exist_ok=True)
+    (victim / "secret.txt").write_text("not an artifact")
+    valid = ArtifactRef(uri="s3://crucible/run/a", content_hash="sha256:" + "0" * 64)
+    with pytest.raises(ArtifactError, match=r"s3://crucible/run/a: content hash .* is not 'sha256:' and 64 hex"):
+        materialize(valid.model_copy(update={"content_hash": content_hash}))
+
+
+@pytest.mark.parametrize("uri", ["s3://crucible/run/..", "s3://crucible/run/../", "s3://.."])
+def test_a_uri_ending_in_dot_dot_is_refused(uri: str) -> None:
+    cache = Path(os.environ["CRUCIBLE_CACHE_DIR"])
+    digest = "sha256:" + "0" * 64
+    (cache / digest.replace(":", "-") / ".." / "secret.txt").parent.mkdir(parents=True, exist_ok=True)
+    with pytest.raises(ArtifactError, match="must end in a file or directory name"):
+        materialize(ArtifactRef(uri=uri, content_hash=digest))
+
+
+def test_a_symlink_planted_in_the_cache_is_refused(tmp_path: Path, s3_bucket: str, raw: Path) -> None:
+    published = upper(UpperConfig(), str(raw), f"{s3_bucket}/run/a")
+    entry = cache_entry(published.output)
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "sub" / "out.txt").write_text("HELLO!")  # even the right bytes: the entry is not the cache's own
+    entry.parent.mkdir(parents=True)
+    entry.symlink_to(victim, target_is_directory=True)
+    with pytest.raises(ArtifactError, match="resolves outside the cache root"):
+        materialize(published.output)
+
+
+def test_a_corrupt_cache_entry_is_dropped_and_downloaded_again(s3_bucket: str, raw: Path) -> None:
+    published = upper(UpperConfig(), str(raw), f"{s3_bucket}/run/a")
+    local = materialize(published.output)
+    assert local == cache_entry(published.output)
+    (local / "sub" / "out.txt").write_text("EDITED IN THE CACHE")
+    (local / "planted.txt").write_text("x")
+    again = materialize(published.output)
+    assert again == local and (again / "sub" / "out.txt").read_text() == "HELLO!"
+    assert not (again / "planted.txt").exists()
+    assert directory_content_hash(again) == published.output.content_hash
+
+
+def test_a_remote_artifact_edited_in_the_store_is_refused_and_never_cached(s3_bucket: str, raw: Path) -> None:
+    import fsspec
+
+    published = upper(UpperConfig(), str(raw), f"{s3_bucket}/run/a")
+    fsspec.filesystem("s3").pipe_file(f"{s3_bucket}/run/a/sub/out.txt", b"EDITED IN THE STORE")
+    with pytest.raises(ArtifactError, match="does not match its manifest"):
+        materialize(published.output)
+    entry = cache_entry(published.output)
+    assert not entry.exists() and not list(entry.parent.glob("*.partial-*"))

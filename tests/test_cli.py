@@ -33,11 +33,12 @@ def test_stages_chain_from_the_cli_and_lineage_reaches_raw_data(tiny_params: Pat
     assert lineage.splitlines()[0].startswith(str(tmp_path / "artifacts/report"))
     assert "[pretrain v2]" in lineage and "[tokenizer v1]" in lineage
     sft_lineage = run_cli("lineage", str(tmp_path / "artifacts/sft"), check=True).stdout
-    assert "[sft_data v1]" in sft_lineage and "[pretrain v2]" in sft_lineage and "[curate v2]" in sft_lineage
+    assert "[sft_data v1]" in sft_lineage and "[pretrain v2]" in sft_lineage and "[curate v3]" in sft_lineage
     assert (tmp_path / "artifacts/sft/model.safetensors").is_file()
     assert "| text | 2 |" in (tmp_path / "artifacts/prompt_tuning/report.md").read_text()
     printed = run_cli("report", str(tmp_path / "artifacts/evaluate_sft"), check=True).stdout
-    assert "# Verifiable accuracy: 2 problems" in printed and "| pass@2 |" in printed
+    assert "# Verifiable accuracy: 2 of 1319 problems from `test.jsonl` (capped by max_problems=2)" in printed
+    assert "| pass@2 |" in printed
     assert "## Lineage of the evaluated model" in printed and "[sft v1]" in printed and "[pretrain v2]" in printed
     assert "Accuracy vs compute" in (tmp_path / "artifacts/compare_test_time_compute/report.md").read_text()
     assert "data/raw/gsm8k/train.jsonl  [raw]" in lineage and "data/raw/gsm8k/test.jsonl  [raw]" in lineage

@@ -69,3 +69,30 @@ def _token_lists(dataset: Path, tokenizer_dir: Path) -> list[list[int]]:
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     return tokenizer(read_column(dataset, "text"), add_special_tokens=False)["input_ids"]
+
+
+def test_sft_data_select_keeps_exactly_the_rows_curation_kept(tmp_path: Path) -> None:
+    """sft_data's `select` reads curation's `source_row`: rows curation removed (here too short)
+    never reach the SFT examples, and every kept row does, a blank line in the file included."""
+    from components.data.sft_data import SFTDataConfig, sft_data
+    from components.data.sft_pack import IGNORE_INDEX
+    from transformers import AutoTokenizer
+
+    rows = [{"question": f"How many apples does Ann have if she buys {i} and then {i + 2} more?",
+             "answer": f"She has {i} + {i + 2} = {2 * i + 2} apples.\n#### {2 * i + 2}"} for i in range(8)]
+    rows[2] = rows[5] = {"question": "Hi?", "answer": "#### 7777"}  # removed: shorter than min_chars
+    raw = tmp_path / "raw.jsonl"
+    lines = [json.dumps(row) for row in rows]
+    raw.write_text("\n".join(lines[:4] + [""] + lines[4:]) + "\n", encoding="utf-8")
+    config = NORMALISE_ONLY.model_copy(update={"min_chars": 40})
+    curated = curate(config, str(raw), str(tmp_path / "curated"))
+    assert curated.metrics["removed"] == {"too_short": 2}
+    train_tokenizer(TokenizerConfig(vocab_size=300), str(tmp_path / "curated"), str(tmp_path / "tok"))
+    manifest = sft_data(SFTDataConfig(seq_len_tokens=128, packing=False), str(raw), str(tmp_path / "tok"),
+                        str(tmp_path / "sft"), select=str(tmp_path / "curated"))
+    assert manifest.metrics["examples"] == 6
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    labels = read_column(tmp_path / "sft", "labels")
+    answers = [tokenizer.decode([t for t in row if t != IGNORE_INDEX]) for row in labels]
+    expected = [row["answer"].split("#### ")[1] for i, row in enumerate(rows) if i not in (2, 5)]
+    assert [answer.split("#### ")[1].split("<")[0].strip() for answer in answers] == expected

@@ -36,7 +36,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _train(steps: int, **overrides: object) -> DPOConfig:
     return DPOConfig(heldout_fraction=0.25, beta=BETA, train=TrainConfig(
         batch_size_rows=8, max_steps=steps, checkpoint_every_steps=0,
-        optim=OptimConfig(learning_rate=5e-3, warmup_steps=5)), **overrides)
+        optim=OptimConfig(learning_rate=5e-3, warmup_steps=min(5, steps))), **overrides)
 
 
 def test_cached_reference_logprobs_equal_a_direct_recomputation(base: Path) -> None:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from flows.params import load_params
 from flows.stages import PIPELINE_STAGES as STAGES
-from tests.conftest import write_params
+from tests.conftest import VENV_BIN, write_params
 
 
 def _manifest_times(root: Path) -> dict[str, str]:
@@ -134,3 +136,78 @@ def test_curation_fans_out_over_a_dask_cluster_with_the_same_result(prefect_api,
     assert len(shard_runs) == 2
     assert read_manifest(str(tmp_path / "dask/curate")).output.content_hash == \
         read_manifest(str(tmp_path / "sequential/curate")).output.content_hash
+
+
+def _tree(root: Path) -> dict[str, str]:
+    """Every file under `root` (artifacts, shards, training run directories) with its sha256."""
+    from components.artifacts import file_sha256
+
+    return {p.relative_to(root).as_posix(): file_sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _stage_keys(root: Path) -> set[str]:
+    return {json.loads((root / stage.name / "manifest.json").read_text())["cache_key"] for stage in STAGES}
+
+
+def _assert_inputs_are_what_is_on_disk(root: Path) -> None:
+    """Every stage was built from the artifacts now published upstream of it (no stale manifest)."""
+    from components.artifacts import read_manifest
+
+    for stage in STAGES:
+        for name, ref in read_manifest(str(root / stage.name)).inputs.items():
+            if ref.kind == "artifact":
+                assert read_manifest(ref.uri).output.content_hash == ref.content_hash, (stage.name, name)
+
+
+def _crucible_on_a_new_prefect_home(home: Path, *args: str) -> str:
+    """`crucible ARGS` as on a newly set-up machine: its own PREFECT_HOME (database and result
+    storage) and its own temporary API, so Prefect has no task result cached anywhere."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "PREFECT_LOCAL_STORAGE"))}
+    result = subprocess.run([str(VENV_BIN / "crucible"), *args], env={**env, "PREFECT_HOME": str(home)},
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def test_a_flow_on_a_new_prefect_home_reuses_what_the_cli_and_dvc_published(prefect_api, tmp_path: Path) -> None:
+    """`make demo` (`crucible run pipeline`) or `dvc repro` (`crucible STAGE` per stage), then the
+    pipeline on a new Prefect home with no cached task result: every stage is reused from the
+    verified artifact on disk, its task runs but its component does not."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    from flows.cli import main
+    from flows.pipeline import pipeline
+
+    demo = write_params(tmp_path / "demo.yaml", str(tmp_path / "demo"))
+    assert main(["run", "pipeline", "--config", str(demo)]) == 0  # `make demo`
+    published = _tree(tmp_path / "demo")
+    home = tmp_path / "new-home"
+    output = _crucible_on_a_new_prefect_home(home, "run", "pipeline", "--config", str(demo))
+    assert f"pipeline: {len(STAGES)} stages, {len(STAGES)} from cache" in output
+    assert _tree(tmp_path / "demo") == published  # no component ran: every manifest and byte as it was
+    stored = [record.name for record in (home / "storage").iterdir()]  # each task ran and stored its result
+    assert all(any(key in name for name in stored) for key in _stage_keys(tmp_path / "demo"))
+
+    # `crucible pretrain --rebuild` republishes pretrain under the same key; Prefect's cache on the
+    # first home still returns the old manifest, yet downstream stages must see the one on disk.
+    before = json.loads((tmp_path / "demo/pretrain/manifest.json").read_text())
+    assert main(["pretrain", "--config", str(demo), "--rebuild"]) == 0
+    rebuilt = json.loads((tmp_path / "demo/pretrain/manifest.json").read_text())
+    assert rebuilt["cache_key"] == before["cache_key"] and rebuilt["started_at"] > before["ended_at"]
+    assert rebuilt["output"]["content_hash"] != before["output"]["content_hash"]  # its report holds timings
+    rerun = pipeline(params_file=str(demo))
+    assert rerun["pretrain"] == {"uri": rebuilt["output"]["uri"], "content_hash": rebuilt["output"]["content_hash"],
+                                 "cached": True}
+    assert not rerun["evaluate"]["cached"] and rerun["tokenizer"]["cached"]
+    _assert_inputs_are_what_is_on_disk(tmp_path / "demo")
+
+    direct = write_params(tmp_path / "direct.yaml", str(tmp_path / "direct"))
+    for stage in STAGES:  # what `dvc repro` runs
+        assert main([stage.name, "--config", str(direct)]) == 0
+    published = _tree(tmp_path / "direct")
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "empty-results"}):
+        result = pipeline(params_file=str(direct))
+    assert all(info["cached"] for info in result.values()), result
+    assert _tree(tmp_path / "direct") == published
+    stored = [record.name for record in (tmp_path / "empty-results").iterdir()]
+    assert all(any(key in name for name in stored) for key in _stage_keys(tmp_path / "direct"))

@@ -49,6 +49,9 @@ GOOD_RECORDS = {
     "chat": {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"},
                           {"role": "assistant", "content": "2"}]},
     "preference": {"prompt": "1+1?", "chosen": "2", "rejected": "3"},
+    "chat_preference": {"prompt": [{"role": "user", "content": "1+1?"}],
+                        "chosen": [{"role": "assistant", "content": "2"}],
+                        "rejected": [{"role": "assistant", "content": "3"}]},
     "rl": {"prompt": "1+1?", "reference_answer": "2"},
 }
 
@@ -73,6 +76,12 @@ def test_every_format_has_a_good_example_that_validates() -> None:
          "field 'messages.1.content': must not be empty"),
         ("chat", {"messages": [{"role": "bot", "content": "a"}]}, "field 'messages.0.role': Input should be 'system'"),
         ("preference", {"prompt": "q", "chosen": "a", "rejected": "a "}, "field 'rejected': must differ from 'chosen'"),
+        ("chat_preference", {**GOOD_RECORDS["chat_preference"], "rejected": [{"role": "assistant", "content": "2 "}]},
+         "field 'rejected': must differ from 'chosen'"),
+        ("chat_preference", {**GOOD_RECORDS["chat_preference"], "prompt": "1+1?"},
+         "field 'prompt': Input should be a valid list"),
+        ("chat_preference", {**GOOD_RECORDS["chat_preference"], "prompt": []},
+         "field 'prompt': must end with a user turn (ends with nothing)"),
         ("rl", {"prompt": "q", "reference_answer": ""}, "field 'reference_answer': must not be empty"),
     ],
 )

@@ -5,6 +5,7 @@ reward goes up, a killed run resumes to the same weights."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -15,8 +16,9 @@ import pytest
 from components.data.arithmetic import ArithmeticTaskConfig, generate
 from components.train.engine import read_metrics
 from components.train.grpo import GRPOConfig, grpo
-from components.train.ppo import PPOConfig, adaptive_kl_coef, ppo
+from components.train.ppo import PPOConfig, adaptive_kl_coef, minibatch_rows, ppo
 from components.train.rewards import RewardError, RewardSpec, answer_format, correctness, score
+from components.train.rl import step_grad_norm
 from tests.conftest import REPO_ROOT, build_tiny_lm
 
 
@@ -174,6 +176,24 @@ def test_grpo_raises_a_learnable_reward_and_logs_every_quantity(setup: Path, tmp
     assert (tmp_path / "grpo/config.json").is_file() and (tmp_path / "grpo/metrics.json").is_file()
 
 
+def test_which_problems_are_held_out_never_changes_the_trained_weights(setup: Path, tmp_path: Path) -> None:
+    """Monitoring moved from test to validation: the run trains on the same samples whatever it
+    scores (held-out sampling draws from its own seed), so the trained model, and the test
+    numbers measured on it, do not depend on the held-out set."""
+    import torch
+
+    config = grpo_config(train={"max_steps": 2}, heldout={"problems": 4, "samples": 2, "every_steps": 1})
+    weights, heldout_hashes = [], []
+    for name, heldout in (("validation", setup / "validation.jsonl"), ("test", setup / "test.jsonl"), ("none", None)):
+        manifest = grpo(config, str(setup / "model"), str(setup / "train.jsonl"), str(tmp_path / name),
+                        heldout=str(heldout) if heldout else None)
+        weights.append(load(tmp_path / name)[0].state_dict())
+        heldout_hashes.append(manifest.inputs["heldout"].content_hash if heldout else None)
+    assert len(set(heldout_hashes)) == 3  # two different held-out files, and none
+    assert [r["step"] for r in read_metrics(tmp_path / "validation/heldout_accuracy.jsonl")] == [0, 1, 2]
+    assert all(torch.equal(a, b) for other in weights[1:] for a, b in zip(weights[0].values(), other.values()))
+
+
 def test_dynamic_sampling_drops_groups_that_carry_no_signal(setup: Path, tmp_path: Path) -> None:
     """A constant reward: every group has zero variance, refills are tried up to the cap, and
     no update happens (the published weights equal the starting ones)."""
@@ -281,7 +301,7 @@ def test_ppo_takes_its_reward_from_a_reward_model_and_refuses_another_tokenizer(
     head.save_pretrained(tmp_path / "rm")
     AutoTokenizer.from_pretrained(setup / "model").save_pretrained(tmp_path / "rm")
     config = PPOConfig.model_validate({
-        "train": {"max_steps": 2, "batch_size_rows": 2, "checkpoint_every_steps": 0},
+        "train": {"max_steps": 2, "batch_size_rows": 2, "checkpoint_every_steps": 0, "optim": {"warmup_steps": 2}},
         "samples_per_prompt": 2, "max_new_tokens": 6, "ppo_epochs": 1, "minibatches": 1, "heldout": {"problems": 0}})
     ppo(config, str(setup / "model"), str(setup / "train.jsonl"), str(tmp_path / "ppo"), reward_model=str(tmp_path / "rm"))
     records = read_metrics(tmp_path / "ppo/train_metrics.jsonl")
@@ -296,3 +316,49 @@ def test_ppo_takes_its_reward_from_a_reward_model_and_refuses_another_tokenizer(
     with pytest.raises(ConfigError, match="the reward model's tokenizer differs from the policy's"):
         ppo(config, str(setup / "model"), str(setup / "train.jsonl"), str(tmp_path / "ppo2"), reward_model=str(tmp_path / "rm"))
     assert not (tmp_path / "ppo2").exists()
+
+
+def test_a_step_reports_its_first_non_finite_gradient_norm_else_the_largest() -> None:
+    nan, inf = float("nan"), float("inf")
+    assert max([1.0, nan]) == 1.0  # why max() is not enough
+    assert math.isnan(step_grad_norm([1.0, nan, 3.0])) and step_grad_norm([1.0, inf, nan]) == inf
+    assert step_grad_norm([1.0, 3.0, 2.0]) == 3.0 and step_grad_norm([]) is None
+
+
+def test_ppo_minibatches_are_a_fresh_permutation_per_epoch() -> None:
+    import torch
+
+    torch.manual_seed(0)
+    picks = [p.tolist() for p in minibatch_rows(rows=5, epochs=2, minibatches=2)]
+    assert [len(p) for p in picks] == [2, 2, 2, 2]  # 5 rows in 2 parts: one row left out per epoch
+    for epoch in (picks[:2], picks[2:]):
+        assert len(set(epoch[0] + epoch[1])) == 4 and set(epoch[0] + epoch[1]) <= set(range(5))
+
+
+@pytest.mark.parametrize("trainer", ["ppo", "grpo"])
+def test_a_non_finite_gradient_norm_after_the_first_update_stops_the_run_unpublished(
+        setup: Path, tmp_path: Path, trainer: str) -> None:
+    """At a learning rate of 1e30 the first update of step 1 is finite but leaves Adam's weights
+    near 1e30, so the second update's gradient norm is NaN while every loss stays finite. The
+    step's max() reported the first norm and the run was published; it must stop at update 2,
+    before that update is applied, with nothing published or logged for the step."""
+    from components.train.engine import COMPLETED_FILE, METRICS_FILE, TrainingDivergedError
+
+    train = {"max_steps": 1, "batch_size_rows": 2, "checkpoint_every_steps": 0,
+             "optim": {"learning_rate": 1e30, "warmup_steps": 0, "weight_decay": 0.0, "lr_schedule": "constant"}}
+    dest = tmp_path / trainer
+    with pytest.raises(TrainingDivergedError, match=rf"{trainer}: grad_norm became nan at step 1 \(update 2 of the "
+                                                    r"step\); stopped \(no checkpoint was written before it\)"):
+        if trainer == "ppo":
+            ppo(PPOConfig.model_validate({
+                "train": train, "samples_per_prompt": 2, "max_new_tokens": 6, "ppo_epochs": 2, "minibatches": 2,
+                "rewards": [{"function": "tests.rl_rewards:digit_fraction"}], "heldout": {"problems": 0}}),
+                str(setup / "model"), str(setup / "train.jsonl"), str(dest))
+        else:
+            grpo(grpo_config(train={**train, "batch_size_rows": 4}, iterations=2, dynamic_sampling=False,
+                             heldout={"problems": 0}),
+                 str(setup / "model"), str(setup / "train.jsonl"), str(dest))
+    assert not dest.exists()
+    [run] = (tmp_path / f"{trainer}.runs").iterdir()
+    assert read_metrics(run / METRICS_FILE) == [] and not (run / COMPLETED_FILE).exists()
+    assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())

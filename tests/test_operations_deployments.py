@@ -199,7 +199,8 @@ def test_a_deployment_runs_on_the_worker_and_its_result_is_read_through_the_api(
         artifacts = api.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
     keyed = {a.key: a for a in artifacts if a.key}
     assert set(keyed) == {"arithmetic-task-metrics"}
-    assert {row["metric"] for row in json.loads(keyed["arithmetic-task-metrics"].data)} == {"train_problems", "test_problems"}
+    assert {row["metric"] for row in json.loads(keyed["arithmetic-task-metrics"].data)} == {
+        "train_problems", "test_problems", "validation_problems"}
 
     with client(stack) as api:  # a second run of the deployment does no work
         again = api.create_flow_run_from_deployment(deployment.id, parameters={"params_file": str(params_file)})

@@ -194,3 +194,139 @@ def test_tokenized_pairs_train_on_the_completion_only_and_count_truncation(base:
                          if label != -100)
     with pytest.raises(DataError, match=r"1 lost their completion tokens"):
         tokenize_pairs(tokenizer, pairs[:1], prompt_tokens, "pairs")
+
+
+# --------------------------------------------------------------------------- TRL's conversational formats
+
+
+def _as_conversational(row: dict[str, str]) -> dict[str, list[dict[str, str]]]:
+    """A standard row in TRL's conversational preference format (explicit prompt)."""
+    return {"prompt": [{"role": "user", "content": row["prompt"]}],
+            "chosen": [{"role": "assistant", "content": row["chosen"]}],
+            "rejected": [{"role": "assistant", "content": row["rejected"]}]}
+
+
+def _as_implicit(row: dict[str, str]) -> dict[str, list[dict[str, str]]]:
+    """A standard row in TRL's conversational format with an implicit prompt (whole conversations)."""
+    user = {"role": "user", "content": row["prompt"]}
+    return {"chosen": [user, {"role": "assistant", "content": row["chosen"]}],
+            "rejected": [user, {"role": "assistant", "content": row["rejected"]}]}
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def test_trl_standard_and_conversational_files_tokenize_to_the_same_rows(base: Path, tmp_path: Path) -> None:
+    """The same pairs in TRL's standard, conversational and implicit-prompt conversational
+    formats give identical training rows, and those rows are the chat template's rendering."""
+    import torch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    rows = write_sign_pairs(tmp_path / "standard.jsonl", 5)
+    _write(tmp_path / "conversational.jsonl", [_as_conversational(row) for row in rows])
+    _write(tmp_path / "implicit.jsonl", [_as_implicit(row) for row in rows])
+    tokenized = {name: tokenize_pairs(tokenizer, read_pairs(tmp_path / f"{name}.jsonl").pairs, 256, name)
+                 for name in ("standard", "conversational", "implicit")}
+    for name in ("conversational", "implicit"):
+        assert tokenized[name].stats == tokenized["standard"].stats
+        for column, tensor in tokenized["standard"].columns.items():
+            assert torch.equal(tokenized[name].columns[column], tensor), (name, column)
+
+    pair = read_pairs(tmp_path / "implicit.jsonl").pairs[0]  # the implicit prompt is the shared user turn
+    assert [m.model_dump() for m in pair.prompt] == [{"role": "user", "content": rows[0]["prompt"]}]
+    columns = tokenized["conversational"].columns
+    for side in ("chosen", "rejected"):
+        messages = [{"role": "user", "content": rows[0]["prompt"]}, {"role": "assistant", "content": rows[0][side]}]
+        rendered = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        ids, labels = columns[f"{side}_input_ids"][0], columns[f"{side}_labels"][0]
+        assert ids[:len(rendered)].tolist() == list(rendered)
+        assert tokenizer.decode(labels[labels != -100]) == rows[0][side] + "<|im_end|>"
+
+
+def test_a_multi_turn_prompt_is_context_and_only_the_reply_is_trained(base: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    history = [{"role": "system", "content": "Answer with #### and a number."},
+               {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "#### 4"},
+               {"role": "user", "content": "And 3+3?"}]
+    explicit = {"prompt": history, "chosen": [{"role": "assistant", "content": "#### 6"}],
+                "rejected": [{"role": "assistant", "content": "#### 7"}]}
+    implicit = {"chosen": history + explicit["chosen"], "rejected": history + explicit["rejected"]}
+    for name, row in (("explicit", explicit), ("implicit", implicit)):
+        [pair] = read_pairs(_write(tmp_path / f"{name}.jsonl", [row])).pairs
+        assert [m.content for m in pair.prompt] == [m["content"] for m in history]
+        columns = tokenize_pairs(tokenizer, [pair], 256, name).columns
+        prompt_ids = tokenizer.apply_chat_template(history, tokenize=True, add_generation_prompt=True,
+                                                   return_dict=True)["input_ids"]
+        for side, answer in (("chosen", "#### 6"), ("rejected", "#### 7")):
+            ids, labels = columns[f"{side}_input_ids"][0], columns[f"{side}_labels"][0]
+            assert ids[:len(prompt_ids)].tolist() == list(prompt_ids)  # the prompt rendered with its generation prompt
+            assert (labels[:len(prompt_ids)] == -100).all()  # the earlier "#### 4" turn is not trained on
+            assert tokenizer.decode(labels[labels != -100]) == answer + "<|im_end|>"
+
+
+def test_a_conversational_pairs_file_publishes_a_dpo_reference(base: Path, tmp_path: Path) -> None:
+    """Through a real trainer's reader: dpo_reference on the conversational file caches the same
+    token rows and log-probs as on the standard file, and stores the messages as JSON."""
+    import pyarrow.parquet as pq
+
+    from components.train.dpo import REFERENCE_DATA, DPOReferenceConfig, dpo_reference
+
+    rows = write_sign_pairs(tmp_path / "standard.jsonl", 4)
+    _write(tmp_path / "conversational.jsonl", [_as_conversational(row) for row in rows])
+    tables = {}
+    for name in ("standard", "conversational"):
+        dpo_reference(DPOReferenceConfig(max_length_tokens=128), str(tmp_path / f"{name}.jsonl"), str(base),
+                      str(tmp_path / f"ref_{name}"))
+        tables[name] = pq.read_table(tmp_path / f"ref_{name}" / REFERENCE_DATA).to_pydict()
+    for column in ("chosen_input_ids", "chosen_labels", "rejected_labels", "ref_chosen_logps", "ref_rejected_logps"):
+        assert tables["conversational"][column] == tables["standard"][column], column
+    assert [json.loads(text) for text in tables["conversational"]["chosen"]] == \
+        [_as_conversational(row)["chosen"] for row in rows]
+    assert tables["standard"]["chosen"] == [row["chosen"] for row in rows]
+
+
+@pytest.mark.parametrize(("row", "expected"), [
+    ({"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "bot", "content": "a"}],
+      "rejected": [{"role": "assistant", "content": "b"}]}, r"field 'chosen\.0\.role': Input should be 'system'"),
+    ({"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "assistant"}]}, r"field 'rejected\.0\.content': Field required"),
+    ({"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "a"}],
+      "rejected": "b"}, r"field\(s\) \['rejected'\] hold text but \['prompt', 'chosen'\] hold message lists"),
+    ({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+      "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]},
+     r"field 'prompt': must end with a user turn \(ends with assistant\)"),
+    ({"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "user", "content": "a"}],
+      "rejected": [{"role": "assistant", "content": "b"}]},
+     r"field 'chosen': must start with an assistant turn \(starts with user\)"),
+    ({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "user", "content": "other q"}, {"role": "assistant", "content": "b"}]},
+     r"\(implicit prompt: the 0 leading messages 'chosen' and 'rejected' share\): field 'prompt': must end with a "
+     r"user turn \(ends with nothing\)"),
+    ({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "user", "content": "q"}]},
+     r"\(implicit prompt: the 1 leading messages .*field 'rejected': must start with an assistant turn "
+     r"\(starts with nothing\)"),
+    ({"chosen": "q a", "rejected": "q b"},
+     r"missing field\(s\) \['prompt'\] .*only conversational rows \(message lists\) may leave the prompt implicit"),
+])
+def test_a_malformed_conversational_row_names_file_line_and_field(tmp_path: Path, row: dict, expected: str) -> None:
+    good = _as_conversational({"prompt": "2+2?", "chosen": "#### 4", "rejected": "#### 5"})
+    path = _write(tmp_path / "pairs.jsonl", [good, good, row])
+    with pytest.raises(DataError, match=r"pairs\.jsonl:3:? " + expected):
+        read_pairs(path)
+
+
+def test_identical_conversational_replies_are_skipped_or_refused(tmp_path: Path) -> None:
+    good = _as_conversational({"prompt": "2+2?", "chosen": "#### 4", "rejected": "#### 5"})
+    same = {**good, "rejected": [{"role": "assistant", "content": " #### 4 "}]}
+    implicit_same = {"chosen": good["prompt"] + good["chosen"], "rejected": good["prompt"] + good["chosen"]}
+    path = _write(tmp_path / "pairs.jsonl", [good, same, implicit_same])
+    read = read_pairs(path)
+    assert read.identical_skipped == 2 and read.lines == [1]
+    with pytest.raises(DataError, match=r"pairs\.jsonl:2: 'chosen' and 'rejected' are identical"):
+        read_pairs(path, strict=True)

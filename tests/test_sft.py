@@ -135,8 +135,8 @@ def test_bad_sft_inputs_are_named(base: Path, tmp_path: Path) -> None:
     model.save_pretrained(short_context)
     AutoTokenizer.from_pretrained(base / "tok").save_pretrained(short_context)
     with pytest.raises(ConfigError, match=r"rows of 512 tokens exceed the model's context \(256\)"):
-        sft(SFTConfig(train=TrainConfig(batch_size_rows=2, max_steps=1)), str(base / "blocks"), str(short_context),
-            str(tmp_path / "e"))
+        sft(SFTConfig(train=TrainConfig(batch_size_rows=2, max_steps=1, optim=OptimConfig(warmup_steps=1))),
+            str(base / "blocks"), str(short_context), str(tmp_path / "e"))
     for name in "abce":
         assert not (tmp_path / name).exists()  # nothing published on failure
 

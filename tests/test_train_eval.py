@@ -89,7 +89,8 @@ def test_pretraining_learns_and_is_deterministic(prepared: Path) -> None:
 def test_pretrain_refuses_blocks_longer_than_the_context(prepared: Path) -> None:
     short = TINY_MODEL.model_copy(update={"max_position_embeddings": 16})
     with pytest.raises(ConfigError, match=r"max_position_embeddings \(16\) is shorter than the packed blocks \(32"):
-        run_pretrain(PretrainConfig(model=short, train=TrainConfig(max_steps=1)), prepared, "never")
+        run_pretrain(PretrainConfig(model=short, train=TrainConfig(max_steps=1, optim=OptimConfig(warmup_steps=1))),
+                     prepared, "never")
     assert not (prepared / "never").exists()
 
 
@@ -98,7 +99,9 @@ def test_perplexity_matches_an_independent_computation(prepared: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = prepared / "model_eval"
-    run_pretrain(PretrainConfig(model=TINY_MODEL, train=TrainConfig(batch_size_rows=8, max_steps=5)), prepared, "model_eval")
+    run_pretrain(PretrainConfig(model=TINY_MODEL, train=TrainConfig(batch_size_rows=8, max_steps=5,
+                                                                    optim=OptimConfig(warmup_steps=5))),
+                 prepared, "model_eval")
     manifest = evaluate_perplexity(PerplexityConfig(batch_size_docs=3), str(model_dir), str(prepared / "heldout"),
                                    str(prepared / "blocks"), str(prepared / "eval"))
     metrics = manifest.metrics

@@ -76,6 +76,11 @@ def runs_of(dest: Path) -> list[Path]:
     return sorted((dest.parent / f"{dest.name}.runs").iterdir())
 
 
+def short_run(**fields: object) -> TrainConfig:
+    """A test run of a few steps whose warmup spans the run (a longer warmup is refused)."""
+    return TrainConfig(**fields, optim=OptimConfig(warmup_steps=fields["max_steps"]))
+
+
 RESUME_CONFIG = PretrainConfig(model=TINY, train=TrainConfig(
     batch_size_rows=32, max_steps=150, checkpoint_every_steps=20, keep_last_checkpoints=2,
     optim=OptimConfig(learning_rate=5e-3, warmup_steps=10)))
@@ -135,7 +140,7 @@ def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(chain:
 
 
 def test_gradient_accumulation_gives_the_big_batch_gradient(chain: Path) -> None:
-    whole = PretrainConfig(model=TINY, train=TrainConfig(batch_size_rows=8, max_steps=6))
+    whole = PretrainConfig(model=TINY, train=short_run(batch_size_rows=8, max_steps=6))
     accumulated = whole.model_copy(update={"train": whole.train.model_copy(update={"micro_batch_rows": 2})})
     run(chain, whole, "whole")
     run(chain, accumulated, "accumulated")
@@ -143,7 +148,7 @@ def test_gradient_accumulation_gives_the_big_batch_gradient(chain: Path) -> None
 
 
 def test_gradient_checkpointing_recomputes_the_same_gradients(chain: Path) -> None:
-    plain = PretrainConfig(model=TINY, train=TrainConfig(batch_size_rows=8, max_steps=4))
+    plain = PretrainConfig(model=TINY, train=short_run(batch_size_rows=8, max_steps=4))
     recompute = plain.model_copy(update={"train": plain.train.model_copy(update={"gradient_checkpointing": True})})
     run(chain, plain, "plain")
     run(chain, recompute, "recompute", activation_checkpointing="full")  # the estimate must describe the run
@@ -204,12 +209,12 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(chain: Path
 def test_a_checkpoint_of_another_model_shape_is_refused(chain: Path, tmp_path: Path) -> None:
     from components.train.modules import CausalLMLoss
 
-    train(CausalLMLoss(tiny_model(chain)), block_data(chain), TrainConfig(batch_size_rows=4, max_steps=4,
+    train(CausalLMLoss(tiny_model(chain)), block_data(chain), short_run(batch_size_rows=4, max_steps=4,
           checkpoint_every_steps=2), tmp_path / "a", save_model=save_hf, flops_per_token=1.0)
     checkpoint = tmp_path / "a" / "checkpoints" / "step-00000002"
     wider = TINY.model_copy(update={"hidden_size": 48, "num_heads": 2})
     with pytest.raises(ConfigError, match=r"step-00000002: the checkpoint is of a different model shape: .*\[300, 32\] vs model \[300, 48\]"):
-        train(CausalLMLoss(tiny_model(chain, wider)), block_data(chain), TrainConfig(
+        train(CausalLMLoss(tiny_model(chain, wider)), block_data(chain), short_run(
             batch_size_rows=4, max_steps=4, resume_from=str(checkpoint)), tmp_path / "b", save_model=save_hf,
             flops_per_token=1.0)
 
@@ -229,7 +234,7 @@ def test_bad_training_data_is_named(chain: Path) -> None:
 
 
 def test_the_estimate_must_describe_the_run(chain: Path) -> None:
-    config = PretrainConfig(model=TINY, train=TrainConfig(batch_size_rows=8, max_steps=2))
+    config = PretrainConfig(model=TINY, train=short_run(batch_size_rows=8, max_steps=2))
     with pytest.raises(NotFeasibleError, match=r"estimate.num_gpus=2 \(trainer runs 1\)"):
         run(chain, config, "two_gpu_estimate_one_process", num_gpus=2)
     assert not (chain / "two_gpu_estimate_one_process").exists()
@@ -240,7 +245,7 @@ def test_the_estimate_must_describe_the_run(chain: Path) -> None:
 def test_deepspeed_ranks_on_cpu_train_the_single_process_model(chain: Path, zero_stage: int) -> None:
     """`deepspeed --num_gpus 2` with two CPU ranks, the ZeRO stage and DeepSpeed config taken from
     the estimate: both ranks end with identical weights, equal to one process on the same batches."""
-    base = TrainConfig(batch_size_rows=8, micro_batch_rows=2, max_steps=6)
+    base = short_run(batch_size_rows=8, micro_batch_rows=2, max_steps=6)
     single = PretrainConfig(model=TINY, train=base)
     ranks = PretrainConfig(model=TINY, train=base.model_copy(update={
         "distributed": DistributedConfig(launcher="deepspeed", num_procs=2)}))
@@ -263,7 +268,7 @@ def test_a_hostfile_from_the_prefect_task_launches_this_nodes_ranks_without_ssh(
     from flows.scale_out import deepspeed_hostfile
 
     hostfile = deepspeed_hostfile.fn(str(tmp_path / "hostfile"), 2, ["localhost"])
-    base = TrainConfig(batch_size_rows=8, micro_batch_rows=2, max_steps=4)
+    base = short_run(batch_size_rows=8, micro_batch_rows=2, max_steps=4)
     single = PretrainConfig(model=TINY, train=base)
     ranks = PretrainConfig(model=TINY, train=base.model_copy(update={"distributed": DistributedConfig(
         launcher="deepspeed", num_procs=2, hostfile=hostfile, node_rank=0)}))
@@ -291,7 +296,7 @@ def test_a_nan_gradient_with_a_finite_loss_stops_before_the_update(chain: Path, 
     model = tiny_model(chain)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     with pytest.raises(TrainingDivergedError, match=r"gradient norm became (nan|inf) at step 1"):
-        train(NaNGradient(model), block_data(chain), TrainConfig(batch_size_rows=4, max_steps=3), tmp_path,
+        train(NaNGradient(model), block_data(chain), short_run(batch_size_rows=4, max_steps=3), tmp_path,
               save_model=save_hf, flops_per_token=1.0)
     import torch
 
@@ -301,10 +306,44 @@ def test_a_nan_gradient_with_a_finite_loss_stops_before_the_update(chain: Path, 
 def test_a_finished_run_is_not_resumed_by_a_rebuild(chain: Path, tmp_path: Path) -> None:
     from components.train.modules import CausalLMLoss
 
-    config = TrainConfig(batch_size_rows=4, max_steps=6, checkpoint_every_steps=2)
+    config = short_run(batch_size_rows=4, max_steps=6, checkpoint_every_steps=2)
     first = train(CausalLMLoss(tiny_model(chain)), block_data(chain), config, tmp_path, save_model=save_hf,
                   flops_per_token=1.0)
     assert first.resumed_from_step is None and (tmp_path / "COMPLETED").is_file()
     again = train(CausalLMLoss(tiny_model(chain)), block_data(chain), config, tmp_path, save_model=save_hf,
                   flops_per_token=1.0)
     assert again.resumed_from_step is None and len(again.records) == 6  # retrained from step 1
+
+
+def test_a_warmup_longer_than_the_run_is_refused_where_it_is_configured(tmp_path: Path) -> None:
+    """warmup_steps > max_steps would stop the ramp below the peak learning rate: refused, naming
+    both fields and values; warmup_steps <= max_steps reaches the peak, so it is accepted."""
+    from pydantic import ValidationError
+
+    from components.train.grpo import GRPOConfig
+    from components.train.loop import lr_multiplier
+    from flows.params import load_params
+    from tests.conftest import REPO_ROOT, write_params
+
+    for max_steps in (1, 3, 30):
+        for warmup in (0, max_steps // 2, max_steps):
+            config = TrainConfig(max_steps=max_steps, optim=OptimConfig(warmup_steps=warmup))
+            assert max(lr_multiplier(step, max_steps, config.optim) for step in range(max_steps)) == 1.0
+        too_long = OptimConfig(warmup_steps=max_steps + 1)
+        assert max(lr_multiplier(step, max_steps, too_long) for step in range(max_steps)) < 1.0  # why it is refused
+        with pytest.raises(ValidationError, match=rf"optim.warmup_steps \({max_steps + 1}\) exceeds max_steps "
+                                                  rf"\({max_steps}\): the learning rate would peak at "
+                                                  rf"{max_steps}/{max_steps + 1} of optim.learning_rate \(0.002\)"):
+            TrainConfig(max_steps=max_steps, optim=too_long)
+    with pytest.raises(ValidationError, match=r"optim.warmup_steps \(20, the default\) exceeds max_steps \(3\)"):
+        TrainConfig(max_steps=3)
+    with pytest.raises(ValidationError, match=r"train\n.*optim.warmup_steps \(10\) exceeds max_steps \(4\)"):
+        GRPOConfig.model_validate({"train": {"max_steps": 4, "optim": {"warmup_steps": 10}}})  # the RL trainers too
+
+    bad = write_params(tmp_path / "params.yaml", str(tmp_path / "artifacts"),
+                       sft={"train": {"max_steps": 5, "optim": {"warmup_steps": 8}}})
+    with pytest.raises(ConfigError, match=r"params.yaml: sft.train: Value error, optim.warmup_steps \(8\) exceeds "
+                                          r"max_steps \(5\)"):
+        load_params(bad)
+    load_params(REPO_ROOT / "params.yaml")  # the shipped parameters and the tests' own pass
+    load_params(write_params(tmp_path / "tiny.yaml", str(tmp_path / "artifacts")))

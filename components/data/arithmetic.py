@@ -3,8 +3,13 @@
 Tiny models trained from scratch on a CPU cannot solve GSM8K, so RL and test-time compute
 are studied on problems whose difficulty is a parameter: a story of `steps` operations
 (+, -, x) on small numbers, worked in GSM8K style with calculator annotations and a final
-`#### N`. Every record is a function of (seed, split, index), so the data is reproducible
-without being stored, and test questions never occur in the training split.
+`#### N`. The splits are drawn from one seeded stream (test, then train, then validation),
+so the data is reproducible without being stored, and no question occurs in two splits.
+
+Validation is for monitoring and tuning (the RL trainers' held-out curves); test is for the
+final numbers only, so a choice made by looking at a curve never leaks into a reported
+figure. Validation is drawn last so that adding it left the train and test bytes of
+earlier versions unchanged (and everything trained or evaluated on them reusable).
 """
 
 from __future__ import annotations
@@ -19,15 +24,16 @@ from pydantic import Field, model_validator
 from components.artifacts import ComponentSpec, Manifest, produce
 from components.config import StrictConfig
 
-SPEC = ComponentSpec(name="arithmetic_task", version="1")
-SPLITS = ("train", "test")
+SPEC = ComponentSpec(name="arithmetic_task", version="2")
+SPLITS = ("test", "train", "validation")  # the order they are drawn in
 NAMES = ["Ava", "Ben", "Cleo", "Dan", "Eli", "Fay", "Gus", "Hana", "Ivan", "Jade", "Kai", "Lena", "Milo", "Nora"]
 ITEMS = ["apples", "pens", "stickers", "marbles", "books", "coins", "cards", "shells", "stamps", "cookies"]
 
 
 class ArithmeticTaskConfig(StrictConfig):
     train_problems: int = Field(4000, gt=0)
-    test_problems: int = Field(200, gt=0)
+    test_problems: int = Field(200, gt=0, description="Final evaluation only.")
+    validation_problems: int = Field(200, gt=0, description="Held-out monitoring and tuning (RL curves).")
     min_steps: int = Field(1, ge=1, description="Fewest operations in a problem.")
     max_steps: int = Field(3, ge=1, description="Most operations in a problem.")
     max_operand: int = Field(20, ge=2, description="Operands are drawn from 2..max_operand.")
@@ -66,11 +72,12 @@ def make_problem(rng: random.Random, config: ArithmeticTaskConfig) -> dict[str, 
 
 
 def generate(config: ArithmeticTaskConfig) -> dict[str, list[dict[str, str]]]:
-    """Both splits; test questions are distinct from every training question."""
+    """Every split, drawn in `SPLITS` order from one stream; no question is in two splits."""
     rng = random.Random(config.seed)
     seen: set[str] = set()
-    splits: dict[str, list[dict[str, str]]] = {"test": [], "train": []}
-    for split, count in (("test", config.test_problems), ("train", config.train_problems)):
+    splits: dict[str, list[dict[str, str]]] = {split: [] for split in SPLITS}
+    for split in SPLITS:
+        count = getattr(config, f"{split}_problems")
         attempts = 0
         while len(splits[split]) < count:
             attempts += 1
@@ -94,5 +101,6 @@ def _build(config: ArithmeticTaskConfig, out_dir: Path) -> dict[str, Any]:
 
 
 def arithmetic_task(config: ArithmeticTaskConfig, dest: str, overwrite: bool = False) -> Manifest:
-    """Write `train.jsonl` and `test.jsonl` (GSM8K fields: question, answer) into `dest`."""
+    """Write `train.jsonl`, `validation.jsonl` and `test.jsonl` (GSM8K fields: question,
+    answer) into `dest`."""
     return produce(SPEC, config, {}, dest, lambda out_dir, paths: _build(config, out_dir), overwrite=overwrite)

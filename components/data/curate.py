@@ -16,7 +16,10 @@ not published):
 
 Every removed document is kept in `removed/` with its `reason` (and `cluster_id`, the
 `doc_id` of the document kept in its place, for duplicates; `matched_eval_ids` for
-decontamination), so a user can see why any document went.
+decontamination), so a user can see why any document went. Kept and removed rows name their
+input record the same way (`source_row`) and carry the input fields named in
+`passthrough_fields` (an `id`, a `url`, ...) unchanged, as datatrove keeps a document's `id` and
+`metadata`, so a curated row can be joined back to the user's own data.
 """
 
 from __future__ import annotations
@@ -26,13 +29,14 @@ import unicodedata
 import json
 from collections import Counter
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from components.artifacts import (
     ArtifactRef, ComponentSpec, Manifest, input_ref, materialize, produce, read_manifest,
@@ -42,13 +46,13 @@ from components.data.decontaminate import DecontaminationConfig, NgramIndex
 from components.data.dedup import (
     ExactDedupConfig, FuzzyDedupConfig, exact_key, fuzzy_clusters, make_permutations, minhash_signature,
 )
-from components.data.filters import FiltersConfig, english_word_tokenizer, run_filters
+from components.data.filters import FiltersConfig, WordTokenizer, english_word_tokenizer, run_filters
 from components.data.pii import PIIConfig, redact_pii
-from components.data.records import DATA_DIR, count_records, format_record, iter_records
+from components.data.records import DATA_DIR, SOURCE_ROW, count_records, format_record, iter_records
 from components.errors import DataError
 
-SPEC = ComponentSpec(name="curate", version="2")
-SHARD_SPEC = ComponentSpec(name="curate_shard", version="2")
+SPEC = ComponentSpec(name="curate", version="3")  # 3: `source_row` on kept rows, passthrough fields
+SHARD_SPEC = ComponentSpec(name="curate_shard", version="3")
 REMOVED_DIR = "removed"
 KEPT_FILE = "kept.parquet"
 REMOVED_FILE = "removed.parquet"
@@ -59,6 +63,11 @@ _HORIZONTAL_SPACE = re.compile(r"[ \t\f\v\u00a0]+")
 T = TypeVar("T")
 R = TypeVar("R")
 MapShards = Callable[[Callable[[T], R], list[T]], Iterable[R]]
+FieldTypes = dict[str, pa.DataType | None]  # passthrough field -> its column type (None: inferred)
+# Columns the component writes itself (kept, removed, and the shards' dedup keys): a
+# passthrough field of one of these names would overwrite them.
+RESERVED_COLUMNS = frozenset({"text", SOURCE_ROW, "doc_id", "reason", "cluster_id", "matched_eval_ids", "detail",
+                              "exact_key", "signature"})
 
 
 class NormalizeConfig(StrictConfig):
@@ -85,6 +94,20 @@ class CurateConfig(StrictConfig):
     decontamination: DecontaminationConfig = DecontaminationConfig()
     exact_dedup: ExactDedupConfig = ExactDedupConfig()
     fuzzy_dedup: FuzzyDedupConfig = FuzzyDedupConfig()
+    passthrough_fields: tuple[str, ...] = Field(
+        (), description="Input fields copied unchanged onto every kept and removed row, one column each "
+                        "(e.g. [id, url]); a record without one of them is a malformed record.")
+
+    @field_validator("passthrough_fields")
+    @classmethod
+    def _no_reserved_or_repeated(cls, fields: tuple[str, ...]) -> tuple[str, ...]:
+        clashes = sorted(set(fields) & RESERVED_COLUMNS)
+        if clashes:
+            raise ValueError(f"{clashes} would overwrite curate's own columns {sorted(RESERVED_COLUMNS)}")
+        repeated = sorted({field for field in fields if fields.count(field) > 1})
+        if repeated:
+            raise ValueError(f"{repeated} listed more than once")
+        return fields
 
 
 class ShardConfig(StrictConfig):
@@ -106,15 +129,34 @@ def normalize_text(text: str, config: NormalizeConfig) -> str:
     return text
 
 
-def _record_text(config: CurateConfig, record: dict[str, Any], where: str) -> str:
-    if config.text_field is None:
-        return format_record(config.text_template, record, where)
-    if config.text_field not in record:
-        raise DataError(f"{where}: missing field {config.text_field!r} (record has {sorted(record)})")
-    value = record[config.text_field]
+def _record_text(text_field: str | None, text_template: str, record: dict[str, Any], where: str) -> str:
+    """The record's `text_field`, or else `text_template` filled from it; a bad record is named."""
+    if text_field is None:
+        return format_record(text_template, record, where)
+    if text_field not in record:
+        raise DataError(f"{where}: missing field {text_field!r} (record has {sorted(record)})")
+    value = record[text_field]
     if not isinstance(value, str):
-        raise DataError(f"{where}: field {config.text_field!r} is {type(value).__name__}, expected a string")
+        raise DataError(f"{where}: field {text_field!r} is {type(value).__name__}, expected a string")
     return value
+
+
+def _eval_reading(config: CurateConfig) -> tuple[str | None, str]:
+    """(text_field, text_template) for evaluation records: their own, else the corpus's."""
+    decontamination = config.decontamination
+    if decontamination.reads_own_text:
+        return decontamination.text_field, decontamination.text_template or ""
+    return config.text_field, config.text_template
+
+
+def _eval_text(config: CurateConfig, record: dict[str, Any], where: str) -> str:
+    try:
+        return _record_text(*_eval_reading(config), record, where)
+    except DataError as error:
+        if config.decontamination.reads_own_text:
+            raise
+        raise DataError(f"{error} (the evaluation set is read like the corpus; set decontamination.text_field or "
+                        "decontamination.text_template to read it differently)") from None
 
 
 def _eval_index(config: CurateConfig, eval_path: Path | None) -> NgramIndex | None:
@@ -124,78 +166,105 @@ def _eval_index(config: CurateConfig, eval_path: Path | None) -> NgramIndex | No
     for row, record in iter_records(eval_path):
         if isinstance(record, DataError):
             raise record
-        texts.append(normalize_text(_record_text(config, record, f"{eval_path}:{row}"), config.normalize))
+        texts.append(normalize_text(_eval_text(config, record, f"{eval_path}:{row}"), config.normalize))
         ids.append(f"{eval_path.name}:{row}")
     return NgramIndex.from_texts(texts, ids, config.decontamination.ngram_words)
+
+
+def _passthrough(fields: tuple[str, ...], record: dict[str, Any], where: str) -> dict[str, Any]:
+    missing = [field for field in fields if field not in record]
+    if missing:
+        raise DataError(f"{where}: missing passthrough field(s) {missing} (record has {sorted(record)})")
+    return {field: record[field] for field in fields}
+
+
+def _passthrough_column(values: list[Any], field: str, where: str, type: pa.DataType | None = None) -> pa.Array:
+    """One column of a passthrough field; values that parquet cannot hold in one column are named."""
+    try:
+        return pa.array(values, type)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+        raise DataError(f"{where}: passthrough field {field!r} cannot be one parquet column: {error}") from None
 
 
 def _matching_text(text: str, config: NormalizeConfig) -> str:
     return text.lower() if config.lowercase_for_matching else text
 
 
+def _screen(text: str, config: CurateConfig, tokenizer: WordTokenizer,
+            eval_index: NgramIndex | None) -> tuple[str, str | None, list[str]]:
+    """(text after the filters, the reason it is dropped or None, the evaluation ids it matched)."""
+    if len(text) < config.min_chars:
+        return text, "too_short", []
+    filtered, reason = run_filters(text, config.filters, tokenizer)
+    if filtered is None:
+        return text, reason or "filtered", []
+    # Decontaminate before redaction, so a placeholder cannot break a 13-gram match.
+    if eval_index is not None and (matched := eval_index.matches(filtered)):
+        return filtered, "decontaminated", matched
+    return filtered, None, []
+
+
 def _build_shard(shard: ShardConfig, source: Path, eval_path: Path | None, out_dir: Path) -> dict[str, Any]:
-    config = shard.curate
+    config, fields = shard.curate, shard.curate.passthrough_fields
     start, stop = shard.row_range
     tokenizer = english_word_tokenizer()
     eval_index = _eval_index(config, eval_path)
     permutations = make_permutations(config.fuzzy_dedup)
-    kept: dict[str, list] = {"text": [], "source_row": [], "exact_key": [], "signature": []}
-    removed: dict[str, list] = {"text": [], "source_row": [], "reason": [], "matched_eval_ids": [], "detail": []}
+    kept: dict[str, list] = {name: [] for name in ("text", SOURCE_ROW, "exact_key", "signature", *fields)}
+    removed: dict[str, list] = {name: [] for name in
+                                ("text", SOURCE_ROW, "reason", "matched_eval_ids", "detail", *fields)}
     reasons: Counter[str] = Counter()
     removed_words: Counter[str] = Counter()
     pii_counts: Counter[str] = Counter()
     words_in = words_out = 0
 
-    def drop(text: str, row: int, reason: str, matched: list[str] | None = None, detail: str | None = None) -> None:
+    def drop(text: str, row: int, reason: str, passed: dict[str, Any] | None, matched: list[str] | None = None,
+             detail: str | None = None) -> None:
         reasons[reason] += 1
         removed_words[reason] += len(text.split())
-        removed["text"].append(text)
-        removed["source_row"].append(row)
-        removed["reason"].append(reason)
-        removed["matched_eval_ids"].append(matched or [])
-        removed["detail"].append(detail)
+        for column, value in (("text", text), (SOURCE_ROW, row), ("reason", reason),
+                              ("matched_eval_ids", matched or []), ("detail", detail)):
+            removed[column].append(value)
+        for field in fields:
+            removed[field].append(passed[field] if passed is not None else None)
 
     for row, record in iter_records(source, start, stop):
+        where = f"{source}:{row}"
         try:
             if isinstance(record, DataError):
                 raise record
-            raw_text = _record_text(config, record, f"{source}:{row}")
+            raw_text = _record_text(config.text_field, config.text_template, record, where)
+            passed = _passthrough(fields, record, where)
         except DataError as error:
             if config.on_error == "fail":
                 raise
-            drop("", row, "malformed_record", detail=str(error))
+            drop("", row, "malformed_record", None, detail=str(error))
             continue
         text = normalize_text(raw_text, config.normalize)
         words_in += len(text.split())
-        if len(text) < config.min_chars:
-            drop(text, row, "too_short")
-            continue
-        filtered, reason = run_filters(text, config.filters, tokenizer)
-        if filtered is None:
-            drop(text, row, reason or "filtered")
-            continue
-        text = filtered
-        # Decontaminate before redaction, so a placeholder cannot break a 13-gram match.
-        if eval_index is not None and (matched := eval_index.matches(text)):
-            drop(text, row, "decontaminated", matched)
+        text, reason, matched = _screen(text, config, tokenizer, eval_index)
+        if reason is not None:
+            drop(text, row, reason, passed, matched)
             continue
         if config.pii.enabled:
             text, counts = redact_pii(text, config.pii)
             pii_counts.update(counts)
         matching = _matching_text(text, config.normalize)
-        kept["text"].append(text)
-        kept["source_row"].append(row)
-        kept["exact_key"].append(exact_key(matching))
-        kept["signature"].append(minhash_signature(matching, config.fuzzy_dedup, permutations))
+        signature = minhash_signature(matching, config.fuzzy_dedup, permutations)
+        for column, value in (("text", text), (SOURCE_ROW, row), ("exact_key", exact_key(matching)),
+                              ("signature", signature), *passed.items()):
+            kept[column].append(value)
         words_out += len(text.split())
 
+    where, inferred = f"{source} (shard {shard.index})", dict.fromkeys(fields)
     pq.write_table(pa.table({
         "text": pa.array(kept["text"], pa.string()),
-        "source_row": pa.array(kept["source_row"], pa.int64()),
+        SOURCE_ROW: pa.array(kept[SOURCE_ROW], pa.int64()),
         "exact_key": pa.array(kept["exact_key"], pa.binary()),
         "signature": _signature_column(kept["signature"], config.fuzzy_dedup.num_hashes),
+        **_passthrough_columns(kept, inferred, where),
     }), out_dir / KEPT_FILE)
-    pq.write_table(_removed_table(removed), out_dir / REMOVED_FILE)
+    pq.write_table(_removed_table(removed, inferred, where), out_dir / REMOVED_FILE)
     return {
         "shard": shard.index, "rows": [start, stop], "docs_in": stop - start, "docs_kept": len(kept["text"]),
         "words_in": words_in, "words_kept": words_out, "removed": dict(sorted(reasons.items())),
@@ -209,14 +278,19 @@ def _signature_column(signatures: list[np.ndarray], num_hashes: int) -> pa.Fixed
     return pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.uint64()), num_hashes)
 
 
-def _removed_table(removed: dict[str, list]) -> pa.Table:
+def _passthrough_columns(columns: dict[str, list], types: FieldTypes, where: str) -> dict[str, pa.Array]:
+    return {field: _passthrough_column(columns[field], field, where, type) for field, type in types.items()}
+
+
+def _removed_table(removed: dict[str, list], types: FieldTypes, where: str) -> pa.Table:
     return pa.table({
         "text": pa.array(removed["text"], pa.string()),
-        "source_row": pa.array(removed["source_row"], pa.int64()),
+        SOURCE_ROW: pa.array(removed[SOURCE_ROW], pa.int64()),
         "reason": pa.array(removed["reason"], pa.string()),
         "cluster_id": pa.array(removed.get("cluster_id", [None] * len(removed["text"])), pa.string()),
         "matched_eval_ids": pa.array(removed["matched_eval_ids"], pa.list_(pa.string())),
         "detail": pa.array(removed["detail"], pa.string()),
+        **_passthrough_columns(removed, types, where),
     })
 
 
@@ -240,8 +314,23 @@ _KEPT, _EXACT, _FUZZY = 0, 1, 2
 _DUPLICATE_REASONS = {_EXACT: "exact_duplicate", _FUZZY: "fuzzy_duplicate"}
 
 
-def _duplicates(config: CurateConfig, shard_dirs: list[Path]) -> tuple[np.ndarray, ...]:
-    """(status, kept_position, source_rows, shard_index) over every phase-1 survivor in shard order.
+@dataclass(frozen=True)
+class _DedupDecisions:
+    """Per phase-1 survivor, all shards in order: kept or which duplicate, and of which survivor."""
+
+    status: np.ndarray  # int8: _KEPT, _EXACT or _FUZZY
+    kept_position: np.ndarray  # the survivor kept in a duplicate's place (its own position if kept)
+    rows: np.ndarray  # source row of each survivor
+    shard_of: np.ndarray  # shard index of each survivor
+    shard_start: np.ndarray  # position of each shard's first survivor
+
+    def cluster_id(self, position: int) -> str:
+        kept = int(self.kept_position[position])
+        return _doc_id(int(self.shard_of[kept]), int(self.rows[kept]))
+
+
+def _duplicates(config: CurateConfig, shard_dirs: list[Path]) -> _DedupDecisions:
+    """Exact then fuzzy dedup over every phase-1 survivor, in shard order.
 
     Only fixed-width arrays are held: 16-byte exact keys and the signature matrix (the LSH
     index), filled shard by shard straight from Arrow buffers, with no per-document objects.
@@ -253,8 +342,8 @@ def _duplicates(config: CurateConfig, shard_dirs: list[Path]) -> tuple[np.ndarra
     rows = np.empty(total, dtype=np.int64)
     offset = 0
     for count, shard_dir in zip(counts, shard_dirs):
-        table = pq.read_table(shard_dir / KEPT_FILE, columns=["source_row", "exact_key", "signature"])
-        rows[offset:offset + count] = table.column("source_row").to_numpy()
+        table = pq.read_table(shard_dir / KEPT_FILE, columns=[SOURCE_ROW, "exact_key", "signature"])
+        rows[offset:offset + count] = table.column(SOURCE_ROW).to_numpy()
         exact[offset:offset + count] = table.column("exact_key").to_numpy(zero_copy_only=False)
         if signatures is not None and count:
             flat = table.column("signature").combine_chunks().flatten().to_numpy()
@@ -273,46 +362,73 @@ def _duplicates(config: CurateConfig, shard_dirs: list[Path]) -> tuple[np.ndarra
         roots = fuzzy_clusters(signatures, config.fuzzy_dedup)
         is_near = (roots != np.arange(total)) & (status == _KEPT)
         status[is_near], kept_position[is_near] = _FUZZY, roots[is_near]
-    return status, kept_position, rows, np.repeat(np.arange(len(shard_dirs)), counts)
+    return _DedupDecisions(status, kept_position, rows, np.repeat(np.arange(len(shard_dirs)), counts),
+                           np.cumsum([0, *counts[:-1]], dtype=np.int64))
+
+
+def _passthrough_types(fields: tuple[str, ...], shard_dirs: list[Path]) -> FieldTypes:
+    """One column type per passthrough field across every shard's kept and removed rows.
+
+    Each shard infers its own (a shard with no value has type null, one with ints and one with
+    floats differ), and datasets reads `data/*.parquet` as one table only if all agree.
+    """
+    schemas = [pq.read_schema(d / name) for d in shard_dirs for name in (KEPT_FILE, REMOVED_FILE)]
+    types: FieldTypes = {}
+    for field in fields:
+        seen = [schema.field(field).type for schema in schemas]
+        try:
+            unified = pa.unify_schemas([pa.schema([(field, t)]) for t in seen], promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            raise DataError(f"passthrough field {field!r} has different types in different records "
+                            f"({sorted({str(t) for t in seen if t != pa.null()})}); give it one type") from None
+        types[field] = unified.field(field).type
+    return types
+
+
+def _split_shard(decisions: _DedupDecisions, shard_index: int, shard_dir: Path,
+                 fields: tuple[str, ...]) -> tuple[dict[str, list], dict[str, list]]:
+    """A shard's rows after dedup: (kept columns, removed columns: phase 1's, then the duplicates)."""
+    survivors = pq.read_table(shard_dir / KEPT_FILE, columns=["text", SOURCE_ROW, *fields]).to_pydict()
+    removed = pq.read_table(shard_dir / REMOVED_FILE).to_pydict()
+    removed["cluster_id"] = [None] * len(removed["text"])
+    kept: dict[str, list] = {name: [] for name in ("text", SOURCE_ROW, "doc_id", *fields)}
+    offset = int(decisions.shard_start[shard_index])
+    for index, row in enumerate(survivors[SOURCE_ROW]):
+        status = int(decisions.status[offset + index])
+        if status == _KEPT:
+            target, own = kept, {"doc_id": _doc_id(shard_index, row)}
+        else:
+            target, own = removed, {"reason": _DUPLICATE_REASONS[status], "matched_eval_ids": [], "detail": None,
+                                    "cluster_id": decisions.cluster_id(offset + index)}
+        for name in ("text", SOURCE_ROW, *fields):
+            target[name].append(survivors[name][index])
+        for name, value in own.items():
+            target[name].append(value)
+    return kept, removed
 
 
 def _merge(config: CurateConfig, shard_dirs: list[Path], out_dir: Path) -> dict[str, Any]:
     """Exact then fuzzy dedup over all shards, in order; the first document of a cluster stays."""
-    status, kept_position, rows_all, shard_of = _duplicates(config, shard_dirs)
+    decisions = _duplicates(config, shard_dirs)
+    types = _passthrough_types(config.passthrough_fields, shard_dirs)
     (out_dir / DATA_DIR).mkdir()
     (out_dir / REMOVED_DIR).mkdir()
     reasons: Counter[str] = Counter()
     removed_words: Counter[str] = Counter()
     per_shard = []
-    position = 0
     for shard_index, shard_dir in enumerate(shard_dirs):
-        kept_table = pq.read_table(shard_dir / KEPT_FILE, columns=["text", "source_row"])
-        removed = pq.read_table(shard_dir / REMOVED_FILE).to_pydict()
-        removed["cluster_id"] = [None] * len(removed["text"])
-        reasons.update(removed["reason"])
+        kept, removed = _split_shard(decisions, shard_index, shard_dir, config.passthrough_fields)
         for reason, text in zip(removed["reason"], removed["text"]):
+            reasons[reason] += 1
             removed_words[reason] += len(text.split())
-        texts, rows, doc_ids = [], [], []
-        for text, row in zip(kept_table.column("text").to_pylist(), kept_table.column("source_row").to_pylist()):
-            if status[position] != _KEPT:
-                reason = _DUPLICATE_REASONS[int(status[position])]
-                kept = int(kept_position[position])
-                cluster = _doc_id(int(shard_of[kept]), int(rows_all[kept]))
-                reasons[reason] += 1
-                removed_words[reason] += len(text.split())
-                for column, value in (("text", text), ("source_row", row), ("reason", reason),
-                                      ("cluster_id", cluster), ("matched_eval_ids", []), ("detail", None)):
-                    removed[column].append(value)
-            else:
-                texts.append(text)
-                rows.append(row)
-                doc_ids.append(_doc_id(shard_index, row))
-            position += 1
         name = f"part-{shard_index:05d}.parquet"
-        pq.write_table(pa.table({"text": pa.array(texts, pa.string()), "source_line": pa.array(rows, pa.int64()),
-                                 "doc_id": pa.array(doc_ids, pa.string())}), out_dir / DATA_DIR / name)
-        pq.write_table(_removed_table(removed), out_dir / REMOVED_DIR / name)
-        per_shard.append({"shard": shard_index, "docs_out": len(texts), "words_out": sum(len(t.split()) for t in texts)})
+        pq.write_table(pa.table({"text": pa.array(kept["text"], pa.string()),
+                                 SOURCE_ROW: pa.array(kept[SOURCE_ROW], pa.int64()),
+                                 "doc_id": pa.array(kept["doc_id"], pa.string()),
+                                 **_passthrough_columns(kept, types, str(shard_dir))}), out_dir / DATA_DIR / name)
+        pq.write_table(_removed_table(removed, types, str(shard_dir)), out_dir / REMOVED_DIR / name)
+        per_shard.append({"shard": shard_index, "docs_out": len(kept["text"]),
+                          "words_out": sum(len(t.split()) for t in kept["text"])})
     docs_out = sum(s["docs_out"] for s in per_shard)
     docs_in = docs_out + sum(reasons.values())
     if docs_in and not docs_out:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import xxhash
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from components.config import StrictConfig
 
@@ -26,8 +26,31 @@ _PUNCTUATION = re.compile(r"[^\w\s]|_")
 
 
 class DecontaminationConfig(StrictConfig):
+    """How to match, and how to read the evaluation set's text.
+
+    The evaluation set has its own reading because it rarely shares the corpus's schema: a
+    `{"text": ...}` web corpus is decontaminated against GSM8K's `question`/`answer` records.
+    With neither `text_field` nor `text_template` set it is read like the corpus, as before.
+    """
+
     enabled: bool = Field(True, description="Drop training documents that share an n-gram with an evaluation item.")
     ngram_words: int = Field(13, ge=1, le=64, description="Words per n-gram (GPT-3 used 13).")
+    text_field: str | None = Field(
+        None, description="Read each evaluation record's text from this field (default: as the corpus is read).")
+    text_template: str | None = Field(
+        None, description="Else fill this str.format template from each evaluation record, "
+                          "e.g. 'Question: {question}\\nAnswer: {answer}' (default: as the corpus is read).")
+
+    @model_validator(mode="after")
+    def _one_reading(self) -> DecontaminationConfig:
+        if self.text_field is not None and self.text_template is not None:
+            raise ValueError("set text_field or text_template for the evaluation set, not both")
+        return self
+
+    @property
+    def reads_own_text(self) -> bool:
+        """Whether the evaluation set has a reading of its own (else it is read like the corpus)."""
+        return self.text_field is not None or self.text_template is not None
 
 
 def normalized_words(text: str) -> list[str]:

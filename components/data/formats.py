@@ -82,6 +82,72 @@ class PreferencePair(Record):
         return rejected
 
 
+class ChatPreferencePair(Record):
+    """TRL's conversational preference format: `prompt` is the conversation so far, `chosen` and
+    `rejected` are the assistant's alternative replies (each a list of messages).
+
+    The prompt must end with a user turn and each reply must start with an assistant turn:
+    otherwise the pair does not compare two answers to one request, and the prompt could not
+    be rendered with the template's generation prompt that the replies are scored after.
+    """
+
+    prompt: list[ChatMessage]
+    chosen: list[ChatMessage]
+    rejected: list[ChatMessage]
+
+    @field_validator("prompt")
+    @classmethod
+    def _ends_with_a_user_turn(cls, prompt: list[ChatMessage]) -> list[ChatMessage]:
+        if not prompt or prompt[-1].role != "user":
+            last = prompt[-1].role if prompt else "nothing"
+            raise ValueError(f"must end with a user turn (ends with {last}): the replies answer it")
+        return prompt
+
+    @field_validator("chosen", "rejected")
+    @classmethod
+    def _starts_with_an_assistant_turn(cls, reply: list[ChatMessage]) -> list[ChatMessage]:
+        if not reply or reply[0].role != "assistant":
+            first = reply[0].role if reply else "nothing"
+            raise ValueError(f"must start with an assistant turn (starts with {first}): it is the reply scored")
+        return reply
+
+    @field_validator("rejected")
+    @classmethod
+    def _differs_from_chosen(cls, rejected: list[ChatMessage], info: ValidationInfo) -> list[ChatMessage]:
+        """As for text pairs: identical replies carry no preference."""
+        chosen = info.data.get("chosen")
+        if chosen is not None and _stripped(chosen) == _stripped(rejected):
+            raise ValueError("must differ from 'chosen'")
+        return rejected
+
+
+def _stripped(messages: list[ChatMessage]) -> list[tuple[str, str]]:
+    return [(message.role, message.content.strip()) for message in messages]
+
+
+class ImplicitChatPreferencePair(Record):
+    """TRL's conversational preference format with an implicit prompt: `chosen` and `rejected`
+    are whole conversations that share their opening turns (see `split_implicit_prompt`)."""
+
+    chosen: list[ChatMessage]
+    rejected: list[ChatMessage]
+
+
+def split_implicit_prompt(pair: ImplicitChatPreferencePair, where: str) -> ChatPreferencePair:
+    """The explicit form of an implicit-prompt pair: the leading messages both conversations
+    share (compared exactly) are the prompt, the rest of each is its reply, as TRL's
+    `extract_prompt` splits them. A split that leaves no user turn to answer, or a reply that
+    does not start with the assistant, is refused by `ChatPreferencePair`'s checks."""
+    shared = 0
+    for ours, theirs in zip(pair.chosen, pair.rejected):
+        if ours != theirs:
+            break
+        shared += 1
+    fields = {"prompt": pair.chosen[:shared], "chosen": pair.chosen[shared:], "rejected": pair.rejected[shared:]}
+    return validate_record(ChatPreferencePair, fields,
+                           f"{where} (implicit prompt: the {shared} leading messages 'chosen' and 'rejected' share)")
+
+
 class RLPrompt(Record):
     prompt: Text
     reference_answer: Text
@@ -92,6 +158,7 @@ FORMATS: dict[str, type[Record]] = {
     "sft": SFTPromptCompletion,
     "chat": SFTChat,
     "preference": PreferencePair,
+    "chat_preference": ChatPreferencePair,
     "rl": RLPrompt,
 }
 

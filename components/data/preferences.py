@@ -13,16 +13,25 @@ user's file, and tokenized into the padded columns the preference trainers train
   answers); both are counted; blank completions are counted and never paired (the pair format
   refuses empty text), and completions cut at `max_new_tokens` are counted but verified as
   they are.
-- `read_pairs`: a pairs file in TRL's standard (text) preference format, one JSON object per
-  line with `prompt`, `chosen`, `rejected` (other fields are ignored). A bad row is a
-  DataError naming file:line and field; a pair whose chosen equals its rejected carries no
-  preference, so it is skipped and counted, or refused with its file:line when `strict`.
-- `tokenize_pairs`: each side rendered with the chat template as (user: prompt, assistant:
-  completion); labels keep the completion tokens only (the template's assistant span, end of
-  turn included), -100 elsewhere; both sides padded to one width so a trainer can run
-  chosen and rejected through the model as one batch. Longer rows are cut at the end and
-  counted; a pair left without completion tokens, or with equal sides after the cut, is
-  dropped and counted.
+- `read_pairs`: a pairs file in TRL's preference formats ("Dataset formats" in TRL's docs), one
+  JSON object per line (other fields are ignored):
+  - standard: `prompt`, `chosen`, `rejected` as text;
+  - conversational: each a list of `{role, content}` messages, the prompt ending with a user
+    turn and each reply starting with the assistant's;
+  - conversational with an implicit prompt: only `chosen` and `rejected`, whole conversations;
+    the messages they share from the start are the prompt (TRL's `extract_prompt`).
+  A standard row needs its `prompt` (splitting text at the first differing character would cut
+  words). A bad row is a DataError naming file:line and field; a row mixing text and message
+  lists is refused. A pair whose chosen equals its rejected carries no preference, so it is
+  skipped and counted, or refused with its file:line when `strict`.
+- `tokenize_pairs`: each side rendered with the tokenizer's chat template as the prompt's
+  messages (a standard prompt is one user turn) followed by the reply (a standard completion
+  is one assistant turn). Labels keep the reply's assistant tokens only (the template's
+  assistant span, end of turn included), -100 elsewhere, so an assistant turn inside a
+  multi-turn prompt is context, not trained on, as in TRL's preference trainers. Both sides
+  are padded to one width so a trainer can run chosen and rejected through the model as one
+  batch. Longer rows are cut at the end and counted; a pair left without completion tokens,
+  or with equal sides after the cut, is dropped and counted.
 """
 
 from __future__ import annotations
@@ -38,7 +47,9 @@ from pydantic import Field
 
 from components.artifacts import ComponentSpec, Manifest, produce
 from components.config import StrictConfig
-from components.data.formats import PreferencePair, validate_record
+from components.data.formats import (
+    ChatPreferencePair, ImplicitChatPreferencePair, PreferencePair, split_implicit_prompt, validate_record,
+)
 from components.data.records import iter_records
 from components.data.sft_pack import IGNORE_INDEX, TokenizedExample, _tokenize_messages
 from components.errors import DataError
@@ -50,6 +61,8 @@ SPEC = ComponentSpec(name="preference_pairs", version="1")
 PAIRS_FILE = "pairs.jsonl"
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 PAIR_COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
+AnyPair = PreferencePair | ChatPreferencePair
+Messages = list[dict[str, str]]
 
 
 class PreferencePairsConfig(StrictConfig):
@@ -80,9 +93,51 @@ def pairs_file(path: Path) -> Path:
 
 @dataclass(frozen=True)
 class ReadPairs:
-    pairs: list[PreferencePair]
+    pairs: list[AnyPair]
     lines: list[int]  # the file line of each pair
     identical_skipped: int  # rows whose chosen equals rejected (after stripping whitespace)
+
+
+def pair_fields(record: dict[str, Any], where: str) -> dict[str, Any]:
+    """The pair fields of a row, after checking that none is missing for its format and that it
+    does not mix text with message lists (TRL reads a row as one format or the other)."""
+    lists = [name for name in PAIR_FIELDS if isinstance(record.get(name), list)]
+    required = ("chosen", "rejected") if lists else PAIR_FIELDS
+    missing = [name for name in required if name not in record]
+    if missing:
+        hint = "" if lists or missing != ["prompt"] else (
+            "; only conversational rows (message lists) may leave the prompt implicit")
+        raise DataError(f"{where}: missing field(s) {missing} of a preference pair (record has {sorted(record)}){hint}")
+    texts = [name for name in PAIR_FIELDS if isinstance(record.get(name), str)]
+    if lists and texts:
+        raise DataError(f"{where}: field(s) {texts} hold text but {lists} hold message lists: a preference pair is "
+                        "all text (TRL's standard format) or all lists of {role, content} messages (conversational)")
+    return {name: record[name] for name in PAIR_FIELDS if name in record}
+
+
+def _normalized(reply: Any) -> Any:
+    """Text, or (role, content) per message, with surrounding whitespace stripped; None for
+    anything malformed (left to validation to name)."""
+    if isinstance(reply, str):
+        return reply.strip()
+    if isinstance(reply, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in reply):
+        return [(m.get("role"), m["content"].strip()) for m in reply]
+    return None
+
+
+def same_replies(fields: dict[str, Any]) -> bool:
+    """Whether chosen equals rejected up to surrounding whitespace: the pair states no preference."""
+    chosen = _normalized(fields["chosen"])
+    return chosen is not None and chosen == _normalized(fields["rejected"])
+
+
+def parse_pair(fields: dict[str, Any], where: str) -> AnyPair:
+    """The validated pair of a row's fields (see `pair_fields`), in whichever TRL format it is."""
+    if any(isinstance(value, list) for value in fields.values()):
+        if "prompt" not in fields:
+            return split_implicit_prompt(validate_record(ImplicitChatPreferencePair, fields, where), where)
+        return validate_record(ChatPreferencePair, fields, where)
+    return validate_record(PreferencePair, fields, where)
 
 
 def read_pairs(path: Path, strict: bool = False) -> ReadPairs:
@@ -92,19 +147,14 @@ def read_pairs(path: Path, strict: bool = False) -> ReadPairs:
     for line, record in iter_records(source):
         if isinstance(record, DataError):
             raise record
-        missing = [name for name in PAIR_FIELDS if name not in record]
-        if missing:
-            raise DataError(f"{source}:{line}: missing field(s) {missing} of a preference pair "
-                            f"(record has {sorted(record)})")
-        fields = {name: record[name] for name in PAIR_FIELDS}
-        if isinstance(fields["chosen"], str) and isinstance(fields["rejected"], str) \
-                and fields["chosen"].strip() == fields["rejected"].strip():
+        fields = pair_fields(record, f"{source}:{line}")
+        if same_replies(fields):
             if strict:
                 raise DataError(f"{source}:{line}: 'chosen' and 'rejected' are identical: the pair states no "
                                 "preference (drop the row, or read with strict off to skip such rows)")
             identical += 1
             continue
-        pairs.append(validate_record(PreferencePair, fields, f"{source}:{line}"))
+        pairs.append(parse_pair(fields, f"{source}:{line}"))
         lines.append(line)
     if not pairs:
         skipped = f" ({identical} identical pairs skipped)" if identical else ""
@@ -115,10 +165,45 @@ def read_pairs(path: Path, strict: bool = False) -> ReadPairs:
 # --------------------------------------------------------------------------- tokenizing
 
 
+def pair_messages(pair: AnyPair) -> tuple[Messages, Messages, Messages]:
+    """(prompt, chosen, rejected) as chat messages: a standard pair's prompt is one user turn and
+    each completion one assistant turn, as TRL renders standard data for a chat model."""
+    if isinstance(pair, PreferencePair):
+        return ([{"role": "user", "content": pair.prompt}], [{"role": "assistant", "content": pair.chosen}],
+                [{"role": "assistant", "content": pair.rejected}])
+    prompt, chosen, rejected = ([message.model_dump() for message in messages]
+                                for messages in (pair.prompt, pair.chosen, pair.rejected))
+    return prompt, chosen, rejected
+
+
+def pair_text(pair: AnyPair, name: str) -> str:
+    """A pair's `prompt`, `chosen` or `rejected` as one string: the text itself, or a
+    conversational field's messages as JSON (lossless, so a stored pair can be read back)."""
+    value = getattr(pair, name)
+    return value if isinstance(value, str) else json.dumps([message.model_dump() for message in value])
+
+
+def reply_example(tokenizer: Any, prompt: Messages, reply: Messages) -> TokenizedExample:
+    """(input_ids, labels) of prompt + reply rendered with the chat template; labels on the
+    reply's assistant tokens only.
+
+    The reply starts where the prompt rendered with the generation prompt ends, which must be
+    a prefix of the whole rendering (true of any template that renders turns one after
+    another); an assistant turn inside the prompt is masked as context.
+    """
+    prompt_ids = list(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True,
+                                                    return_dict=True)["input_ids"])
+    input_ids, labels = _tokenize_messages(tokenizer, prompt + reply)
+    if input_ids[:len(prompt_ids)] != prompt_ids:
+        raise DataError("the chat template does not render the prompt (with its generation prompt) as the start of "
+                        "prompt + reply, so the reply's tokens cannot be told apart from the prompt's")
+    return input_ids, [IGNORE_INDEX] * len(prompt_ids) + labels[len(prompt_ids):]
+
+
 def chat_example(tokenizer: Any, prompt: str, completion: str) -> TokenizedExample:
     """(input_ids, labels) of a user prompt and assistant completion; labels on the completion only."""
-    return _tokenize_messages(tokenizer, [{"role": "user", "content": prompt},
-                                          {"role": "assistant", "content": completion}])
+    return reply_example(tokenizer, [{"role": "user", "content": prompt}],
+                         [{"role": "assistant", "content": completion}])
 
 
 @dataclass
@@ -132,7 +217,7 @@ def _has_completion_tokens(labels: list[int]) -> bool:
     return any(label != IGNORE_INDEX for label in labels[1:])  # the first position predicts nothing
 
 
-def tokenize_pairs(tokenizer: Any, pairs: list[PreferencePair], max_length_tokens: int, source: str) -> TokenizedPairs:
+def tokenize_pairs(tokenizer: Any, pairs: list[AnyPair], max_length_tokens: int, source: str) -> TokenizedPairs:
     """Padded chosen/rejected columns of `pairs` (see the module doc); `source` names the data in errors."""
     import torch
 
@@ -141,8 +226,12 @@ def tokenize_pairs(tokenizer: Any, pairs: list[PreferencePair], max_length_token
     truncated = truncated_tokens = no_completion = identical = 0
     for index, pair in enumerate(pairs):
         sides, cut = [], False
-        for completion in (pair.chosen, pair.rejected):
-            ids, labels = chat_example(tokenizer, pair.prompt, completion)
+        prompt, chosen, rejected = pair_messages(pair)
+        for reply in (chosen, rejected):
+            try:
+                ids, labels = reply_example(tokenizer, prompt, reply)
+            except DataError as error:
+                raise DataError(f"{source}: pair {index + 1}: {error}") from None
             if len(ids) > max_length_tokens:  # keep the start: the prompt and the completion's beginning
                 cut = True
                 truncated_tokens += len(ids) - max_length_tokens

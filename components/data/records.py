@@ -14,6 +14,10 @@ import pyarrow.parquet as pq
 from components.errors import DataError
 
 DATA_DIR = "data"  # parquet shards of a dataset artifact live under this directory
+# The column naming the input record a curated row came from: iter_records' row number, i.e. the
+# 1-based line of a jsonl file (as in error messages; blank lines count) or the 1-based row of
+# a parquet file or datasets directory. Kept and removed rows use the same name.
+SOURCE_ROW = "source_row"
 
 
 def _jsonl_lines(path: Path) -> Iterator[tuple[int, bytes]]:

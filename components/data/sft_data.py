@@ -9,7 +9,7 @@ Every example is rendered with the tokenizer's chat template (`apply_chat_templa
 loss mask keeps the assistant tokens only, and examples are packed whole into blocks with
 per-document position ids (`sft_pack.pack_sft`), or, with `packing: false`, stored one per
 row, right-padded (what prompt tuning and per-example evaluation need). A `select` input (a
-curation artifact) keeps only the records curation kept, by their `source_line`.
+curation artifact) keeps only the records curation kept, by their `source_row`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pydantic import Field
 from components.artifacts import ComponentSpec, Manifest, produce
 from components.config import StrictConfig
 from components.data.formats import SFTChat, SFTPromptCompletion, gsm8k_to_chat, validate_record
-from components.data.records import DATA_DIR, iter_records, read_column
+from components.data.records import DATA_DIR, SOURCE_ROW, iter_records, read_column
 from components.data.sft_pack import (
     IGNORE_INDEX, TokenizedExample, _fit_examples, pack_sft, tokenize_chat, tokenize_prompt_completion,
 )
@@ -103,7 +103,7 @@ def _build(config: SFTDataConfig, paths: dict[str, Path], out_dir: Path) -> dict
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"])
-    select = set(read_column(paths["select"], "source_line")) if "select" in paths else None
+    select = set(read_column(paths["select"], SOURCE_ROW)) if "select" in paths else None
     examples = tokenized_examples(paths["dataset"], config.format, tokenizer, select, config.max_examples)
     source = str(paths["dataset"])
     if config.packing:

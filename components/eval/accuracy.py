@@ -8,6 +8,13 @@ samples. With a `reward_model` input (a `reward_model` artifact) every sample of
 also scored by it, and best-of-n by reward-model score (`best_reward@n`) is reported beside
 the other strategies. A problem whose generation fails is counted in `failed_problems` and the
 run goes on.
+
+`max_problems` takes the dataset's first problems; how many were used of how many the file
+holds is reported (`problems_used`, `problems_available`, and "12 of 15 problems ... (capped by
+max_problems=12)" in the report), never only the cap. `samples.jsonl` holds, per problem, every
+sample with its verdict, the calculator run (its text, verdict and each call's expression and
+inserted result) and the self-reflection transcript (each attempt, its verdict and the
+feedback that followed), so every reported accuracy can be recomputed from it by hand.
 """
 
 from __future__ import annotations
@@ -23,11 +30,11 @@ from pydantic import Field, model_validator
 from components.artifacts import ComponentSpec, Manifest, produce
 from components.config import StrictConfig
 from components.data.formats import gsm8k_final_answer
-from components.data.records import iter_records
+from components.data.records import count_records, iter_records
 from components.errors import DataError
 from components.eval.verifiers import reference_value
 
-SPEC = ComponentSpec(name="verifiable_accuracy", version="1")
+SPEC = ComponentSpec(name="verifiable_accuracy", version="2")  # 2: problems used/available, tool and reflection transcripts
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
 SAMPLES_FILE = "samples.jsonl"
@@ -105,11 +112,57 @@ def score_samples(reward_model_dir: Path, questions: list[str], pools: list[list
     return {id(s): value for s, value in zip(samples, values, strict=True)}, flops_per_token
 
 
+def problems_used_text(used: int, available: int, max_problems: int, source: str) -> str:
+    """"12 of 15 problems from `x.jsonl` (capped by max_problems=12)": what a score was measured on."""
+    cap = f" (capped by max_problems={max_problems})" if used < available else ""
+    return f"{used} of {available} problems from `{source}`{cap}"
+
+
+def calculator_runs(model: Any, tokenizer: Any, questions: list[str], max_new_tokens: int
+                    ) -> tuple[list[Any], list[str | None]]:
+    """Greedy decoding with the calculator per question, and the error of each run that failed
+    (counted as a blank, wrong answer; the evaluation goes on)."""
+    from components.eval.generate import Sample, sample_with_calculator
+
+    runs, errors = [], []
+    for question in questions:
+        try:
+            runs.append(sample_with_calculator(model, tokenizer, question, max_new_tokens, temperature=0.0))
+            errors.append(None)
+        except Exception as error:
+            log.warning("tool-use decoding failed: %s", error)
+            runs.append(Sample(text="", generated_tokens=0, mean_logprob=0.0, finished=False))
+            errors.append(f"{type(error).__name__}: {error}")
+    return runs, errors
+
+
+def calculator_record(run: Any, error: str | None, reference: str) -> dict[str, Any]:
+    """One problem's calculator run as samples.jsonl stores it: text, verdict and every call."""
+    from components.eval.verifiers import is_correct
+
+    return {"text": run.text, "correct": is_correct(run.text, reference), "generated_tokens": run.generated_tokens,
+            "finished": run.finished, "error": error,
+            "calls": [{"expression": expression, "result": result} for expression, result in run.calculator_calls]}
+
+
+def sample_row(question: str, reference: str, pool: list[Any], greedy: Any, rewards: dict[int, float],
+               calculator: dict[str, Any] | None) -> dict[str, Any]:
+    """A problem's line of samples.jsonl, without its reflection transcript: the pool with each
+    sample's verdict (and reward-model score), the greedy answer and the calculator run."""
+    from components.eval.verifiers import is_correct
+
+    samples = [{"text": s.text, "tokens": s.generated_tokens, "mean_logprob": s.mean_logprob,
+                **({"reward": rewards[id(s)]} if rewards else {}), "correct": is_correct(s.text, reference)}
+               for s in pool]
+    return {"question": question, "reference": reference, "greedy": greedy.text if greedy else None,
+            "samples": samples, "calculator": calculator}
+
+
 def _build(config: AccuracyConfig, paths: dict[str, Path], out_dir: Path) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer
 
-    from components.eval.generate import Sample, prompt_ids, sample, sample_with_calculator
+    from components.eval.generate import Sample, prompt_ids, sample
     from components.eval.passk import pass_at_k
     from components.eval.reflection import reflect
     from components.eval.strategies import evaluate_strategy
@@ -120,6 +173,7 @@ def _build(config: AccuracyConfig, paths: dict[str, Path], out_dir: Path) -> dic
     tokenizer = AutoTokenizer.from_pretrained(paths["model"])
     model = load_causal_lm(paths["model"]).eval()
     problems = read_problems(paths["dataset"], config.format, config.max_problems)
+    available = count_records(paths["dataset"])
     questions = [q for q, _ in problems]
     references = [r for _, r in problems]
     prompt_lengths = [len(prompt_ids(tokenizer, q)) for q in questions]
@@ -148,7 +202,7 @@ def _build(config: AccuracyConfig, paths: dict[str, Path], out_dir: Path) -> dic
     k_pools, k_refs, k_prompts = [pools[i] for i in kept], [references[i] for i in kept], [prompt_lengths[i] for i in kept]
     correct_counts = [sum(is_correct(s.text, r) for s in pool) for pool, r in zip(k_pools, k_refs)]
     metrics: dict[str, Any] = {
-        "problems": len(problems), "failed_problems": failed,
+        "problems_used": len(problems), "problems_available": available, "failed_problems": failed,
         "greedy_accuracy": sum(g is not None and is_correct(g.text, r) for g, r in zip(greedy, references)) / len(problems),
         "sample_accuracy": sum(correct_counts) / (len(k_pools) * config.samples_per_problem),
         **{f"pass@{k}": sum(pass_at_k(config.samples_per_problem, c, k) for c in correct_counts) / len(problems)
@@ -174,20 +228,18 @@ def _build(config: AccuracyConfig, paths: dict[str, Path], out_dir: Path) -> dic
             metrics[f"{strategy}@{n}"] = result.accuracy * len(k_pools) / len(problems)
             curve.append({"method": strategy, "n": n, "accuracy": metrics[f"{strategy}@{n}"],
                           "generated_tokens": result.generated_tokens, "inference_flops": inference_flops})
+    tool_records: list[dict[str, Any] | None] = [None] * len(problems)
     if config.tool_use:
-        tool = []
-        for question in questions:
-            try:
-                tool.append(sample_with_calculator(model, tokenizer, question, config.max_new_tokens, temperature=0.0))
-            except Exception as error:  # counted as wrong; the evaluation goes on
-                log.warning("tool-use decoding failed: %s", error)
-                tool.append(Sample(text="", generated_tokens=0, mean_logprob=0.0, finished=False))
-                metrics["failed_tool_problems"] = metrics.get("failed_tool_problems", 0) + 1
+        tool, tool_errors = calculator_runs(model, tokenizer, questions, config.max_new_tokens)
+        tool_records = [calculator_record(t, e, r) for t, e, r in zip(tool, tool_errors, references, strict=True)]
+        if any(tool_errors):
+            metrics["failed_tool_problems"] = sum(e is not None for e in tool_errors)
         metrics["tool_accuracy"] = sum(is_correct(t.text, r) for t, r in zip(tool, references)) / len(problems)
         metrics["tool_calls_per_problem"] = sum(t.tool_calls for t in tool) / len(problems)
         tokens = sum(t.generated_tokens for t in tool) / len(problems)
         curve.append({"method": "greedy+calculator", "n": 1, "accuracy": metrics["tool_accuracy"], "generated_tokens": tokens,
                       "inference_flops": (tokens + sum(prompt_lengths) / len(problems)) * flops_per_token})
+    transcripts: list[list[dict[str, Any]] | None] = [None] * len(problems)
     if config.reflection_rounds:
         reflection = reflect(model, tokenizer, questions, references, config.reflection_rounds, config.max_new_tokens,
                              feedback=config.reflection_feedback, temperature=config.temperature, seed=config.seed)
@@ -196,21 +248,21 @@ def _build(config: AccuracyConfig, paths: dict[str, Path], out_dir: Path) -> dic
             metrics[f"reflection_round_{r}"] = acc
             curve.append({"method": f"reflection ({config.reflection_feedback})", "n": r + 1, "accuracy": acc,
                           "generated_tokens": gen, "inference_flops": (gen + pre) * flops_per_token})
+        transcripts = reflection.transcripts
 
     with open(out_dir / SAMPLES_FILE, "w", encoding="utf-8") as handle:
-        for (question, reference), pool, first in zip(problems, pools, greedy):
-            handle.write(json.dumps({"question": question, "reference": reference,
-                                     "greedy": first.text if first else None,
-                                     "samples": [{"text": s.text, "tokens": s.generated_tokens,
-                                                  "mean_logprob": s.mean_logprob,
-                                                  **({"reward": rewards[id(s)]} if rewards else {}),
-                                                  "correct": is_correct(s.text, reference)} for s in pool]}) + "\n")
+        for index, (question, reference) in enumerate(problems):
+            row = sample_row(question, reference, pools[index], greedy[index], rewards, tool_records[index])
+            row["reflection"] = None if transcripts[index] is None else {
+                "feedback": config.reflection_feedback, "attempts": transcripts[index]}
+            handle.write(json.dumps(row) + "\n")
     with open(out_dir / CURVE_FILE, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=["method", "n", "accuracy", "generated_tokens", "inference_flops"])
         writer.writeheader()
         writer.writerows(curve)
     (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    lines = [f"# Verifiable accuracy: {len(problems)} problems from `{paths['dataset'].name}`", "",
+    used = problems_used_text(len(problems), available, config.max_problems, paths["dataset"].name)
+    lines = [f"# Verifiable accuracy: {used}", "",
              f"N = {config.samples_per_problem} samples per problem at temperature {config.temperature}, "
              f"up to {config.max_new_tokens} new tokens; {failed} problems failed to generate.", "",
              "| metric | value |", "|---|---:|"]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from components.errors import ConfigError
-from components.eval.calculator import complete_call
+from components.eval.calculator import CALL_CLOSE, complete_call, pending_call
 
 if TYPE_CHECKING:
     import torch
@@ -32,6 +32,7 @@ class Sample:
     mean_logprob: float
     finished: bool  # ended with the end-of-turn token (not cut at max_new_tokens)
     tool_calls: int = 0
+    calculator_calls: tuple[tuple[str, str], ...] = ()  # (expression, inserted result) of each call, in order
 
 
 Prompt = str | list[dict[str, str]]  # a user message, or a whole chat ending with a user turn
@@ -103,7 +104,8 @@ def sample_with_calculator(model: Any, tokenizer: Any, prompt: Prompt, max_new_t
     model.eval()
     ids = torch.tensor([prompt_ids(tokenizer, prompt)])
     generated: list[int] = []
-    logprob_sum, sampled, calls, finished = 0.0, 0, 0, False
+    logprob_sum, sampled, finished = 0.0, 0, False
+    calls: list[tuple[str, str]] = []
     cache = None
     feed = ids
     with torch.no_grad():
@@ -123,12 +125,13 @@ def sample_with_calculator(model: Any, tokenizer: Any, prompt: Prompt, max_new_t
                 finished = True
                 break
             feed = torch.tensor([[token]])
-            insert = complete_call(tokenizer.decode(generated, skip_special_tokens=True))
+            so_far = tokenizer.decode(generated, skip_special_tokens=True)
+            insert = complete_call(so_far)
             if insert is not None:  # the calculator's tokens go through the model; they are not sampled
                 inserted = tokenizer(insert, add_special_tokens=False)["input_ids"]
                 generated.extend(inserted)
                 feed = torch.tensor([[token, *inserted]])
-                calls += 1
+                calls.append((pending_call(so_far), insert.removesuffix(CALL_CLOSE)))
     text = tokenizer.decode([t for t in generated if t not in stops], skip_special_tokens=True)
     return Sample(text=text, generated_tokens=sampled, mean_logprob=logprob_sum / max(1, sampled), finished=finished,
-                  tool_calls=calls)
+                  tool_calls=len(calls), calculator_calls=tuple(calls))

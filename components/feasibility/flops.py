@@ -20,8 +20,16 @@ Recompute = Literal["none", "selective", "full"]
 
 
 def attention_flops_per_token_forward(shape: ModelShape) -> float:
-    """4·L·H·Q·T: QK^T and attention-times-V over the full sequence, per token, forward."""
+    """4·L·H·Q·T: QK^T and attention-times-V over the full sequence, per token, forward (Q is
+    the head width, which Gemma 2 and Qwen3 set apart from d_model / H). Sliding-window layers
+    (Gemma 2, Mistral) are counted over the full sequence too, as PaLM's MFU convention and
+    an eager or SDPA forward do."""
     return 4.0 * shape.num_layers * shape.num_heads * shape.head_dim * shape.seq_len
+
+
+def attention_flops_per_token(shape: ModelShape) -> float:
+    """12·L·H·Q·T: the attention part of the training count (forward and the backward's 2x)."""
+    return 3.0 * attention_flops_per_token_forward(shape)
 
 
 def forward_flops_per_token(shape: ModelShape) -> float:
@@ -30,7 +38,7 @@ def forward_flops_per_token(shape: ModelShape) -> float:
 
 def model_flops_per_token(shape: ModelShape) -> float:
     """PaLM App. B: 6N + 12LHQT."""
-    return 6.0 * shape.matmul_parameters() + 3.0 * attention_flops_per_token_forward(shape)
+    return 6.0 * shape.matmul_parameters() + attention_flops_per_token(shape)
 
 
 def hardware_flops_per_token(shape: ModelShape, recompute: Recompute) -> float:

@@ -2,7 +2,8 @@
 
 Peak figures are the vendors' dense (no sparsity) numbers from their datasheets; memory is
 what the device reports (GiB). Users extend or override entries with a YAML file of the
-same shape (`crucible estimate --hardware-catalog my.yaml`).
+same shape (`crucible estimate --hardware-catalog my.yaml`). Names match ignoring case and
+punctuation, and by common aliases (`h100` is `H100-SXM`; `a100` is ambiguous and refused).
 """
 
 from __future__ import annotations
@@ -73,7 +74,31 @@ def load_catalog(extra_yaml: str | Path | None = None) -> dict[str, Accelerator]
     return catalog
 
 
-def lookup(catalog: dict[str, Accelerator], name: str) -> Accelerator:
-    if name not in catalog:
-        raise ConfigError(f"--gpu: unknown accelerator {name!r}; known: {', '.join(sorted(catalog))}")
-    return catalog[name]
+def _normal(name: str) -> str:
+    """Case, spaces, dashes, underscores and a vendor prefix do not tell accelerators apart:
+    `h100_sxm` and `NVIDIA H100-SXM` are `H100-SXM`."""
+    return "".join(ch for ch in name.lower() if ch.isalnum()).removeprefix("nvidia")
+
+
+# Names people type for a catalog entry (normalised by `_normal`), beyond its own name.
+ALIASES = {"h100": "H100-SXM", "h100sxm5": "H100-SXM", "h10080gb": "H100-SXM", "h100sxm80gb": "H100-SXM",
+           "h100pcie80gb": "H100-PCIe", "h200sxm": "H200", "h200141gb": "H200", "a10040g": "A100-40GB",
+           "a10080g": "A100-80GB", "a100sxm40gb": "A100-40GB", "a100sxm80gb": "A100-80GB", "v4": "TPU-v4",
+           "b200sxm": "B200"}
+AMBIGUOUS = {"a100": ("A100-40GB", "A100-80GB")}
+
+
+def resolve_name(catalog: dict[str, Accelerator], name: str) -> str:
+    """The catalog entry `name` means: itself, the entry equal to it ignoring case and
+    punctuation, or the entry of a common alias (`h100` -> `H100-SXM`)."""
+    if name in catalog:
+        return name
+    wanted = _normal(name)
+    same = [key for key in catalog if _normal(key) == wanted]
+    if len(same) == 1:
+        return same[0]
+    if wanted in ALIASES and ALIASES[wanted] in catalog:
+        return ALIASES[wanted]
+    if wanted in AMBIGUOUS:
+        raise ConfigError(f"--gpu: {name!r} is ambiguous; say which: {' or '.join(AMBIGUOUS[wanted])}")
+    raise ConfigError(f"--gpu: unknown accelerator {name!r}; known: {', '.join(sorted(catalog))}")

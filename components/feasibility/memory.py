@@ -108,13 +108,15 @@ def activation_bytes_per_layer(
     tokens = s * b
     if recompute == "full":  # only the layer input is kept (Sec. 5: 2sbh, /t with SP)
         return tokens * h * activation_bytes / (t if sequence_parallel else 1)
-    # Replicated across tensor-parallel ranks unless sequence parallel: the two norm inputs,
-    # the two normed outputs (inputs of QKV and of the MLP), and the two dropout masks.
-    replicated = 4 * h * activation_bytes + (2 * h * MASK_BYTES if dropout else 0)
-    # Split by tensor parallelism: Q, K, V (after projection), the attention output
-    # (input of the output projection) and the MLP hidden activations.
-    mlp_hidden = 4 * shape.ffn_dim if shape.mlp == "swiglu" else 2 * shape.ffn_dim
-    split = (h + 2 * shape.kv_dim + h + mlp_hidden) * activation_bytes
+    # Replicated across tensor-parallel ranks unless sequence parallel: each norm's input, the
+    # inputs of QKV and of the MLP (the pre-norms' outputs; OLMo 2's post-norm layers feed
+    # them the residual stream instead), and the two dropout masks.
+    replicated = (shape.norms_per_layer + 2) * h * activation_bytes + (2 * h * MASK_BYTES if dropout else 0)
+    # Split by tensor parallelism: Q, K, V (after projection; q/k norms keep their inputs too),
+    # the attention output (input of the output projection) and the MLP hidden activations.
+    mlp_hidden = 4 * shape.ffn_dim if shape.gated else 2 * shape.ffn_dim
+    qk_norm_inputs = shape.q_dim + shape.kv_dim if shape.qk_norm != "none" else 0
+    split = (shape.q_dim + 2 * shape.kv_dim + shape.q_dim + qk_norm_inputs + mlp_hidden) * activation_bytes
     per_token = (replicated / (t if sequence_parallel else 1)) + split / t
     layer = tokens * per_token
     if recompute == "none" and not flash_attention:  # softmax output, its dropout mask and output

@@ -46,8 +46,15 @@ class ParallelPlan(StrictConfig):
         return 4 if self.precision == "fp32" else 2
 
 
+# DeepSpeed has no fp8 switch; an fp8 plan is bf16 mixed precision whose matmuls an fp8 engine
+# runs. The note travels in the config (DeepSpeed ignores keys it does not know).
+FP8_CONFIG_NOTE = ("fp8 plan: this config trains in bf16; the fp8 matmuls the time estimate assumes need NVIDIA "
+                   "Transformer Engine (te.Linear layers under te.fp8_autocast) in the model")
+
+
 def deepspeed_config(plan: ParallelPlan, data_parallel: int, gradient_clipping: float = 1.0) -> dict[str, Any]:
-    """A DeepSpeed config JSON for `plan`, usable as is by `deepspeed.initialize`."""
+    """A DeepSpeed config JSON for `plan`, usable as is by `deepspeed.initialize`; an fp8 plan
+    enables bf16 and says that the fp8 matmuls come from Transformer Engine."""
     zero: dict[str, Any] = {"stage": plan.zero_stage}
     if plan.zero_stage >= 1:
         zero.update({"overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": 5e8})
@@ -57,7 +64,9 @@ def deepspeed_config(plan: ParallelPlan, data_parallel: int, gradient_clipping: 
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     if plan.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+    fp8 = {"crucible_fp8_note": FP8_CONFIG_NOTE} if plan.precision == "fp8" else {}
     return {
+        **fp8,
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
         "gradient_accumulation_steps": plan.gradient_accumulation_steps,
         "train_batch_size": plan.micro_batch_size * plan.gradient_accumulation_steps * data_parallel,

@@ -54,6 +54,15 @@ FITS = {
 }
 
 
+LAW_SOURCES: dict[str, str] = {
+    "epoch2024": "Besiroglu et al. 2024 refit of Chinchilla Approach 3: L = 1.8172 + 482.01/N^0.3478 + "
+                 "2085.43/D^0.3658, minimised under C = 6ND",
+    "chinchilla": "Hoffmann et al. 2022 Approach 3 as published: L = 1.69 + 406.4/N^0.34 + 410.7/D^0.28, "
+                  "minimised under C = 6ND",
+    "tokens_per_param": "Hoffmann et al. 2022 Approaches 1-2: D = 20N under C = 6ND; loss from the epoch2024 fit",
+}
+
+
 def compute_optimal(compute_flops: float, law: ScalingLaw = "epoch2024") -> dict[str, float]:
     if law == "tokens_per_param":
         params = math.sqrt(compute_flops / (6.0 * TOKENS_PER_PARAM))

@@ -49,7 +49,7 @@ SPEC = ComponentSpec(name="dpo", version="1")
 REFERENCE_DATA = Path("data") / "part-00000.parquet"
 TOKENIZER_DIR = "tokenizer"
 LOGP_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
-TEXT_COLUMNS = ("prompt", "chosen", "rejected")
+TEXT_COLUMNS = ("prompt", "chosen", "rejected")  # the text, or a conversational pair's messages as JSON
 
 
 class DPOReferenceConfig(StrictConfig):
@@ -102,7 +102,7 @@ def _build_reference(config: DPOReferenceConfig, paths: dict[str, Path], out_dir
     import torch
     from transformers import AutoTokenizer
 
-    from components.data.preferences import pairs_file, read_pairs, tokenize_pairs
+    from components.data.preferences import pair_text, pairs_file, read_pairs, tokenize_pairs
     from components.models.factory import load_causal_lm
 
     tokenizer = AutoTokenizer.from_pretrained(paths["model"])
@@ -116,7 +116,7 @@ def _build_reference(config: DPOReferenceConfig, paths: dict[str, Path], out_dir
                           f"({model.config.max_position_embeddings}); lower max_length_tokens")
     logps = reference_logprobs(model, tokenized.columns, config.batch_rows)
     kept = [read.pairs[index] for index in tokenized.kept]
-    table = {name: pa.array([getattr(pair, name) for pair in kept], pa.string()) for name in TEXT_COLUMNS}
+    table = {name: pa.array([pair_text(pair, name) for pair in kept], pa.string()) for name in TEXT_COLUMNS}
     table |= {name: pa.array(tokenized.columns[name].tolist(), pa.list_(pa.int32())) for name in PAIR_COLUMNS}
     table |= {name: pa.array(logps[name].double().tolist(), pa.float64()) for name in LOGP_COLUMNS}
     (out_dir / REFERENCE_DATA).parent.mkdir(parents=True)

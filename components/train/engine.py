@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from components.config import StrictConfig
 from components.errors import ConfigError, CrucibleError, DataError
@@ -109,6 +109,19 @@ class TrainConfig(StrictConfig):
     seed: int = 0
     peak_tflops: float | None = Field(None, gt=0, description="Device peak for MFU; default: the hardware catalog's.")
     distributed: DistributedConfig = DistributedConfig()
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> "TrainConfig":
+        """A warmup longer than the run stops the linear ramp at max_steps / warmup_steps of the
+        peak (`lr_multiplier`), so the configured learning rate would silently never be used."""
+        warmup = self.optim.warmup_steps
+        if warmup > self.max_steps:
+            default = "" if "warmup_steps" in self.optim.model_fields_set else ", the default"
+            raise ValueError(
+                f"optim.warmup_steps ({warmup}{default}) exceeds max_steps ({self.max_steps}): the learning rate "
+                f"would peak at {self.max_steps}/{warmup} of optim.learning_rate ({self.optim.learning_rate:g}); "
+                "set optim.warmup_steps <= max_steps")
+        return self
 
 
 # --------------------------------------------------------------------------- data
@@ -493,25 +506,90 @@ class TrainResult:
     checkpoints: list[str] = field(default_factory=list)
 
 
-def _rng_state() -> dict[str, Any]:
+RNG_FILE = "rng-rank{rank}.json"
+LEGACY_RNG_FILE = "rng-rank{rank}.pt"  # a pickle, written before RNG states were JSON; never loaded
+
+
+class _PythonRng(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int
+    internal_state: list[int] = Field(min_length=625, max_length=625)  # MT19937: 624 words, then the position
+    gauss_next: float | None
+
+
+class _NumpyRng(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    algorithm: Literal["MT19937"]
+    keys: list[int] = Field(min_length=624, max_length=624)  # MT19937's 624 words
+    pos: int
+    has_gauss: int
+    cached_gaussian: float
+
+
+class RngState(BaseModel):
+    """Every generator a step draws from, as plain numbers in JSON: a checkpoint that a user
+    can point `resume_from` at is data, never a pickle that runs code when loaded. JSON
+    writes floats with their shortest exact repr, so a resume stays bit-identical."""
+
+    model_config = ConfigDict(extra="forbid")
+    torch: list[int]  # torch.get_rng_state() bytes
+    python: _PythonRng
+    numpy: _NumpyRng
+    cuda: list[list[int]] | None = None  # one byte state per device
+
+
+def _rng_state() -> RngState:
     import numpy as np
     import torch
 
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    version, internal_state, gauss_next = random.getstate()
+    algorithm, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    cuda = [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else None
+    return RngState(
+        torch=torch.get_rng_state().tolist(),
+        python=_PythonRng(version=version, internal_state=list(internal_state), gauss_next=gauss_next),
+        numpy=_NumpyRng(algorithm=algorithm, keys=keys.tolist(), pos=pos, has_gauss=has_gauss,
+                        cached_gaussian=cached_gaussian),
+        cuda=cuda,
+    )
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: RngState) -> None:
     import numpy as np
     import torch
 
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    torch.set_rng_state(torch.tensor(state.torch, dtype=torch.uint8))
+    random.setstate((state.python.version, tuple(state.python.internal_state), state.python.gauss_next))
+    legacy = state.numpy
+    np.random.set_state((legacy.algorithm, np.array(legacy.keys, dtype=np.uint32), legacy.pos, legacy.has_gauss,
+                         legacy.cached_gaussian))
+    if state.cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state.cuda])
+
+
+def save_rng_state(checkpoint: Path, rank: int) -> None:
+    (checkpoint / RNG_FILE.format(rank=rank)).write_text(_rng_state().model_dump_json(), encoding="utf-8")
+
+
+def load_rng_state(checkpoint: Path, rank: int) -> None:
+    """Restore this rank's generators from `checkpoint`; a missing, legacy (pickled) or
+    malformed state is refused naming the file and the field."""
+    path = checkpoint / RNG_FILE.format(rank=rank)
+    if not path.is_file():
+        legacy = checkpoint / LEGACY_RNG_FILE.format(rank=rank)
+        why = (f"only {legacy.name}, a pickle this version does not load (it could run code); resume from a newer "
+               "checkpoint or start afresh") if legacy.exists() else "it is missing"
+        raise ConfigError(f"{path}: cannot restore the RNG state of rank {rank}: {why}")
+    try:
+        state = RngState.model_validate_json(path.read_bytes())
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "<root>"
+        raise ConfigError(f"{path}: not an RNG state: {where}: {first['msg']}") from None
+    try:
+        _set_rng_state(state)
+    except (ValueError, TypeError, IndexError, RuntimeError) as error:
+        raise ConfigError(f"{path}: not a usable RNG state: {error}") from None
 
 
 def _one_at_a_time(function: Callable[..., TrainResult]) -> Callable[..., TrainResult]:
@@ -529,8 +607,6 @@ def restore(backend: TorchBackend | DeepSpeedBackend, sampler: EpochSampler, con
     sampler position and RNG states. Returns (start step, the step resumed from or None, the
     last good checkpoint). Keeps the metrics log up to the start step and prunes checkpoints
     of another history and partial saves; a finished run (COMPLETED) starts afresh."""
-    import torch
-
     rank, world_size = backend.rank, backend.world_size
     checkpoint_root = run_dir / CHECKPOINTS_DIR
     metrics_path = run_dir / METRICS_FILE
@@ -539,7 +615,7 @@ def restore(backend: TorchBackend | DeepSpeedBackend, sampler: EpochSampler, con
     start_step, resumed_from = 0, None
     completed_marker = run_dir / COMPLETED_FILE
     if rank == 0 and completed_marker.exists():
-        # A finished run's checkpoints are kept for inspection, but a rebuild (--overwrite)
+        # A finished run's checkpoints are kept for inspection, but a rebuild (--rebuild)
         # starts afresh rather than resuming near the end of the old run.
         shutil.rmtree(checkpoint_root, ignore_errors=True)
         checkpoint_root.mkdir(parents=True, exist_ok=True)
@@ -558,7 +634,7 @@ def restore(backend: TorchBackend | DeepSpeedBackend, sampler: EpochSampler, con
             raise ConfigError(f"{source}: written by {state['world_size']} ranks, this run has {world_size}")
         backend.load_state(source)
         sampler.load_state_dict(state["sampler"])
-        _set_rng_state(torch.load(source / f"rng-rank{rank}.pt", weights_only=False))
+        load_rng_state(source, rank)
         start_step = resumed_from = int(state["step"])
     if rank == 0:
         kept = [json.dumps(r) for r in read_metrics(metrics_path) if r["step"] <= start_step]
@@ -759,7 +835,7 @@ def save_checkpoint(
         (partial / MODEL_DIR).mkdir(parents=True)
     backend.barrier()
     backend.save_state(partial)  # collective for DeepSpeed: every rank writes its partition
-    torch.save(_rng_state(), partial / f"rng-rank{backend.rank}.pt")
+    save_rng_state(partial, backend.rank)
     with backend.gathered_parameters():
         if backend.rank == 0:
             torch.save(trainable_state(backend.module), partial / MODEL_DIR / "trainable.pt")

@@ -20,6 +20,7 @@ low / high, the fraction of zero-variance groups, response length, and rollout v
 from __future__ import annotations
 
 import copy
+import math
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -33,7 +34,7 @@ from components.train.launch import read_job
 from components.train.loop import OptimConfig
 from components.train.losses import Aggregation, GroupNorm, KLEstimator
 from components.train.rewards import RewardSpec
-from components.train.rl import HeldoutSettings, produce_rl, summarize_rl
+from components.train.rl import HeldoutSettings, produce_rl, step_grad_norm, summarize_rl
 
 SPEC = ComponentSpec(name="grpo", version="1")
 
@@ -196,11 +197,13 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
                     totals["training_flops"] += train_flops * (
                         prompt_tokens / (group if shared_prompt else 1) + completion_tokens)
                 grad_norms.append(backend.optimizer_step(learning_rate))
+                if not math.isfinite(grad_norms[-1]):
+                    break  # the optimizer did not step; run_rl stops the run on this step's grad_norm
             record.update(sums if pieces else {"loss": None})
             if reference is None:
                 record["kl"] = None
             record.update({
-                "grad_norm": max(grad_norms) if grad_norms else None, "updates": len(grad_norms),
+                "grad_norm": step_grad_norm(grad_norms), "updates": len(grad_norms),
                 "rollout_time_s": rollout_time_s, "update_time_s": time.perf_counter() - update_started,
                 "reward_errors": totals["reward_errors"], "training_flops": totals["training_flops"],
             })
@@ -221,6 +224,7 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
 def grpo(config: GRPOConfig, model: str, problems: str, dest: str, heldout: str | None = None,
          overwrite: bool = False) -> Manifest:
     """Train `model` (an SFT model artifact) by GRPO on `problems` (GSM8K-format jsonl); score
-    greedy accuracy on `heldout` problems before, during and after."""
+    greedy accuracy on `heldout` problems before, during and after. `heldout` is for monitoring
+    and tuning (the pipeline passes the task's validation split), never the reported test set."""
     inputs = {"model": model, "problems": problems, **({"heldout": heldout} if heldout else {})}
     return produce_rl(SPEC, "grpo", "GRPO", config, inputs, dest, overwrite)

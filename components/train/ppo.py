@@ -15,15 +15,18 @@ Language Models from Human Preferences", §2.2), on the formulas of `components.
   clipped surrogate (`losses.ppo_policy_loss`).
 
 Logged per step: reward mean / std, KL, KL coefficient, entropy, clip fractions, value loss,
-response length, rollout vs update time.
+response length, rollout vs update time. A non-finite gradient norm in any minibatch ends the
+step there, before that update is applied, and `run_rl` stops the run on it.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
@@ -35,6 +38,9 @@ from components.train.launch import read_job
 from components.train.loop import OptimConfig
 from components.train.rewards import RewardSpec
 from components.train.rl import HeldoutSettings, produce_rl
+
+if TYPE_CHECKING:
+    import torch
 
 SPEC = ComponentSpec(name="ppo", version="1")
 VALUE_HEAD_FILE = "value_head.pt"
@@ -92,12 +98,25 @@ def adaptive_kl_coef(coef: float, measured_kl: float, target: float, samples: in
     return coef * (1.0 + error * samples / horizon)
 
 
+def minibatch_rows(rows: int, epochs: int, minibatches: int) -> Iterator[torch.Tensor]:
+    """Row indices of each update: per epoch a fresh permutation cut into `minibatches` equal
+    parts (a remainder is left out). Lazy, so each epoch's permutation is drawn from torch's
+    global RNG when that epoch starts, after the previous epoch's updates."""
+    import torch
+
+    per_minibatch = max(1, rows // minibatches)
+    for _ in range(epochs):
+        order = torch.randperm(rows)
+        for start in range(0, rows - per_minibatch + 1, per_minibatch):
+            yield order[start:start + per_minibatch]
+
+
 def train_job(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from components.train.losses import gae_advantages, kl_estimate, masked_mean, ppo_policy_loss, value_loss
     from components.train.rewards import score
-    from components.train.rl import completion_logprobs, decode, load_rl_setup, run_rl, summarize_rl
+    from components.train.rl import completion_logprobs, decode, load_rl_setup, run_rl, step_grad_norm, summarize_rl
 
     job_ = read_job(job, PPOConfig)
     config, paths, run_dir, out_dir = job_.config, job_.paths, job_.run_dir, job_.out_dir
@@ -160,34 +179,33 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
             rollout_time_s = time.perf_counter() - started
             update_started = time.perf_counter()
             rows = ids.shape[0]
-            per_minibatch = max(1, rows // config.minibatches)
             sums = {"loss": 0.0, "policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0,
                     "clip_fraction_low": 0.0, "clip_fraction_high": 0.0}
             grad_norms, updates = [], 0
-            for _ in range(config.ppo_epochs):
-                order = torch.randperm(rows)
-                for start in range(0, rows - per_minibatch + 1, per_minibatch):
-                    pick = order[start:start + per_minibatch].to(device)
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=backend.precision == "bf16"):
-                        logprobs, entropies, values = completion_logprobs(
-                            policy, ids[pick], attention[pick], width, config.temperature, entropy=True,
-                            values_head=module.value_head)
-                    pg_loss, stats = ppo_policy_loss(logprobs, old_logprobs[pick], advantages[pick], mask[pick],
-                                                     config.eps_clip, config.eps_clip)
-                    vf_loss = value_loss(values, old_values[pick], returns[pick], mask[pick], config.value_clip)
-                    loss = pg_loss + config.value_coef * vf_loss
-                    if config.kl_mode == "loss":
-                        loss = loss + state["kl_coef"] * masked_mean(
-                            kl_estimate(logprobs, ref_logprobs[pick], "k3"), mask[pick])
-                    loss.backward()
-                    grad_norms.append(backend.optimizer_step(learning_rate))
-                    updates += 1
-                    for name, value in (("loss", loss), ("policy_loss", pg_loss), ("value_loss", vf_loss),
-                                        ("entropy", masked_mean(entropies, mask[pick])),
-                                        ("clip_fraction_low", stats["clip_fraction_low"]),
-                                        ("clip_fraction_high", stats["clip_fraction_high"])):
-                        sums[name] += float(value.detach())
-                    state["training_flops"] += train_flops * float(attention[pick].sum())
+            for pick in minibatch_rows(rows, config.ppo_epochs, config.minibatches):
+                pick = pick.to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=backend.precision == "bf16"):
+                    logprobs, entropies, values = completion_logprobs(
+                        policy, ids[pick], attention[pick], width, config.temperature, entropy=True,
+                        values_head=module.value_head)
+                pg_loss, stats = ppo_policy_loss(logprobs, old_logprobs[pick], advantages[pick], mask[pick],
+                                                 config.eps_clip, config.eps_clip)
+                vf_loss = value_loss(values, old_values[pick], returns[pick], mask[pick], config.value_clip)
+                loss = pg_loss + config.value_coef * vf_loss
+                if config.kl_mode == "loss":
+                    loss = loss + state["kl_coef"] * masked_mean(
+                        kl_estimate(logprobs, ref_logprobs[pick], "k3"), mask[pick])
+                loss.backward()
+                grad_norms.append(backend.optimizer_step(learning_rate))
+                updates += 1
+                if not math.isfinite(grad_norms[-1]):
+                    break  # the optimizer did not step; run_rl stops the run on this step's grad_norm
+                for name, value in (("loss", loss), ("policy_loss", pg_loss), ("value_loss", vf_loss),
+                                    ("entropy", masked_mean(entropies, mask[pick])),
+                                    ("clip_fraction_low", stats["clip_fraction_low"]),
+                                    ("clip_fraction_high", stats["clip_fraction_high"])):
+                    sums[name] += float(value.detach())
+                state["training_flops"] += train_flops * float(attention[pick].sum())
             record = {name: value / max(1, updates) for name, value in sums.items()}
             state["training_flops"] += forward_flops * float(attention.sum()) * 3  # rollout, old, reference
             if config.kl_target is not None:
@@ -200,7 +218,7 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
                 "zero_variance_fraction": float((grouped.max(1).values == grouped.min(1).values).float().mean())
                 if samples > 1 else None,
                 "response_length": float(rollout.completion_mask.sum(1).mean()),
-                "grad_norm": max(grad_norms), "updates": updates,
+                "grad_norm": step_grad_norm(grad_norms), "updates": updates,
                 "rollout_time_s": rollout_time_s, "update_time_s": time.perf_counter() - update_started,
                 "reward_errors": state["reward_errors"], "training_flops": state["training_flops"],
             })

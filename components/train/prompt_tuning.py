@@ -10,6 +10,10 @@ Initialisations (the paper's §2.2 and §3.2):
 
 `prompt_tuning_study` runs every initialisation with several seeds on the same data and
 budget and reports held-out loss, mean and spread: the seed post's text-vs-random experiment.
+It reports how many train and held-out examples were used of how many the files hold (never
+the `max_*_examples` cap in their place), and names a better initialisation only when the
+seeds support it: at least `MIN_SEEDS` seeds each, and a gap in mean held-out loss larger than
+`SPREAD_FACTOR` combined seed standard deviations; otherwise it says "no verdict" and why.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pydantic import Field
 
 from components.artifacts import ArtifactRef, ComponentSpec, Manifest, produce, read_manifest
 from components.config import StrictConfig
+from components.data.records import count_records
 from components.data.sft_data import SFTFormat, pad_examples, tokenized_examples
 from components.train.engine import TrainConfig, TrainData, read_metrics
 from components.train.launch import make_job, read_job, run_job
@@ -33,8 +38,8 @@ from components.train.trainer import METRICS_JSONL, publish_metrics, summarize, 
 if TYPE_CHECKING:
     import torch
 
-SPEC = ComponentSpec(name="prompt_tuning", version="1")
-STUDY_SPEC = ComponentSpec(name="prompt_tuning_study", version="1")
+SPEC = ComponentSpec(name="prompt_tuning", version="2")  # 2: example counts in the metrics
+STUDY_SPEC = ComponentSpec(name="prompt_tuning_study", version="2")  # 2: counts used, verdict only with seed support
 PROMPT_FILE = "soft_prompt.safetensors"
 STUDY_REPORT = "report.md"
 STUDY_PLOT = "heldout_loss.png"
@@ -42,6 +47,8 @@ STUDY_METRICS = "metrics.json"
 
 Init = Literal["text", "vocab", "random"]
 RANDOM_INIT_RANGE = 0.5  # Lester et al. 2021 §3.2: uniform in [-0.5, 0.5]
+MIN_SEEDS = 2  # one run per initialisation has no seed spread to weigh a difference against
+SPREAD_FACTOR = 2.0  # a winner's gap must exceed this many combined seed standard deviations
 
 
 class PromptTuningConfig(StrictConfig):
@@ -134,6 +141,10 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
     return {
         "init": config.init, "seed": config.train.seed, "num_virtual_tokens": config.num_virtual_tokens,
         "trainable_params": trainable_params,
+        "train_examples": int(train_rows["input_ids"].shape[0]),
+        "train_examples_available": count_records(paths["dataset"]),
+        "heldout_examples": int(heldout_rows["input_ids"].shape[0]),
+        "heldout_examples_available": count_records(paths["heldout"]),
         "heldout_loss_without_prompt": loss_without_prompt,
         "heldout_loss_at_init": loss_at_init,
         "heldout_loss": heldout_loss(module, heldout_rows),
@@ -179,41 +190,42 @@ def plan_trials(config: PromptTuningStudyConfig, dest: str) -> list[tuple[str, P
     return trials
 
 
-def _summarize_trials(config: PromptTuningStudyConfig, trials: dict[str, dict[str, Any]], out_dir: Path) -> dict[str, Any]:
+def compare_inits(first: str, second: str, by_init: dict[str, dict[str, Any]]) -> tuple[str | None, str]:
+    """The initialisation with the lower mean held-out loss of `first` and `second`, and the
+    sentence that says so; or None and "no verdict: ..." when the seeds cannot support one
+    (fewer than MIN_SEEDS each, or a gap within SPREAD_FACTOR combined standard deviations,
+    sqrt(std_a^2 + std_b^2), the spread of the difference of two runs)."""
+    a, b = by_init[first], by_init[second]
+    better, worse = (first, second) if a["mean"] <= b["mean"] else (second, first)
+    gap = abs(a["mean"] - b["mean"])
+    seeds = min(len(a["runs"]), len(b["runs"]))
+    if seeds < MIN_SEEDS:
+        return None, (f"no verdict: {seeds} seed per initialisation has no seed spread to weigh the "
+                      f"{gap:.4f} nats/token gap against (run at least {MIN_SEEDS} seeds each)")
+    noise = math.hypot(a["std"], b["std"])
+    if gap <= SPREAD_FACTOR * noise:
+        return None, (f"no verdict: {better} is lower than {worse} by {gap:.4f} nats/token, within "
+                      f"{SPREAD_FACTOR:g} combined seed standard deviations ({noise:.4f})")
+    spread = f"{gap / noise:.1f} combined seed standard deviations" if noise else "seeds agree exactly"
+    return better, f"{better} initialisation is better than {worse} by {gap:.4f} nats/token ({spread}, {seeds} seeds)"
+
+
+def used_of_available(trials: dict[str, dict[str, Any]], kind: str, cap: int) -> str:
+    """"3 of 3 held-out examples" or "128 of 1319 ... (capped by max_heldout_examples=128)",
+    from what the trials actually used (a range if they differ)."""
+    used = sorted({t[f"{kind}_examples"] for t in trials.values()})
+    available = max(t[f"{kind}_examples_available"] for t in trials.values())
+    label = "held-out" if kind == "heldout" else kind
+    count = str(used[0]) if len(used) == 1 else f"{used[0]}-{used[-1]}"
+    capped = f" (capped by max_{kind}_examples={cap})" if available > cap else ""
+    return f"{count} of {available} {label} examples{capped}"
+
+
+def _plot_curves(config: PromptTuningStudyConfig, trials: dict[str, dict[str, Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    rows, by_init = [], {}
-    for init in config.inits:
-        losses = [trials[trial_name(init, seed)]["heldout_loss"] for seed in config.seeds]
-        at_init = [trials[trial_name(init, seed)]["heldout_loss_at_init"] for seed in config.seeds]
-        std = statistics.stdev(losses) if len(losses) > 1 else 0.0
-        by_init[init] = {"mean": statistics.fmean(losses), "std": std, "runs": losses}
-        rows.append({"init": init, "seeds": len(losses), "heldout_loss_mean": statistics.fmean(losses),
-                     "heldout_loss_std": std, "heldout_loss_at_init_mean": statistics.fmean(at_init)})
-    baseline = statistics.fmean(t["heldout_loss_without_prompt"] for t in trials.values())
-    best = min(by_init, key=lambda init: by_init[init]["mean"])
-    base = config.base
-    lines = [
-        "# Prompt tuning: initialisation study", "",
-        f"Frozen model, {base.num_virtual_tokens} virtual tokens, {base.train.max_steps} steps x "
-        f"{base.train.batch_size_rows} examples, lr {base.train.optim.learning_rate}, seeds {config.seeds}. "
-        f"Held-out loss per assistant token on {base.max_heldout_examples} held-out examples "
-        f"(without any prompt: {baseline:.4f}).", "",
-        "| init | seeds | held-out loss (mean ± std) | at initialisation |", "|---|---|---|---|",
-    ]
-    lines += [f"| {r['init']} | {r['seeds']} | {r['heldout_loss_mean']:.4f} ± {r['heldout_loss_std']:.4f} | "
-              f"{r['heldout_loss_at_init_mean']:.4f} |" for r in rows]
-    if "text" in by_init and "random" in by_init:
-        gap = by_init["random"]["mean"] - by_init["text"]["mean"]
-        noise = math.hypot(by_init["random"]["std"], by_init["text"]["std"])
-        verdict = ("text initialisation is better" if gap > 0 else "random initialisation is better")
-        lines += ["", f"random - text = {gap:+.4f} nats/token (combined std {noise:.4f}): {verdict}"
-                  f"{'' if abs(gap) > 2 * noise else ', but within 2 standard deviations of seed noise'}."]
-    lines += ["", f"Text prompt: `{base.init_text}`", ""]
-    (out_dir / STUDY_REPORT).write_text("\n".join(lines), encoding="utf-8")
 
     figure, axis = plt.subplots(figsize=(6, 4))
     for init in config.inits:
@@ -226,9 +238,45 @@ def _summarize_trials(config: PromptTuningStudyConfig, trials: dict[str, dict[st
     axis.set_title("Prompt tuning by initialisation")
     axis.legend()
     figure.tight_layout()
-    figure.savefig(out_dir / STUDY_PLOT, dpi=110)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
-    metrics = {"best_init": best, "heldout_loss_without_prompt": baseline,
+
+
+def _summarize_trials(config: PromptTuningStudyConfig, trials: dict[str, dict[str, Any]], out_dir: Path) -> dict[str, Any]:
+    rows, by_init = [], {}
+    for init in config.inits:
+        losses = [trials[trial_name(init, seed)]["heldout_loss"] for seed in config.seeds]
+        at_init = [trials[trial_name(init, seed)]["heldout_loss_at_init"] for seed in config.seeds]
+        std = statistics.stdev(losses) if len(losses) > 1 else None  # one run has no spread (not a spread of 0)
+        by_init[init] = {"mean": statistics.fmean(losses), "std": std, "runs": losses}
+        rows.append({"init": init, "seeds": len(losses), "heldout_loss_mean": statistics.fmean(losses),
+                     "heldout_loss_std": std, "heldout_loss_at_init_mean": statistics.fmean(at_init)})
+    baseline = statistics.fmean(t["heldout_loss_without_prompt"] for t in trials.values())
+    ranked = sorted(by_init, key=lambda init: by_init[init]["mean"])
+    best, verdict = (compare_inits(ranked[0], ranked[1], by_init) if len(ranked) > 1
+                     else (None, "no verdict: only one initialisation was run"))
+    base = config.base
+    lines = [
+        "# Prompt tuning: initialisation study", "",
+        f"Frozen model, {base.num_virtual_tokens} virtual tokens, {base.train.max_steps} steps x "
+        f"{base.train.batch_size_rows} examples, lr {base.train.optim.learning_rate}, seeds {config.seeds}; "
+        f"trained on {used_of_available(trials, 'train', base.max_train_examples)}. "
+        f"Held-out loss per assistant token on {used_of_available(trials, 'heldout', base.max_heldout_examples)}; "
+        f"without any prompt {baseline:.4f}.", "",
+        "| init | seeds | held-out loss (mean ± std) | at initialisation |", "|---|---|---|---|",
+    ]
+    lines += [f"| {r['init']} | {r['seeds']} | {r['heldout_loss_mean']:.4f} ± "
+              f"{'n/a' if r['heldout_loss_std'] is None else format(r['heldout_loss_std'], '.4f')} | "
+              f"{r['heldout_loss_at_init_mean']:.4f} |" for r in rows]
+    lines += ["", f"Best initialisation: {verdict}."]
+    if "text" in by_init and "random" in by_init and len(ranked) > 2:
+        lines += ["", f"Text vs random: {compare_inits('text', 'random', by_init)[1]}."]
+    lines += ["", f"Text prompt: `{base.init_text}`", ""]
+    (out_dir / STUDY_REPORT).write_text("\n".join(lines), encoding="utf-8")
+    _plot_curves(config, trials, out_dir / STUDY_PLOT)
+    first = next(iter(trials.values()))
+    metrics = {"best_init": best, "verdict": verdict, "heldout_loss_without_prompt": baseline,
+               "train_examples": first["train_examples"], "heldout_examples": first["heldout_examples"],
                **{f"heldout_loss_{init}_mean": v["mean"] for init, v in by_init.items()},
                **{f"heldout_loss_{init}_std": v["std"] for init, v in by_init.items()}}
     (out_dir / STUDY_METRICS).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")

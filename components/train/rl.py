@@ -249,6 +249,14 @@ def load_rl_setup(paths: dict[str, Path], config: Any) -> RLSetup:
 StepFunction = Callable[[int, "torch.Tensor", float], dict[str, Any]]
 
 
+def step_grad_norm(norms: list[float]) -> float | None:
+    """The gradient norm a step of several updates reports: the first non-finite one, else the
+    largest. Python's `max` is no guard (`max([1.0, nan])` is 1.0), and a NaN hidden here would
+    let `run_rl` publish a run whose later updates were silently skipped."""
+    non_finite = [norm for norm in norms if not math.isfinite(norm)]
+    return non_finite[0] if non_finite else max(norms, default=None)
+
+
 @_one_at_a_time
 def run_rl(
     backend_module: torch.nn.Module,
@@ -319,7 +327,10 @@ def run_rl(
             if value is not None and not math.isfinite(value):
                 backend.discard_gradients()
                 where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written before it"
-                raise TrainingDivergedError(f"{description}: {name} became {value} at step {step + 1}; stopped ({where})")
+                update = (f" (update {record['updates']} of the step)"
+                          if name == "grad_norm" and "updates" in record else "")
+                raise TrainingDivergedError(
+                    f"{description}: {name} became {value} at step {step + 1}{update}; stopped ({where})")
         record = {"step": step + 1, "learning_rate": learning_rate, **record,
                   "step_time_s": time.perf_counter() - step_started, "elapsed_s": time.perf_counter() - started}
         records.append(record)
