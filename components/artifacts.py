@@ -61,6 +61,18 @@ current_build_key: contextvars.ContextVar[str | None] = contextvars.ContextVar("
 # bump, or to measure a run again. Without it an up-to-date, verified output is reused.
 rebuild_requested: contextvars.ContextVar[bool] = contextvars.ContextVar("rebuild_requested", default=False)
 
+# Set by a stage driver (`crucible STAGE`, `crucible run`): a stage may replace the previous
+# artifact of its own component at its output, as `dvc repro` reruns a stage whose params
+# changed. Without it (a component called directly) any different artifact needs `overwrite`.
+stage_rerun: contextvars.ContextVar[bool] = contextvars.ContextVar("stage_rerun", default=False)
+
+# Where each input of the stage being run came from, set by the driver that resolved them
+# (`flows.stages.run_stage`): {input name: "given" | "default" | "derived: <reason>"}. `produce`
+# records the entries for its own inputs in the manifest, so a report can say which file was a default.
+input_origins: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar("input_origins", default=None)
+
+_LISTED_ENTRIES = 5  # entries of a refused non-artifact folder named in the error
+
 
 class ContentMismatchError(ArtifactError):
     """An artifact's bytes do not hash to the content hash its manifest (or reference) records."""
@@ -103,6 +115,8 @@ class Manifest(BaseModel):
     started_at: str
     ended_at: str
     metrics: dict[str, Any]
+    # input name -> "given" | "default" | "derived: <reason>"; absent in manifests written before it
+    input_origins: dict[str, str] = {}
 
 
 # --------------------------------------------------------------------------- locations
@@ -178,14 +192,20 @@ def cache_key(spec: ComponentSpec, config: StrictConfig, inputs: Mapping[str, Ar
     """Component name + version + config hash + input content hashes (DESIGN.md, caching).
 
     The same key is used by the Prefect task cache and by `produce` to recognise an
-    up-to-date output, so the drivers agree on what "unchanged" means.
+    up-to-date output, so the drivers agree on what "unchanged" means. User code the config
+    names (`module:function` reward functions) is not covered by the component version: the
+    hash of each function's module file joins the key, only when there is any, so keys of
+    configs without user code are unchanged.
     """
-    payload = {
+    payload: dict[str, Any] = {
         "component": spec.name,
         "version": spec.version,
         "config_hash": config.config_hash(),
         "inputs": {name: ref.content_hash for name, ref in sorted(inputs.items())},
     }
+    code = config.code_fingerprints()
+    if code:
+        payload["code"] = code
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -381,18 +401,29 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def _is_empty_location(uri: str) -> bool:
+def _foreign_entries(uri: str) -> list[str] | None:
+    """What is at an output location that holds no manifest: None where `produce` may write
+    there (nothing, an empty folder, or an interrupted write marked `_INCOMPLETE`), else the
+    sorted names of what is there (["<a file>"] for a file). Such a folder may hold the
+    user's own data: it is never deleted, whatever `overwrite` says."""
     fs, path = _fs(uri)
 
-    def empty() -> bool:
+    def entries() -> list[str] | None:
         if not fs.exists(path):
-            return True
+            return None
         if not fs.isdir(path):
-            return False
-        entries = [Path(e).name for e in fs.ls(path, detail=False)]
-        return not entries or INCOMPLETE_MARKER in entries  # an interrupted write may be replaced
+            return ["<a file, not a folder>"]
+        names = sorted(Path(e.rstrip("/")).name for e in fs.ls(path, detail=False))
+        return None if not names or INCOMPLETE_MARKER in names else names
 
-    return _io(uri, "checking the output location", empty, fs)
+    return _io(uri, "checking the output location", entries, fs)
+
+
+def _refuse_foreign(dest: str, names: list[str]) -> ArtifactError:
+    shown = ", ".join(names[:_LISTED_ENTRIES]) + (f" and {len(names) - _LISTED_ENTRIES} more"
+                                                   if len(names) > _LISTED_ENTRIES else "")
+    return ArtifactError(f"{dest}: exists and is not an artifact (no {MANIFEST_NAME}; it holds {shown}); it is never "
+                         "replaced, even with --overwrite: choose another output or move these files away")
 
 
 def _publish_local(staging: Path, dest: Path) -> None:
@@ -487,13 +518,16 @@ def _reuse_or_refuse(spec: ComponentSpec, dest: str, key: str, overwrite: bool) 
                                 "pass --overwrite to rebuild it")
         log.warning("%s: rebuilding %s: %s", spec.name, dest, mismatch)
     elif existing is not None and not overwrite:
-        raise ArtifactError(
-            f"{dest}: already holds a different artifact ({existing.component.name} "
-            f"v{existing.component.version}, config {existing.config_hash[:12]}); "
-            "choose another output or pass --overwrite"
-        )
-    elif existing is None and not overwrite and not _is_empty_location(dest):
-        raise ArtifactError(f"{dest}: exists and is not an artifact; choose another output or pass --overwrite")
+        if not (stage_rerun.get() and existing.component.name == spec.name):
+            raise ArtifactError(
+                f"{dest}: already holds a different artifact ({existing.component.name} "
+                f"v{existing.component.version}, config {existing.config_hash[:12]}); "
+                "choose another output or pass --overwrite"
+            )
+        log.warning("%s: replacing its previous artifact at %s (config %s, now %s): a rerun of this stage",
+                    spec.name, dest, existing.config_hash[:12], key[:12])
+    elif existing is None and (foreign := _foreign_entries(dest)) is not None:
+        raise _refuse_foreign(dest, foreign)
     return None
 
 
@@ -512,27 +546,29 @@ def produce(
     holds the artifact this exact config and these inputs make (the same cache key) and its
     bytes still hash to its manifest's content hash, that manifest is returned and nothing
     runs, whoever published it (the CLI, `dvc repro`, a Prefect run on another server).
-    Anything else at `dest` is replaced only with `overwrite`: a different artifact, a
-    directory that is no artifact, or this artifact with corrupt or edited bytes (which is
-    never reused). `rebuild_requested` (set by the driver) runs the component even when the
-    output is up to date. A failure anywhere leaves `dest` as it was. An input given as an
-    `ArtifactRef` is not hashed again (a caller running many components over one input
-    resolves it once); its bytes are still verified against that hash before use.
+    Anything else at `dest` is replaced only with `overwrite`: a different artifact or this
+    artifact with corrupt or edited bytes (which is never reused); under `stage_rerun` (a
+    stage driver) the previous artifact of the same component is replaced without it. A
+    folder without a manifest (the user's own files) is never replaced. `rebuild_requested`
+    (set by the driver) runs the component even when the output is up to date. A failure
+    anywhere leaves `dest` as it was. An input given as an `ArtifactRef` is not hashed again
+    (a caller running many components over one input resolves it once); its bytes are still
+    verified against that hash before use.
     """
     input_refs = {name: uri if isinstance(uri, ArtifactRef) else input_ref(uri) for name, uri in inputs.items()}
     key = cache_key(spec, config, input_refs)
+    remote = is_remote(dest)
+    dest_path = None if remote else local_path(dest).absolute()
+    if dest_path is not None and dest_path in (Path(dest_path.anchor), Path.cwd()):
+        raise ArtifactError(f"{dest}: an artifact needs a directory of its own, not the root or the working directory")
     up_to_date = _reuse_or_refuse(spec, dest, key, overwrite)
     if up_to_date is not None:
         return up_to_date
 
     input_paths = {name: materialize(ref) for name, ref in input_refs.items()}
-    remote = is_remote(dest)
-    if remote:
+    if dest_path is None:
         staging = Path(tempfile.mkdtemp(prefix="crucible-staging-"))
     else:
-        dest_path = local_path(dest).absolute()
-        if dest_path == Path(dest_path.anchor) or dest_path == Path.cwd():
-            raise ArtifactError(f"{dest}: an artifact needs a directory of its own, not the root or the working directory")
         dest_path.parent.mkdir(parents=True, exist_ok=True)
         staging = dest_path.with_name(f".{dest_path.name}.staging-{uuid.uuid4().hex[:8]}")
         staging.mkdir()
@@ -552,6 +588,7 @@ def produce(
             output=ArtifactRef(uri=display_uri(dest), content_hash=directory_content_hash(staging)),
             code_version=code_version(),
             flow_run_id=orchestrator_run_id.get(),
+            input_origins={name: origin for name, origin in (input_origins.get() or {}).items() if name in input_refs},
             started_at=started_at,
             ended_at=_now(),
             metrics=metrics,
@@ -595,15 +632,16 @@ def lineage_lines(
     seen.add(manifest.output.content_hash)
     for name, ref in sorted(manifest.inputs.items()):
         child_indent = indent + "  "
+        origin = f"  ({manifest.input_origins[name]})" if name in manifest.input_origins else ""
         if ref.kind == "raw":
             try:
                 now = input_ref(ref.uri).content_hash
                 state = "unchanged" if now == ref.content_hash else f"CHANGED since (now {now[:19]})"
             except ArtifactError:
                 state = "MISSING now"
-            lines.append(f"{child_indent}{name}: {ref.uri}  [raw] {ref.content_hash[:19]}  {state}")
+            lines.append(f"{child_indent}{name}: {ref.uri}  [raw] {ref.content_hash[:19]}  {state}{origin}")
         else:
-            lines.append(f"{child_indent}{name}:")
+            lines.append(f"{child_indent}{name}:{origin}")
             try:
                 lines.extend(lineage_lines(ref.uri, child_indent + "  ", ref.content_hash, seen))
             except ArtifactError as error:

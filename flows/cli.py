@@ -62,11 +62,16 @@ def _build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--config", default=DEFAULT_PARAMS_FILE, help="Params file (default: %(default)s).")
         for keyword, source in stage.inputs.items():
             sub.add_argument(f"--{keyword}", metavar="URI",
-                             help=f"Input '{keyword}' (default: from the params file's layout, '{source}').")
+                             help=f"Input '{keyword}' (default when no input is named: the params file's "
+                                  f"layout, '{source}').")
+        sub.add_argument("--layout-defaults", action="store_true",
+                         help="Once you name an input, take the inputs you do not name from the params "
+                              "file's layout on purpose (else they must follow from yours or be named).")
         sub.add_argument("--output", metavar="URI", help="Output artifact (default: ARTIFACTS_ROOT/%s)." % stage.name)
         sub.add_argument("--overwrite", action="store_true",
-                         help="Replace an output location that holds a different artifact (or this one with "
-                              "corrupt bytes). An up-to-date artifact with verified bytes is reused either way.")
+                         help="Replace an output that holds another component's artifact (or this one with "
+                              "corrupt bytes). This stage's previous artifact there is replaced without it; a "
+                              "folder that is no artifact never is. An up-to-date, verified artifact is reused.")
         sub.add_argument("--rebuild", action="store_true",
                          help="Run the component even when the output is up to date, and replace it.")
         if stage.name == "estimate":
@@ -143,7 +148,8 @@ def _dispatch(args: argparse.Namespace) -> None:
         stage = STAGES_BY_NAME[args.command]
         params = load_params(args.config or DEFAULT_PARAMS_FILE)
         overrides = {k: getattr(args, k) for k in stage.inputs if getattr(args, k) is not None}
-        manifest = run_stage(stage, params, overrides, dest=args.output, overwrite=args.overwrite)
+        manifest = run_stage(stage, params, overrides, dest=args.output, overwrite=args.overwrite,
+                             layout_defaults=args.layout_defaults)
         print(f"{stage.name}: {manifest.output.uri} {manifest.output.content_hash[:19]}")
 
 

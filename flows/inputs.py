@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from components.artifacts import try_read_manifest
+from components.artifacts import is_remote, local_path, try_read_manifest
 from components.errors import ConfigError
 
 Origin = Literal["given", "default", "derived"]
@@ -36,8 +36,8 @@ def _upstream_input(source: str, name: str) -> Callable[[Mapping[str, str]], tup
     """The input `name` that the artifact given as `source` was built from (its manifest)."""
 
     def derive(given: Mapping[str, str]) -> tuple[str, str] | None:
-        if source not in given:
-            return None
+        if source not in given or (not is_remote(given[source]) and not local_path(given[source]).is_dir()):
+            return None  # not given, or a raw file (a TRL pairs file): no manifest to follow
         manifest = try_read_manifest(given[source])
         if manifest is None or name not in manifest.inputs:
             return None

@@ -25,7 +25,8 @@ from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 
 from components.artifacts import (
-    ArtifactRef, Manifest, cache_key, input_ref, materialize, orchestrator_run_id, reusable, try_read_manifest,
+    ArtifactRef, Manifest, cache_key, input_origins, input_ref, materialize, orchestrator_run_id, reusable,
+    stage_rerun, try_read_manifest,
 )
 from components.config import StrictConfig
 from components.errors import ArtifactError
@@ -69,12 +70,19 @@ class TrainingProgress:
 
 def run_component(component: str, config: StrictConfig, inputs: dict[str, ArtifactRef], dest: str, overwrite: bool,
                   flow_run_id: str | None) -> Manifest:
+    """One component run of a flow, under the drivers' one overwrite policy (`stage_rerun`, as
+    `crucible STAGE`): its own previous artifact at `dest` is replaced, another component's only
+    with `overwrite`, a folder without a manifest never. A flow reads the params file's layout,
+    so every input is recorded as a default."""
     _, entry = COMPONENT_ENTRIES[component]
     token = orchestrator_run_id.set(flow_run_id)
     observer = step_observer.set(TrainingProgress())
+    rerun, origins = stage_rerun.set(True), input_origins.set({name: "default" for name in inputs})
     try:
         return entry(config, dest=dest, overwrite=overwrite, **{k: ref.uri for k, ref in inputs.items()})
     finally:
+        input_origins.reset(origins)
+        stage_rerun.reset(rerun)
         step_observer.reset(observer)
         orchestrator_run_id.reset(token)
 
@@ -126,7 +134,7 @@ def _resolve(submitted: Submitted) -> tuple[Manifest, bool]:
 
 
 def submit_stage(
-    stage: Stage, params: PipelineParams, upstream: dict[str, Manifest], overwrite: bool = True
+    stage: Stage, params: PipelineParams, upstream: dict[str, Manifest], overwrite: bool = False
 ) -> tuple[Manifest, bool]:
     """Run one stage as tasks; returns its manifest (the one on disk) and whether it came from
     cache, i.e. no component ran for it or any of its parts.
@@ -252,7 +260,11 @@ def rl_studies(params_file: str = DEFAULT_PARAMS_FILE, params: PipelineParams | 
 def estimate_task(config: FeasibilityConfig, output: str | None) -> dict[str, Any]:
     if output is None:
         return estimate(config)
-    return read_estimate(run_estimate(config, output, overwrite=True))
+    token = stage_rerun.set(True)  # the same overwrite policy as every stage
+    try:
+        return read_estimate(run_estimate(config, output))
+    finally:
+        stage_rerun.reset(token)
 
 
 @flow(name="feasibility", description="Estimate FLOPs, memory, time, cost and a DeepSpeed plan for any run.")

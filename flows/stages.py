@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from components.artifacts import ArtifactRef, ComponentSpec, Manifest
+from components.artifacts import ArtifactRef, ComponentSpec, Manifest, input_origins, stage_rerun
 from components.config import StrictConfig
 from components.data import arithmetic, curate, pack, preferences, sft_data, tokenizer
 from components.eval import accuracy, compare, perplexity, report
@@ -16,6 +16,7 @@ from components.feasibility import training as feasibility
 from components.feasibility.estimate import REPORT_FILE as ESTIMATE_REPORT
 from components.train import dpo, grpo, grpo_study, ppo, prompt_tuning, pretrain, reward_model, rl, sft
 from components.train.trainer import SUMMARY_FILE as TRAIN_REPORT
+from flows.inputs import ResolvedInput, resolve_inputs
 from flows.params import PipelineParams
 
 RAW_PREFIX = "data."
@@ -199,13 +200,34 @@ RL_STUDY_STAGES = tuple(STAGES_BY_NAME[name] for name in (
     "grpo_study", "preference_pairs", "reward_model", "dpo_reference", "dpo", "ppo"))
 
 
+def _origin_label(resolved: ResolvedInput) -> str:
+    """The manifest's word for where an input came from."""
+    return f"derived: {resolved.reason}" if resolved.origin == "derived" else resolved.origin
+
+
 def run_stage(
     stage: Stage,
     params: PipelineParams,
     input_overrides: Mapping[str, str] | None = None,
     dest: str | None = None,
     overwrite: bool = False,
+    layout_defaults: bool = False,
 ) -> Manifest:
-    """Run one stage directly (the CLI's and DVC's path): inputs default to the pipeline layout."""
-    inputs = {**stage.input_uris(params), **(input_overrides or {})}
-    return stage.entry(stage.config(params), dest=dest or stage.dest(params), overwrite=overwrite, **inputs)
+    """Run one stage directly (the CLI's and DVC's path).
+
+    With no input named the inputs are the params file's layout (the configured pipeline, as
+    `dvc repro` runs it); once any is named the rest follow `flows.inputs.INPUT_RULES` or must
+    be named too, unless `layout_defaults`. Each input's origin goes into the manifest. The
+    output follows the drivers' one overwrite policy (`stage_rerun`): the previous artifact of
+    this stage's component is replaced, another component's only with `overwrite`, a folder
+    without a manifest never.
+    """
+    resolved = resolve_inputs(stage.name, stage.input_uris(params), dict(input_overrides or {}), layout_defaults)
+    origins = {name: _origin_label(item) for name, item in resolved.items()}
+    origins_token, rerun_token = input_origins.set(origins), stage_rerun.set(True)
+    try:
+        return stage.entry(stage.config(params), dest=dest or stage.dest(params), overwrite=overwrite,
+                           **{name: item.uri for name, item in resolved.items()})
+    finally:
+        input_origins.reset(origins_token)
+        stage_rerun.reset(rerun_token)

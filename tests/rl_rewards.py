@@ -19,6 +19,24 @@ def raises(completion: str, reference: str) -> float:
     raise RuntimeError("reward service unavailable")
 
 
+_calls = {"raises_every_other": 0}
+
+
+def raises_every_other(completion: str, reference: str) -> float:
+    """digit_fraction on even calls, a failure on odd ones: half of every batch fails."""
+    _calls["raises_every_other"] += 1
+    if _calls["raises_every_other"] % 2:
+        raise RuntimeError("flaky reward service")
+    return digit_fraction(completion, reference)
+
+
+def records_calls(completion: str, reference: str) -> float:
+    """digit_fraction, appending each call's completion to the file $CRUCIBLE_TEST_REWARD_LOG."""
+    with open(os.environ["CRUCIBLE_TEST_REWARD_LOG"], "a", encoding="utf-8") as log:
+        log.write(repr(completion) + "\n")
+    return digit_fraction(completion, reference)
+
+
 def not_a_number(completion: str, reference: str) -> float:
     return float("nan")
 

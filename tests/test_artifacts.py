@@ -11,8 +11,8 @@ import pytest
 from pydantic import ValidationError
 
 from components.artifacts import (
-    MANIFEST_NAME, ArtifactRef, ComponentSpec, cache_entry, directory_content_hash, input_ref, lineage_lines,
-    materialize, produce, read_manifest, rebuilding, reusable,
+    INCOMPLETE_MARKER, MANIFEST_NAME, ArtifactRef, ComponentSpec, cache_entry, directory_content_hash, input_origins,
+    input_ref, lineage_lines, materialize, produce, read_manifest, rebuilding, reusable, stage_rerun,
 )
 from components.config import StrictConfig
 from components.errors import ArtifactError
@@ -121,8 +121,86 @@ def test_directory_without_manifest_is_refused_as_input(tmp_path: Path) -> None:
     (tmp_path / "half" / "data.txt").write_text("x")
     with pytest.raises(ArtifactError, match=r"half: not a complete artifact \(no manifest.json\)"):
         input_ref(str(tmp_path / "half"))
-    with pytest.raises(ArtifactError, match="exists and is not an artifact"):
-        upper(UpperConfig(), str(tmp_path / "half" / "data.txt"), str(tmp_path / "half"))
+    with pytest.raises(ArtifactError, match=r"exists and is not an artifact \(no manifest.json; it holds data.txt\)"):
+        upper(UpperConfig(), str(tmp_path / "half" / "data.txt"), str(tmp_path / "half"), overwrite=True)
+    assert (tmp_path / "half" / "data.txt").read_text() == "x"
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("rerun", [False, True])
+def test_overwrite_never_deletes_a_folder_that_is_not_an_artifact(tmp_path: Path, rerun: bool) -> None:
+    """Issue 14 case 8: the output folder held the user's own data (the stage's input) and notes;
+    `--overwrite` deleted both. It is refused, with or without overwrite, by either driver, and
+    the error lists what is there."""
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "my_data.jsonl").write_text('{"text": "mine"}\n')
+    (mine / "NOTES.txt").write_text("do not lose")
+    for index in range(5):
+        (mine / f"extra_{index}.txt").write_text(str(index))
+    before = _tree(tmp_path)
+    token = stage_rerun.set(rerun)
+    try:
+        for overwrite in (False, True):
+            with pytest.raises(ArtifactError, match=r"mine: exists and is not an artifact \(no manifest.json; it holds "
+                                                    r"NOTES.txt, extra_0.txt, .* and 3 more\); it is never replaced"):
+                upper(UpperConfig(), str(mine / "my_data.jsonl"), str(mine), overwrite=overwrite)
+    finally:
+        stage_rerun.reset(token)
+    assert _tree(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no staging left behind
+
+
+def test_an_interrupted_write_is_replaced(tmp_path: Path, raw: Path) -> None:
+    """A folder marked incomplete (a remote write that stopped before its manifest) is ours to replace."""
+    dest = tmp_path / "out"
+    (dest / "sub").mkdir(parents=True)
+    (dest / INCOMPLETE_MARKER).write_text("")
+    (dest / "sub" / "out.txt").write_text("half")
+    upper(UpperConfig(), str(raw), str(dest))
+    assert (dest / "sub/out.txt").read_text() == "HELLO!" and not (dest / INCOMPLETE_MARKER).exists()
+
+
+def test_a_stage_rerun_replaces_its_own_artifact_not_another_components(tmp_path: Path, raw: Path) -> None:
+    """Issue 14 case 11, the drivers' one policy: under `stage_rerun` (CLI stage commands and
+    Prefect flows) a changed config replaces the same component's artifact, as `dvc repro`
+    does; another component's artifact needs overwrite."""
+    dest = str(tmp_path / "out")
+    upper(UpperConfig(), str(raw), dest)
+    token = stage_rerun.set(True)
+    try:
+        replaced = upper(UpperConfig(suffix="?"), str(raw), dest)
+        assert (tmp_path / "out/sub/out.txt").read_text() == "HELLO?" and replaced.config == {"suffix": "?"}
+        other = ComponentSpec(name="other", version="1")
+
+        def build(out_dir: Path, paths: dict[str, Path]) -> dict:
+            (out_dir / "x.txt").write_text("x")
+            return {}
+
+        with pytest.raises(ArtifactError, match=r"already holds a different artifact \(upper v1.*--overwrite"):
+            produce(other, UpperConfig(), {"source": str(raw)}, dest, build)
+        assert (tmp_path / "out/sub/out.txt").read_text() == "HELLO?"
+        assert produce(other, UpperConfig(), {"source": str(raw)}, dest, build, overwrite=True).component == other
+    finally:
+        stage_rerun.reset(token)
+
+
+def test_input_origins_are_recorded_shown_and_optional(tmp_path: Path, raw: Path) -> None:
+    dest = tmp_path / "out"
+    token = input_origins.set({"source": "given", "unused": "default"})
+    try:
+        manifest = upper(UpperConfig(), str(raw), str(dest))
+    finally:
+        input_origins.reset(token)
+    assert manifest.input_origins == {"source": "given"}  # only this component's inputs
+    assert lineage_lines(str(dest))[1].endswith("unchanged  (given)")
+    on_disk = json.loads((dest / MANIFEST_NAME).read_text())
+    del on_disk["input_origins"]  # a manifest written before the field existed still loads
+    (dest / MANIFEST_NAME).write_text(json.dumps(on_disk))
+    assert read_manifest(str(dest)).input_origins == {}
 
 
 def test_corrupt_manifest_and_edited_bytes_are_detected(tmp_path: Path, raw: Path) -> None:

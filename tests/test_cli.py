@@ -81,8 +81,89 @@ def test_manifestless_input_and_occupied_output(tiny_params: Path, tmp_path: Pat
     half.rmdir()
     run_cli("curate", "--config", str(tiny_params), check=True)
     before = (tmp_path / "artifacts/curate/manifest.json").read_text()
-    changed = write_params(tmp_path / "changed.yaml", str(tmp_path / "artifacts"), curate={"max_docs": 50})
-    _fails_with(["curate", "--config", str(changed)], "already holds a different artifact")
+    _fails_with(["arithmetic_task", "--config", str(tiny_params), "--output", str(tmp_path / "artifacts/curate")],
+                "already holds a different artifact (curate v")  # another component's artifact
     assert (tmp_path / "artifacts/curate/manifest.json").read_text() == before
-    run_cli("curate", "--config", str(changed), "--overwrite", check=True)
+    changed = write_params(tmp_path / "changed.yaml", str(tmp_path / "artifacts"), curate={"max_docs": 50})
+    run_cli("curate", "--config", str(changed), check=True)  # a rerun of the stage with new params, as dvc repro
     assert json.loads((tmp_path / "artifacts/curate/manifest.json").read_text())["metrics"]["docs_in"] == 50
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_both_drivers_follow_one_overwrite_policy(prefect_api, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Issue 14 cases 8 and 11: `crucible STAGE` and `crucible run STAGE` (a Prefect stage flow)
+    replace the stage's own previous artifact, refuse another component's without --overwrite,
+    and never delete a folder that is not an artifact (the user's own files)."""
+    from flows.cli import main
+    from flows.pipeline import STAGE_FLOWS
+
+    params = write_params(tmp_path / "p.yaml", str(tmp_path / "artifacts"))
+    dest = tmp_path / "artifacts" / "arithmetic_task"
+    dest.mkdir(parents=True)
+    (dest / "my_data.jsonl").write_text('{"text": "mine"}\n')
+    (dest / "NOTES.txt").write_text("notes")
+    before = _tree(tmp_path)
+    assert main(["arithmetic_task", "--config", str(params), "--overwrite"]) == 1
+    assert "arithmetic_task: exists and is not an artifact (no manifest.json; it holds NOTES.txt, my_data.jsonl)" \
+        in capsys.readouterr().err
+    with pytest.raises(Exception, match="exists and is not an artifact"):
+        STAGE_FLOWS["arithmetic_task"](params_file=str(params))
+    assert _tree(tmp_path) == before
+
+    for name in ("my_data.jsonl", "NOTES.txt"):
+        (dest / name).unlink()
+    dest.rmdir()
+    assert main(["curate_heldout", "--config", str(params), "--output", str(dest)]) == 0
+    assert main(["arithmetic_task", "--config", str(params)]) == 1
+    assert "already holds a different artifact (curate v" in capsys.readouterr().err
+    with pytest.raises(Exception, match="already holds a different artifact"):
+        STAGE_FLOWS["arithmetic_task"](params_file=str(params))
+    assert main(["arithmetic_task", "--config", str(params), "--overwrite"]) == 0
+
+    changed = write_params(tmp_path / "changed.yaml", str(tmp_path / "artifacts"),
+                           arithmetic_task={"train_problems": 30})
+    assert not STAGE_FLOWS["arithmetic_task"](params_file=str(changed))["cached"]  # own artifact: replaced
+    assert json.loads((dest / "manifest.json").read_text())["config"]["train_problems"] == 30
+    assert main(["arithmetic_task", "--config", str(params)]) == 0  # and back, from the CLI
+    assert json.loads((dest / "manifest.json").read_text())["config"]["train_problems"] == 40
+
+
+# Curation filters for a user's short GSM8K-style rows (Gopher's 50-word minimum drops every one).
+OWN_DATA_FILTERS = {"filters": {"gopher_quality": {"min_doc_words": 10, "max_non_alpha_words_ratio": 0.4},
+                                "gopher_repetition": {"enabled": False}}}
+
+
+def _own_problems(count: int) -> list[dict[str, str]]:
+    """GSM8K-style rows with varied wording (curation's repetition filters drop templated text)."""
+    names = ["Ada", "Bruno", "Chloe", "Dmitri", "Esme", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kemal", "Lior"]
+    things = ["apples", "marbles", "stamps", "pencils", "shells", "tickets", "cookies", "beads", "cards", "coins"]
+    return [{"question": f"{names[i % 12]} collects {things[i % 10]}. On Monday {names[i % 12]} found {i + 3} of them, "
+                         f"and then the neighbour gave {i + 2} more to the family. "
+                         f"How many {things[i % 10]} are there now?",
+             "answer": f"{names[i % 12]} has {i + 3} + {i + 2} = <<{i + 3}+{i + 2}={2 * i + 5}>>{2 * i + 5} "
+                       f"{things[i % 10]}.\n#### {2 * i + 5}"} for i in range(count)]
+
+
+def test_naming_one_input_requires_the_others_or_layout_defaults(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The rule of issue 14: a named input never silently pairs with the layout's (the demo's) files."""
+    from flows.cli import main
+
+    params = write_params(tmp_path / "p.yaml", str(tmp_path / "artifacts"), curate=OWN_DATA_FILTERS)
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("".join(json.dumps(row) + "\n" for row in _own_problems(8)))
+    assert main(["curate", "--config", str(params), "--input", str(mine)]) == 1
+    err = capsys.readouterr().err
+    assert "--decontaminate_against (the layout has " in err and "data/raw/gsm8k/test.jsonl" in err
+    for stage, named, missing in [("grpo", "--problems", "--heldout"), ("ppo", "--problems", "--heldout"),
+                                  ("prompt_tuning", "--dataset", "--heldout"), ("evaluate", "--model", "--blocks")]:
+        assert main([stage, "--config", str(params), named, str(mine)]) == 1
+        assert f"{missing} (the layout has" in capsys.readouterr().err, stage
+    assert not (tmp_path / "artifacts").exists()
+    assert main(["curate", "--config", str(params), "--input", str(mine), "--layout-defaults"]) == 0
+    manifest = json.loads((tmp_path / "artifacts/curate/manifest.json").read_text())
+    assert manifest["input_origins"] == {"input": "given", "decontaminate_against": "default"}
+    lineage = run_cli("lineage", str(tmp_path / "artifacts/curate"), check=True).stdout
+    assert "mine.jsonl  [raw]" in lineage and "unchanged  (given)" in lineage and "unchanged  (default)" in lineage

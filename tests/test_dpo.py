@@ -10,9 +10,8 @@ import pytest
 from pydantic import ValidationError
 
 from components.errors import ConfigError, DataError
-from components.train.dpo import (
-    REFERENCE_DATA, DPOConfig, DPOReferenceConfig, dpo, dpo_reference, load_reference, tokenizer_differences,
-)
+from components.models.tokenizers import tokenizer_differences, tokenizer_fingerprint
+from components.train.dpo import REFERENCE_DATA, DPOConfig, DPOReferenceConfig, dpo, dpo_reference, load_reference
 from components.train.engine import TrainConfig
 from components.train.loop import OptimConfig
 from components.train.trainer import METRICS_JSONL
@@ -85,7 +84,32 @@ def test_dpo_starts_at_log_2_and_learns_the_preference(base: Path) -> None:
                for r in records)
     assert records[-1]["reward_margin"] == pytest.approx(records[-1]["chosen_reward"] - records[-1]["rejected_reward"])
     assert metrics["train_pairs"] == 72 and metrics["heldout_pairs"] == 24
+    assert metrics["policy_is_reference_model"] is True
+    assert metrics["tokenizer_fingerprint"] == tokenizer_fingerprint(base / "model")
     AutoModelForCausalLM.from_pretrained(base / "policy")  # a plain transformers causal LM
+
+
+def test_a_policy_other_than_the_reference_model_only_when_asked(base: Path, tmp_path: Path) -> None:
+    """Same tokenizer, other weights: refused (naming both models and hashes), nothing
+    published; with `allow_policy_other_than_reference` it trains, and its first held-out
+    loss is measurably not log 2 (what the refusal guards against)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base / "model")
+    with torch.no_grad():
+        model.model.norm.weight.mul_(3.0)  # another model: same tokenizer, other log-probs
+    model.save_pretrained(tmp_path / "other")
+    AutoTokenizer.from_pretrained(base / "model").save_pretrained(tmp_path / "other")
+    with pytest.raises(ConfigError, match=r"policy .*other \(sha256:[0-9a-f]{12}\) is not the model the reference "
+                                          r"log-probs of .*reference were computed from, .*model \(sha256:[0-9a-f]{12}\)"):
+        dpo(_train(1), str(base / "reference"), str(tmp_path / "other"), str(tmp_path / "refused"))
+    assert not (tmp_path / "refused").exists()  # nothing published
+
+    metrics = dpo(_train(1, allow_policy_other_than_reference=True), str(base / "reference"), str(tmp_path / "other"),
+                  str(tmp_path / "allowed")).metrics
+    assert metrics["policy_is_reference_model"] is False
+    assert abs(metrics["heldout_loss_before"] - math.log(2)) > 1e-3
 
 
 @pytest.mark.parametrize(("variant", "step_zero_loss"), [("ipo", (1 / (2 * BETA)) ** 2), ("hinge", 1.0)])
@@ -119,9 +143,11 @@ def test_a_policy_with_another_tokenizer_is_refused(base: Path, tmp_path: Path) 
     build_causal_lm(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
                                 max_position_embeddings=256), other).save_pretrained(tmp_path / "other")
     other.save_pretrained(tmp_path / "other")
-    with pytest.raises(ConfigError, match=r"other: the policy's tokenizer differs from the one the reference log-probs "
-                                          r".* were computed with: vocabulary: 400 vs 300 tokens"):
-        dpo(_train(1), str(base / "reference"), str(tmp_path / "other"), str(tmp_path / "out"))
+    with pytest.raises(ConfigError, match=r"the tokenizer of reference .*reference/tokenizer and the policy .*other "
+                                          r"use different tokenizers .*: vocabulary: 400 vs 300 tokens"):
+        # other weights too: allowed explicitly, so the tokenizer check is what refuses
+        dpo(_train(1, allow_policy_other_than_reference=True), str(base / "reference"), str(tmp_path / "other"),
+            str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()  # nothing published
 
     ours = AutoTokenizer.from_pretrained(base / "model")

@@ -4,6 +4,7 @@ reward goes up, a killed run resumes to the same weights."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -211,16 +212,62 @@ def test_dynamic_sampling_drops_groups_that_carry_no_signal(setup: Path, tmp_pat
 
 
 def test_failing_reward_function_is_counted_or_stops_the_run(setup: Path, tmp_path: Path) -> None:
-    counted = grpo(grpo_config(train={"max_steps": 1}, rewards=[{"function": "tests.rl_rewards:raises"},
+    counted = grpo(grpo_config(train={"max_steps": 1}, rewards=[{"function": "tests.rl_rewards:raises_every_other"},
                                                                 {"function": "tests.rl_rewards:digit_fraction"}],
-                               heldout={"problems": 0}),
+                               dynamic_sampling=False, heldout={"problems": 0}),
                    str(setup / "model"), str(setup / "train.jsonl"), str(tmp_path / "counted"))
-    assert counted.metrics["reward_errors"] >= 8  # 2 prompts x G=4, every call of the failing function
+    assert counted.metrics["reward_errors"] == 4  # 2 prompts x G=4, every other call of the flaky function
     with pytest.raises(RewardError, match="reward service unavailable"):
         grpo(grpo_config(train={"max_steps": 1}, rewards=[{"function": "tests.rl_rewards:raises"}],
                          on_reward_error="stop", heldout={"problems": 0}),
              str(setup / "model"), str(setup / "train.jsonl"), str(tmp_path / "stopped"))
     assert not (tmp_path / "stopped").exists()
+
+
+def test_a_reward_function_failing_on_every_sample_stops_the_run_unpublished(
+        setup: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 14, case 7: a function that raised on all 8 samples of the step (next to a working
+    one) is broken: the run stops at that step, names the function and an example, publishes
+    nothing, and the log shows the failures."""
+    config = grpo_config(train={"max_steps": 2}, rewards=[{"function": "tests.rl_rewards:raises"},
+                                                          {"function": "tests.rl_rewards:digit_fraction"}],
+                         dynamic_sampling=False, heldout={"problems": 0})
+    with caplog.at_level("WARNING", logger="components.train.rewards"), pytest.raises(
+            RewardError, match=r"grpo step 1: reward function 'tests.rl_rewards:raises' failed on 8 of 8 samples.*"
+                               r"First: reward function 'tests.rl_rewards:raises' on sample 0 .*"
+                               r"reward service unavailable"):
+        grpo(config, str(setup / "model"), str(setup / "train.jsonl"), str(tmp_path / "grpo"))
+    assert not (tmp_path / "grpo").exists()
+    assert "grpo step 1: reward 'tests.rl_rewards:raises' failed on 8 of 8 samples" in caplog.text
+    with pytest.raises(RewardError, match=r"ppo step 1: reward function 'tests.rl_rewards:raises' failed on 8 of 8"):
+        ppo(PPOConfig.model_validate({
+            "train": {"max_steps": 1, "batch_size_rows": 2, "checkpoint_every_steps": 0, "optim": {"warmup_steps": 0}},
+            "samples_per_prompt": 4, "max_new_tokens": 6, "rewards": [{"function": "tests.rl_rewards:raises"}],
+            "heldout": {"problems": 0}}), str(setup / "model"), str(setup / "train.jsonl"), str(tmp_path / "ppo"))
+    assert not (tmp_path / "ppo").exists()
+
+
+def test_reward_failures_below_the_bound_are_reported_with_examples(
+        setup: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Half of every step's calls fail: under the default bound (every sample) the run finishes
+    and its report shows the count and examples; a bound of one half stops it."""
+    config = grpo_config(train={"max_steps": 2}, rewards=[{"function": "tests.rl_rewards:raises_every_other"}],
+                         dynamic_sampling=False, heldout={"problems": 0})
+    with caplog.at_level("WARNING", logger="components.train.rewards"):
+        manifest = grpo(config, str(setup / "model"), str(setup / "train.jsonl"), str(tmp_path / "grpo"))
+    assert manifest.metrics["reward_errors"] == 8  # 4 of 8 samples in each of 2 steps
+    assert len(manifest.metrics["reward_error_examples"]) == 3
+    report = (tmp_path / "grpo/train_report.md").read_text()
+    assert "## Reward errors" in report and "8 reward function calls failed" in report
+    assert report.count("flaky reward service") == 3
+    assert [line for line in caplog.text.splitlines() if "failed on 4 of 8 samples" in line][:2] == [
+        line for line in caplog.text.splitlines() if "reward 'tests.rl_rewards:raises_every_other'" in line][:2]
+    assert "grpo step 2: reward" in caplog.text
+    strict = config.model_copy(update={"max_reward_error_fraction": 0.5})
+    assert strict.config_hash() != config.config_hash()
+    with pytest.raises(RewardError, match=r"failed on 4 of 8 samples, at or above max_reward_error_fraction=0.5"):
+        grpo(strict, str(setup / "model"), str(setup / "train.jsonl"), str(tmp_path / "strict"))
+    assert not (tmp_path / "strict").exists()
 
 
 CHILD = """
@@ -313,7 +360,7 @@ def test_ppo_takes_its_reward_from_a_reward_model_and_refuses_another_tokenizer(
     tokenizer = AutoTokenizer.from_pretrained(other)
     tokenizer.add_tokens(["<extra_token>"])
     tokenizer.save_pretrained(tmp_path / "rm")
-    with pytest.raises(ConfigError, match="the reward model's tokenizer differs from the policy's"):
+    with pytest.raises(ConfigError, match=r"reward model .*rm and policy .* use different tokenizers.*<extra_token>"):
         ppo(config, str(setup / "model"), str(setup / "train.jsonl"), str(tmp_path / "ppo2"), reward_model=str(tmp_path / "rm"))
     assert not (tmp_path / "ppo2").exists()
 
@@ -362,3 +409,114 @@ def test_a_non_finite_gradient_norm_after_the_first_update_stops_the_run_unpubli
     [run] = (tmp_path / f"{trainer}.runs").iterdir()
     assert read_metrics(run / METRICS_FILE) == [] and not (run / COMPLETED_FILE).exists()
     assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
+
+
+def tiny_reward_model(setup: Path, dest: Path) -> Path:
+    """A reward_model-shaped directory: the tiny LM with a one-output sequence-classification head."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(1)
+    head = AutoModelForSequenceClassification.from_pretrained(setup / "model", num_labels=1)
+    head.config.pad_token_id = AutoTokenizer.from_pretrained(setup / "model").pad_token_id
+    head.save_pretrained(dest)
+    AutoTokenizer.from_pretrained(setup / "model").save_pretrained(dest)
+    return dest
+
+
+def small_ppo(**overrides) -> PPOConfig:
+    return PPOConfig.model_validate({
+        "train": {"max_steps": 2, "batch_size_rows": 2, "checkpoint_every_steps": 0, "optim": {"warmup_steps": 0}},
+        "samples_per_prompt": 2, "max_new_tokens": 6, "ppo_epochs": 1, "minibatches": 1, "heldout": {"problems": 0},
+        **overrides})
+
+
+def test_ppo_without_a_reward_model_calls_the_configured_function(
+        setup: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 14, case 3: the configured function is called on every sample (2 steps x 2 prompts x
+    2 samples), the step reward is its value, and the manifest says where the reward came from."""
+    calls = tmp_path / "calls.txt"
+    monkeypatch.setenv("CRUCIBLE_TEST_REWARD_LOG", str(calls))
+    manifest = ppo(small_ppo(rewards=[{"function": "tests.rl_rewards:records_calls", "weight": 2.0}]),
+                   str(setup / "model"), str(setup / "train.jsonl"), str(tmp_path / "ppo"))
+    assert len(calls.read_text().splitlines()) == 8
+    records = read_metrics(tmp_path / "ppo/train_metrics.jsonl")
+    assert all(r["reward_mean"] == pytest.approx(2.0 * r["reward/tests.rl_rewards:records_calls"]) for r in records)
+    assert manifest.metrics["reward_source"] == "functions"
+    assert set(manifest.metrics["reward_code"]) == {"tests.rl_rewards:records_calls"}
+
+
+def test_ppo_combines_a_reward_model_with_functions_only_when_weighted(setup: Path, tmp_path: Path) -> None:
+    """A reward model and configured functions: reward_model_weight x score + the functions' sum;
+    without the weight the pair is refused (never one silently dropped), and a weight without a
+    reward model is refused too. The default functions next to a reward model stay unused."""
+    from components.errors import ConfigError
+
+    rm = tiny_reward_model(setup, tmp_path / "rm")
+    constant = [{"function": "tests.rl_rewards:constant", "weight": 0.5}]
+    manifest = ppo(small_ppo(rewards=constant, reward_model_weight=3.0), str(setup / "model"),
+                   str(setup / "train.jsonl"), str(tmp_path / "both"), reward_model=str(rm))
+    records = read_metrics(tmp_path / "both/train_metrics.jsonl")
+    assert all(r["reward_mean"] == pytest.approx(3.0 * r["reward/reward_model"] + 0.5, abs=1e-5) for r in records)
+    assert manifest.metrics["reward_source"] == "reward_model+functions"
+    only_model = ppo(small_ppo(), str(setup / "model"), str(setup / "train.jsonl"), str(tmp_path / "rm_only"),
+                     reward_model=str(rm))
+    assert only_model.metrics["reward_source"] == "reward_model" and "reward_code" not in only_model.metrics
+    with pytest.raises(ConfigError, match=r"rewards \(tests.rl_rewards:constant\) and a reward_model input are both "
+                                          r"given: set ppo.reward_model_weight"):
+        ppo(small_ppo(rewards=constant), str(setup / "model"), str(setup / "train.jsonl"), str(tmp_path / "refused"),
+            reward_model=str(rm))
+    with pytest.raises(ConfigError, match="reward_model_weight is set but no reward_model input"):
+        ppo(small_ppo(rewards=constant, reward_model_weight=1.0), str(setup / "model"), str(setup / "train.jsonl"),
+            str(tmp_path / "refused"))
+    with pytest.raises(ConfigError, match="no reward: give a reward_model input or configure ppo.rewards"):
+        ppo(small_ppo(rewards=[]), str(setup / "model"), str(setup / "train.jsonl"), str(tmp_path / "refused"))
+    assert not (tmp_path / "refused").exists()
+
+
+REWARD_MODULE = '''
+def reward(completion: str, reference: str) -> float:
+    return {value}
+'''
+
+
+def test_editing_a_user_reward_module_changes_the_cache_key_and_reruns(
+        setup: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 14, case 6: the same config over an edited reward module is a different key, so the
+    rerun trains with the new code (and records its hash) instead of answering "up to date";
+    an unchanged module keeps its key; configs naming no user code keep the keys they had."""
+    from components.artifacts import cache_key
+    from components.config import ConfigError, source_fingerprint
+    from components.train.grpo import SPEC
+
+    module_dir = tmp_path / "user_code"
+    module_dir.mkdir()
+    monkeypatch.syspath_prepend(str(module_dir))
+    source = module_dir / "crucible_test_user_reward.py"
+    source.write_text(REWARD_MODULE.format(value="float(len(completion) % 2)"))
+    config = grpo_config(train={"max_steps": 1}, rewards=[{"function": "crucible_test_user_reward:reward"},
+                                                          {"function": "correctness"}], heldout={"problems": 0})
+    key = cache_key(SPEC, config, {})
+    assert cache_key(SPEC, config, {}) == key
+    first = grpo(config, str(setup / "model"), str(setup / "train.jsonl"), str(tmp_path / "grpo"))
+    assert grpo(config, str(setup / "model"), str(setup / "train.jsonl"), str(tmp_path / "grpo")) == first  # reused
+    user = "reward/crucible_test_user_reward:reward"
+    old_reward = read_metrics(tmp_path / "grpo/train_metrics.jsonl")[0][user]
+    source.write_text(REWARD_MODULE.format(value="1.0 - float(len(completion) % 2)"))
+    assert cache_key(SPEC, config, {}) != key
+    second = grpo(config, str(setup / "model"), str(setup / "train.jsonl"), str(tmp_path / "grpo"), overwrite=True)
+    assert second.cache_key != first.cache_key and second.started_at != first.started_at
+    assert second.metrics["reward_code"] == {"crucible_test_user_reward:reward": source_fingerprint(
+        "crucible_test_user_reward:reward")} != first.metrics["reward_code"]
+    # the same first rollout (same weights and seed), scored by the edited function: 1 - the old reward
+    assert read_metrics(tmp_path / "grpo/train_metrics.jsonl")[0][user] == pytest.approx(1.0 - old_reward)
+    assert 0.0 < old_reward < 1.0
+    # no user code: the payload (and so every existing key) is what it was before code joined it
+    builtin = grpo_config(rewards=[{"function": "correctness"}])
+    assert builtin.code_fingerprints() == {}
+    legacy = {"component": SPEC.name, "version": SPEC.version, "config_hash": builtin.config_hash(), "inputs": {}}
+    assert cache_key(SPEC, builtin, {}) == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()
+    missing = grpo_config(rewards=[{"function": "crucible_no_such_module:reward"}])
+    with pytest.raises(ConfigError, match="function 'crucible_no_such_module:reward': module "
+                                          "'crucible_no_such_module' not found"):
+        cache_key(SPEC, missing, {})

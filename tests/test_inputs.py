@@ -10,7 +10,9 @@ from components.artifacts import ComponentSpec, produce
 from components.config import StrictConfig
 from components.errors import ConfigError
 from flows.inputs import INPUT_RULES, resolve_inputs
+from flows.params import load_params
 from flows.stages import STAGES_BY_NAME
+from tests.conftest import write_params
 
 
 class _Empty(StrictConfig):
@@ -66,3 +68,24 @@ def test_dpo_policy_follows_from_the_reference(tmp_path: Path) -> None:
 def test_unknown_input_is_refused() -> None:
     with pytest.raises(ConfigError, match="no input named heldout"):
         resolve_inputs("sft", {"blocks": "b", "model": "m"}, {"heldout": "h"})
+
+
+@pytest.mark.parametrize(("stage", "named", "missing"), [
+    ("grpo", "problems", "heldout"), ("grpo_study", "problems", "heldout"), ("ppo", "problems", "heldout"),
+    ("prompt_tuning", "dataset", "heldout"), ("evaluate", "model", "blocks"), ("pretrain", "blocks", "estimate"),
+    ("curate", "input", "decontaminate_against"), ("reward_model", "pairs", "model"),
+])
+def test_the_stage_table_leaves_no_demo_input_behind(stage: str, named: str, missing: str, tmp_path: Path) -> None:
+    """Issue 14 cases 2 and 5: held-out data and the unigram baseline's blocks must come from the user."""
+    layout = STAGES_BY_NAME[stage].input_uris(load_params(write_params(tmp_path / "params.yaml", "artifacts")))
+    with pytest.raises(ConfigError, match=rf"--{missing} \(the layout has "):
+        resolve_inputs(stage, layout, {named: "mine.jsonl"})
+
+
+def test_a_raw_file_has_nothing_to_derive_from(tmp_path: Path) -> None:
+    """A TRL preference file is a file, not an artifact: the model must be named, not guessed."""
+    pairs = tmp_path / "prefs.jsonl"
+    pairs.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n', encoding="utf-8")
+    layout = {"pairs": "artifacts/preference_pairs", "model": "artifacts/arithmetic_sft"}
+    with pytest.raises(ConfigError, match=r"--model \(the layout has artifacts/arithmetic_sft\)"):
+        resolve_inputs("reward_model", layout, {"pairs": str(pairs)})

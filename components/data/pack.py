@@ -2,7 +2,8 @@
 
 Documents are joined with EOS into one stream and cut into blocks of `seq_len_tokens`
 (the "concatenate and chunk" packing of GPT-2/3 pretraining); the tail that does not fill
-a block is dropped and counted.
+a block is dropped and counted. The tokenizer's fingerprint goes into the metrics, so the
+stages that read these ids (`evaluate`'s unigram baseline) can check they share its tokenizer.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from components.artifacts import ComponentSpec, Manifest, produce
 from components.config import StrictConfig
 from components.data.records import read_column, write_shards
 from components.errors import DataError
+from components.models.tokenizers import FINGERPRINT_KEY, fingerprint_of
 
 SPEC = ComponentSpec(name="pack", version="1")
 
@@ -53,6 +55,7 @@ def _build(config: PackConfig, dataset: Path, tokenizer_dir: Path, out_dir: Path
         "tokens": len(blocks) * config.seq_len_tokens,
         "dropped_tail_tokens": dropped,
         "shards": shards,
+        FINGERPRINT_KEY: fingerprint_of(tokenizer),
     }
 
 

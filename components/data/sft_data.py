@@ -9,7 +9,10 @@ Every example is rendered with the tokenizer's chat template (`apply_chat_templa
 loss mask keeps the assistant tokens only, and examples are packed whole into blocks with
 per-document position ids (`sft_pack.pack_sft`), or, with `packing: false`, stored one per
 row, right-padded (what prompt tuning and per-example evaluation need). A `select` input (a
-curation artifact) keeps only the records curation kept, by their `source_row`.
+curation artifact) keeps only the records curation kept, by their `source_row`: line numbers
+of the file curation read, so a selection is refused for any other file (its manifest records
+that file's content hash). The tokenizer's fingerprint is recorded in the metrics, so `sft`
+can check the model it trains has the tokenizer of these ids.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from components.artifacts import ComponentSpec, Manifest, produce
+from components.artifacts import ArtifactRef, ComponentSpec, Manifest, input_ref, produce, read_manifest
 from components.config import StrictConfig
 from components.data.formats import SFTChat, SFTPromptCompletion, gsm8k_to_chat, validate_record
 from components.data.records import DATA_DIR, SOURCE_ROW, iter_records, read_column
@@ -28,6 +31,7 @@ from components.data.sft_pack import (
     IGNORE_INDEX, TokenizedExample, _fit_examples, pack_sft, tokenize_chat, tokenize_prompt_completion,
 )
 from components.errors import DataError
+from components.models.tokenizers import FINGERPRINT_KEY, fingerprint_of
 
 SPEC = ComponentSpec(name="sft_data", version="1")
 DATA_FILE = "part-00000.parquet"
@@ -115,11 +119,35 @@ def _build(config: SFTDataConfig, paths: dict[str, Path], out_dir: Path) -> dict
     table = pa.table({name: pa.array(values, pa.list_(pa.int32())) for name, values in columns.items()})
     pq.write_table(table, out_dir / DATA_DIR / DATA_FILE)
     width = len(columns["input_ids"][0])
-    return {**stats, "width_tokens": width, "fill_ratio": round(1 - stats["padding_tokens"] / (len(columns["input_ids"]) * width), 4)}
+    return {**stats, "width_tokens": width, "fill_ratio": round(1 - stats["padding_tokens"] / (len(columns["input_ids"]) * width), 4),
+            FINGERPRINT_KEY: fingerprint_of(tokenizer)}
+
+
+def check_selection_source(select: str, dataset: ArtifactRef) -> None:
+    """Refuse a curation selection made from another file than `dataset`.
+
+    `select` keeps records by line number (`source_row`) of the file curation read: applied
+    to any other file it keeps arbitrary records (300 user chats became 248 with GSM8K's kept
+    line numbers). The curate artifact's manifest records its input's content hash, so the
+    check costs one manifest read.
+    """
+    curated_from = read_manifest(select).inputs.get("input")
+    if curated_from is None:
+        raise DataError(f"select {select}: not a curation artifact (its manifest records no `input`); "
+                        "a selection must be the `curate` output made from the dataset")
+    if curated_from.content_hash != dataset.content_hash:
+        raise DataError(
+            f"select {select} was curated from {curated_from.uri} ({curated_from.content_hash[:19]}), not from the "
+            f"dataset {dataset.uri} ({dataset.content_hash[:19]}); its kept line numbers mean nothing for another file: "
+            "curate this dataset, or drop `select`"
+        )
 
 
 def sft_data(config: SFTDataConfig, dataset: str, tokenizer: str, dest: str, select: str | None = None,
              overwrite: bool = False) -> Manifest:
     """Tokenize `dataset` with `tokenizer`'s chat template and pack it (see the module doc)."""
-    inputs = {"dataset": dataset, "tokenizer": tokenizer, **({"select": select} if select else {})}
+    dataset_ref = input_ref(dataset)  # resolved once: for the selection check and for `produce`
+    if select:
+        check_selection_source(select, dataset_ref)
+    inputs = {"dataset": dataset_ref, "tokenizer": tokenizer, **({"select": select} if select else {})}
     return produce(SPEC, config, inputs, dest, lambda out_dir, paths: _build(config, paths, out_dir), overwrite=overwrite)

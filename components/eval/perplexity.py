@@ -8,6 +8,10 @@ log-likelihood over all predicted tokens of all documents (token-weighted).
 Baselines on exactly the same predicted tokens:
 - uniform: every token of the vocabulary equally likely, perplexity = vocabulary size;
 - unigram: token frequencies of the training blocks with add-one (Laplace) smoothing.
+
+The blocks' ids must be the model's tokenizer's (another tokenizer's ids would give the
+unigram baseline the frequencies of other tokens): `check_blocks_tokenizer` refuses a
+mismatch, and the shared fingerprint is recorded in the metrics.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pydantic import Field
 from components.artifacts import ComponentSpec, Manifest, produce
 from components.config import StrictConfig
 from components.data.records import read_column
+from components.models.tokenizers import FINGERPRINT_KEY, check_blocks_tokenizer
 
 SPEC = ComponentSpec(name="perplexity", version="1")
 METRICS_FILE = "metrics.json"
@@ -49,6 +54,7 @@ def _build(config: PerplexityConfig, model_dir: Path, dataset: Path, blocks_dir:
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
+    fingerprint = check_blocks_tokenizer("blocks", blocks_dir, "model", model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     from components.models.factory import load_causal_lm
 
@@ -91,6 +97,7 @@ def _build(config: PerplexityConfig, model_dir: Path, dataset: Path, blocks_dir:
         "tokens": predicted_tokens,
         "docs": len(sequences),
         "truncated_docs": truncated,
+        FINGERPRINT_KEY: fingerprint,
     }
     (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     return metrics

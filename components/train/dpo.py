@@ -18,9 +18,14 @@ Language Model is Secretly a Reward Model"), in two components:
   a tie (h = 0) counts as a wrong ranking in the reward accuracy, as in TRL.
 
 The cached token ids are only meaningful to a policy with the same tokenizer: `dpo` compares
-the policy's tokenizer with the one stored in the reference artifact (vocabulary, special
-tokens, chat template) and refuses a mismatch. The published model is a plain transformers
-causal LM directory, as `sft` publishes.
+the policy's tokenizer with the one stored in the reference artifact
+(`components.models.tokenizers.check_same_tokenizer`: vocabulary, merges, special tokens, chat
+template) and refuses a mismatch. The policy must also be the model the reference log-probs
+were computed from (the reference's manifest records its content hash): any other policy
+starts away from the reference, so the first loss is not log 2 and the KL tie is to a model
+that is not being trained. `allow_policy_other_than_reference: true` asks for that explicitly
+(e.g. continuing from a DPO checkpoint) and is recorded in the metrics. The published model is
+a plain transformers causal LM directory, as `sft` publishes.
 """
 
 from __future__ import annotations
@@ -30,10 +35,11 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, model_validator
 
-from components.artifacts import ComponentSpec, Manifest, produce
+from components.artifacts import ArtifactRef, ComponentSpec, Manifest, input_ref, produce, read_manifest
 from components.config import StrictConfig
 from components.data.preferences import PAIR_COLUMNS
 from components.errors import ConfigError, DataError
+from components.models.tokenizers import FINGERPRINT_KEY, check_same_tokenizer
 from components.train.engine import TrainConfig
 from components.train.launch import make_job, read_job, run_job
 from components.train.loop import OptimConfig
@@ -42,7 +48,6 @@ from components.train.trainer import publish_metrics, summarize, training_flops_
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedTokenizerBase
 
 REFERENCE_SPEC = ComponentSpec(name="dpo_reference", version="1")
 SPEC = ComponentSpec(name="dpo", version="1")
@@ -67,6 +72,9 @@ class DPOConfig(StrictConfig):
     heldout_fraction: float = Field(0.1, ge=0, lt=1, description="Share of the pairs held out (seeded).")
     split_seed: int = 0
     eval_batch_rows: int = Field(32, gt=0, description="Pairs per forward pass when scoring held-out pairs.")
+    allow_policy_other_than_reference: bool = Field(
+        False, description="Train a policy that is not the model the reference log-probs were computed from "
+                           "(its first loss is then not log 2); refused unless set.")
 
     @model_validator(mode="after")
     def _smoothing_needs_sigmoid(self) -> "DPOConfig":
@@ -157,29 +165,6 @@ def load_reference(reference_dir: Path) -> dict[str, torch.Tensor]:
     return columns
 
 
-def tokenizer_differences(reference: PreTrainedTokenizerBase, policy: PreTrainedTokenizerBase) -> list[str]:
-    """What differs between two tokenizers in ways that change token ids or the rendered chat."""
-    problems = []
-    reference_vocab, policy_vocab = reference.get_vocab(), policy.get_vocab()
-    if reference_vocab != policy_vocab:
-        differing = sorted(token for token in reference_vocab.keys() | policy_vocab.keys()
-                           if reference_vocab.get(token) != policy_vocab.get(token))
-        example = differing[0]
-        problems.append(f"vocabulary: {len(reference_vocab)} vs {len(policy_vocab)} tokens, {len(differing)} differ "
-                        f"(e.g. {example!r}: id {reference_vocab.get(example)} vs {policy_vocab.get(example)})")
-    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
-        ours, theirs = getattr(reference, name), getattr(policy, name)
-        if ours != theirs or getattr(reference, f"{name}_id") != getattr(policy, f"{name}_id"):
-            problems.append(f"{name}: {ours!r} (id {getattr(reference, f'{name}_id')}) vs "
-                            f"{theirs!r} (id {getattr(policy, f'{name}_id')})")
-    if sorted(reference.all_special_tokens) != sorted(policy.all_special_tokens):
-        problems.append(f"special tokens: {sorted(reference.all_special_tokens)} vs "
-                        f"{sorted(policy.all_special_tokens)}")
-    if reference.chat_template != policy.chat_template:
-        problems.append("chat template differs")
-    return problems
-
-
 # --------------------------------------------------------------------------- training
 
 
@@ -194,10 +179,6 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
     job_ = read_job(job, DPOConfig)
     config, paths, run_dir, out_dir = job_.config, job_.paths, job_.run_dir, job_.out_dir
     tokenizer = AutoTokenizer.from_pretrained(paths["model"])
-    problems = tokenizer_differences(AutoTokenizer.from_pretrained(paths["reference"] / TOKENIZER_DIR), tokenizer)
-    if problems:
-        raise ConfigError(f"{paths['model']}: the policy's tokenizer differs from the one the reference "
-                          f"log-probs of {paths['reference']} were computed with: {'; '.join(problems)}")
     columns = load_reference(paths["reference"])
     source = str(paths["reference"] / REFERENCE_DATA)
     model = load_causal_lm(paths["model"], attn_implementation="sdpa", dtype=torch.float32)
@@ -240,13 +221,37 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
     return {**metrics, "epochs": round(epochs, 3), **summarize(result, run_dir)}
 
 
+def policy_is_reference_model(config: DPOConfig, reference: str, policy: ArtifactRef) -> bool:
+    """Whether `policy` is the model `reference`'s log-probs were computed from (by content
+    hash, from the reference's manifest); a different policy is a ConfigError naming both
+    unless `config.allow_policy_other_than_reference`."""
+    computed_from = read_manifest(reference).inputs.get("model")
+    if computed_from is None:
+        raise ConfigError(f"reference {reference}: its manifest records no `model` input (not a dpo_reference artifact)")
+    same = computed_from.content_hash == policy.content_hash
+    if not same and not config.allow_policy_other_than_reference:
+        raise ConfigError(
+            f"policy {policy.uri} ({policy.content_hash[:19]}) is not the model the reference log-probs of {reference} "
+            f"were computed from, {computed_from.uri} ({computed_from.content_hash[:19]}): DPO would start away from "
+            "its reference (first loss not log 2). Use that model as the policy, or set "
+            "dpo.allow_policy_other_than_reference: true to train this one against that reference"
+        )
+    return same
+
+
 def dpo(config: DPOConfig, reference: str, model: str, dest: str, overwrite: bool = False) -> Manifest:
     """Train the policy `model` with DPO on the pairs and cached log-probs of `reference`
     (a `dpo_reference` artifact); publish it as a transformers causal LM directory."""
+    policy = input_ref(model)  # resolved once: for the identity check and for `produce`
+    same_model = policy_is_reference_model(config, reference, policy)
+
     def build(out_dir: Path, paths: dict[str, Path]) -> dict[str, Any]:
+        fingerprint = check_same_tokenizer("the tokenizer of reference", paths["reference"] / TOKENIZER_DIR,
+                                           "the policy", paths["model"])
         job = make_job("dpo", config, paths, out_dir, dest)
-        metrics = run_job(job, config.train.distributed, world_size_of(config.train, None))
+        metrics = {**run_job(job, config.train.distributed, world_size_of(config.train, None)),
+                   "policy_is_reference_model": same_model, FINGERPRINT_KEY: fingerprint}
         publish_metrics(Path(job["run_dir"]), out_dir, f"DPO ({config.loss_type}, beta {config.beta})", metrics)
         return metrics
 
-    return produce(SPEC, config, {"reference": reference, "model": model}, dest, build, overwrite=overwrite)
+    return produce(SPEC, config, {"reference": reference, "model": policy}, dest, build, overwrite=overwrite)

@@ -23,7 +23,7 @@ import copy
 import math
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -49,7 +49,11 @@ class GRPOConfig(StrictConfig):
     max_new_tokens: int = Field(64, gt=0)
     temperature: float = Field(1.0, gt=0)
     rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(function="correctness")], min_length=1)
-    on_reward_error: Literal["zero", "stop"] = Field("zero", description="zero: reward 0, counted; stop: raise.")
+    on_reward_error: Literal["zero", "stop"] = Field("zero", description="zero: reward 0, counted; stop: raise at "
+                                                                          "the first failure.")
+    max_reward_error_fraction: float = Field(1.0, ge=0, le=1, description=(
+        "With on_reward_error: zero, stop the run (nothing published) when one reward function failed on at least "
+        "this share of a step's samples (1: on every sample; 0: on any)."))
     advantage_normalization: GroupNorm = "group_std"
     loss_aggregation: Aggregation = "token_mean"
     eps_low: float = Field(0.2, gt=0, lt=1)
@@ -63,6 +67,8 @@ class GRPOConfig(StrictConfig):
     problems_format: Literal["gsm8k", "rl"] = "gsm8k"
     max_problems: int = Field(100_000, gt=0)
     heldout: HeldoutSettings = HeldoutSettings()
+
+    hash_omits_at_default: ClassVar[tuple[str, ...]] = ("max_reward_error_fraction",)
 
 
 class _Chunk:
@@ -81,7 +87,7 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
 
     from components.train.fast_llama import shared_prompt_logprobs, supports
     from components.train.losses import aggregate_loss, group_advantages, kl_estimate, masked_mean, ppo_policy_loss
-    from components.train.rewards import score
+    from components.train.rewards import check_errors, score
     from components.train.rl import completion_logprobs, decode, load_rl_setup, run_rl
 
     job_ = read_job(job, GRPOConfig)
@@ -143,10 +149,13 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
                         or not config.dynamic_sampling:
                     break
                 rounds += 1
-                rollout, rewards, _ = rollout_round(sampler.next_batch().tolist())
+                rollout, rewards, refill = rollout_round(sampler.next_batch().tolist())
+                scores = scores.merge(refill)
                 grouped = rewards.view(-1, group)
                 zero_variance = (grouped.max(dim=1).values == grouped.min(dim=1).values)
-            record.update({"sampling_rounds": rounds, "groups_trained": kept_groups})
+            record.update({"sampling_rounds": rounds, "groups_trained": kept_groups,
+                           **({"reward_error_examples": scores.error_examples} if scores.errors else {})})
+            check_errors(scores, "grpo", step_index + 1, config.max_reward_error_fraction)
             # split chunks into update pieces of at most micro_prompts groups
             pieces = []
             for chunk in chunks:

@@ -8,8 +8,11 @@ Language Models from Human Preferences", §2.2), on the formulas of `components.
   a fixed coefficient or the adaptive controller of Ziegler et al. §2.2 (the coefficient
   moves so the measured KL tracks `kl_target`), or a loss term (`kl_mode: loss`, k3).
 - The sequence reward is a reward model's score (a `reward_model` artifact: a sequence
-  classifier with one output) or the sum of reward functions (`components.train.rewards`),
-  placed on the last completion token; advantages and returns by GAE (`losses.gae_advantages`),
+  classifier with one output), or the weighted sum of reward functions
+  (`components.train.rewards`), or both: `reward_model_weight` x score + the functions' sum
+  (`reward_sources`: functions other than the default next to a reward model, without a
+  weight, are refused rather than ignored), placed on the last completion token; advantages
+  and returns by GAE (`losses.gae_advantages`),
   advantages whitened over the batch (as TRL, OpenRLHF and verl do).
 - Each batch of rollouts is used for `ppo_epochs` epochs of `minibatches` updates with the
   clipped surrogate (`losses.ppo_policy_loss`).
@@ -26,7 +29,7 @@ import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -55,8 +58,15 @@ class PPOConfig(StrictConfig):
     max_new_tokens: int = Field(64, gt=0)
     temperature: float = Field(1.0, gt=0)
     rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(function="correctness")],
-                                      description="Reward functions; unused when a reward_model input is given.")
+                                      description="Reward functions; with a reward_model input, used only when "
+                                                  "reward_model_weight is set (the default is then ignored).")
+    reward_model_weight: float | None = Field(None, description=(
+        "With a reward_model input: the reward is this x the model's score + the reward functions' weighted sum "
+        "(null: the model's score alone; other than default rewards are then refused)."))
     on_reward_error: Literal["zero", "stop"] = "zero"
+    max_reward_error_fraction: float = Field(1.0, ge=0, le=1, description=(
+        "Stop the run (nothing published) when one reward function failed on at least this share of a step's "
+        "samples (1: on every sample; 0: on any)."))
     kl_mode: Literal["reward", "loss"] = Field("reward", description="KL as a per-token reward penalty or a loss term.")
     kl_coef: float = Field(0.05, ge=0, description="Initial (or fixed) KL coefficient.")
     kl_target: float | None = Field(None, gt=0, description="Adaptive controller's target KL per sequence (null: fixed).")
@@ -71,6 +81,31 @@ class PPOConfig(StrictConfig):
     problems_format: Literal["gsm8k", "rl"] = "gsm8k"
     max_problems: int = Field(100_000, gt=0)
     heldout: HeldoutSettings = HeldoutSettings()
+
+    hash_omits_at_default: ClassVar[tuple[str, ...]] = ("reward_model_weight", "max_reward_error_fraction")
+
+
+DEFAULT_REWARDS = PPOConfig.model_fields["rewards"].get_default(call_default_factory=True)
+
+
+def reward_sources(config: PPOConfig, has_reward_model: bool) -> str:
+    """What rewards this run: "functions", "reward_model" or "reward_model+functions". Functions
+    a user configured are never silently dropped for a reward model: without
+    `reward_model_weight` that pair is refused, naming both."""
+    if not has_reward_model:
+        if config.reward_model_weight is not None:
+            raise ConfigError("ppo: reward_model_weight is set but no reward_model input is given")
+        if not config.rewards:
+            raise ConfigError("ppo: no reward: give a reward_model input or configure ppo.rewards")
+        return "functions"
+    if config.reward_model_weight is not None:
+        return "reward_model+functions" if config.rewards else "reward_model"
+    if config.rewards and config.rewards != DEFAULT_REWARDS:
+        names = ", ".join(spec.function for spec in config.rewards)
+        raise ConfigError(f"ppo: rewards ({names}) and a reward_model input are both given: set "
+                          "ppo.reward_model_weight to add the model's score to the functions' weighted sum, "
+                          "or drop one of them")
+    return "reward_model"
 
 
 def _policy_with_value(policy: Any) -> Any:
@@ -115,7 +150,7 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from components.train.losses import gae_advantages, kl_estimate, masked_mean, ppo_policy_loss, value_loss
-    from components.train.rewards import score
+    from components.train.rewards import check_errors, score
     from components.train.rl import completion_logprobs, decode, load_rl_setup, run_rl, step_grad_norm, summarize_rl
 
     job_ = read_job(job, PPOConfig)
@@ -125,29 +160,38 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
     module = _policy_with_value(policy)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     reward_model = reward_tokenizer = None
+    source = reward_sources(config, "reward_model" in paths)
     if "reward_model" in paths:
+        from components.models.tokenizers import check_same_tokenizer
         from components.train.reward_model import load_reward_model
 
+        check_same_tokenizer("reward model", paths["reward_model"], "policy", paths["model"])
         reward_model, reward_tokenizer = load_reward_model(paths["reward_model"])
-        if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
-            raise ConfigError(f"{paths['reward_model']}: the reward model's tokenizer differs from the policy's "
-                              f"({paths['model']})")
     forward_flops = setup.forward_flops_per_token  # per token: rollout, old and reference passes
     train_flops = setup.training_flops_per_token  # per token of each minibatch update
     samples = config.samples_per_prompt
     state = {"kl_coef": config.kl_coef, "reward_errors": 0, "training_flops": 0.0}
 
-    def sequence_rewards(indices: list[int], texts: list[str]) -> tuple[Any, dict[str, float]]:
+    def sequence_rewards(step_index: int, indices: list[int], texts: list[str]) -> tuple[Any, dict[str, Any]]:
+        """The rollout's sequence rewards (as `source` says) and their per-source means."""
+        total, extra = torch.zeros(len(texts)), {}
         if reward_model is not None:
             from components.train.reward_model import score as rm_score
 
             questions = [problems[i][0] for i in indices for _ in range(samples)]
-            return torch.tensor(rm_score(reward_model, reward_tokenizer, questions, texts)), {}
+            model_scores = torch.tensor(rm_score(reward_model, reward_tokenizer, questions, texts))
+            if source == "reward_model":
+                return model_scores, {}
+            total += config.reward_model_weight * model_scores
+            extra["reward/reward_model"] = float(model_scores.mean())
         references = [problems[i][1] for i in indices for _ in range(samples)]
         scores = score(config.rewards, texts, references, config.on_reward_error)
         state["reward_errors"] += scores.errors
-        means = {f"reward/{name}": sum(v) / len(v) for name, v in scores.per_function.items()}
-        return torch.tensor(scores.total), means
+        extra.update({f"reward/{name}": sum(v) / len(v) for name, v in scores.per_function.items()})
+        if scores.errors:
+            extra["reward_error_examples"] = scores.error_examples
+        check_errors(scores, "ppo", step_index + 1, config.max_reward_error_fraction)
+        return total + torch.tensor(scores.total), extra
 
     def make_step(backend: Any, sampler: Any):  # noqa: ANN202
         device = backend.device
@@ -157,7 +201,7 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
             indices = indices.tolist()
             rollout = decode(policy, tokenizer, [encoded[i] for i in indices], samples, config.max_new_tokens,
                              config.temperature)
-            rewards, per_function = sequence_rewards(indices, rollout.texts)
+            rewards, per_function = sequence_rewards(step_index, indices, rollout.texts)
             ids, attention, mask = (rollout.input_ids.to(device), rollout.attention_mask.to(device),
                                     rollout.completion_mask.to(device))
             width = rollout.prompt_width
@@ -234,13 +278,15 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
     records = run_rl(module, policy, tokenizer, config.train, len(problems), run_dir, make_step=make_step,
                      save_model=save_model, heldout=setup.heldout, heldout_settings=config.heldout,
                      max_new_tokens=config.max_new_tokens, temperature=config.temperature, final_dir=out_dir, description="ppo")
-    return summarize_rl(run_dir, records)
+    return {**summarize_rl(run_dir, records), "reward_source": source}
 
 
 def ppo(config: PPOConfig, model: str, problems: str, dest: str, heldout: str | None = None,
         reward_model: str | None = None, overwrite: bool = False) -> Manifest:
     """Train `model` by PPO on `problems`, rewarded by `reward_model` (a reward_model artifact)
-    or by the configured reward functions; held-out greedy accuracy before, during and after."""
+    or by the configured reward functions, or both (`reward_sources`); held-out greedy accuracy
+    before, during and after."""
+    reward_sources(config, reward_model is not None)  # refused before anything runs
     inputs = {"model": model, "problems": problems, **({"heldout": heldout} if heldout else {}),
               **({"reward_model": reward_model} if reward_model else {})}
     return produce_rl(SPEC, "ppo", "PPO", config, inputs, dest, overwrite)

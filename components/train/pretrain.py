@@ -15,6 +15,7 @@ from components.errors import ConfigError
 from components.feasibility.estimate import ESTIMATE_FILE
 from components.feasibility.training import require_feasible
 from components.models.factory import ModelConfig, build_causal_lm
+from components.models.tokenizers import check_blocks_tokenizer
 from components.train.engine import TrainConfig, TrainData, resolve_precision
 from components.train.launch import make_job, read_job, run_job
 from components.train.trainer import publish_metrics, summarize, world_size_of, zero_stage_of
@@ -81,6 +82,7 @@ def pretrain(
     def build(out_dir: Path, paths: dict[str, Path]) -> dict[str, Any]:
         import torch
 
+        check_blocks_tokenizer("blocks", paths["blocks"], "tokenizer", paths["tokenizer"])
         blocks_tensor = _blocks_tensor(paths["blocks"])
         seq_len = int(blocks_tensor.shape[1])
         if seq_len > config.model.max_position_embeddings:

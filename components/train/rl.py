@@ -363,6 +363,8 @@ def summarize_rl(run_dir: Path, records: list[dict[str, Any]]) -> dict[str, Any]
         "training_flops": every[-1]["training_flops"],
         "reward_errors": every[-1]["reward_errors"],
     }
+    if metrics["reward_errors"]:  # what failed, not only how often (the first three, in step order)
+        metrics["reward_error_examples"] = [e for r in every for e in r.get("reward_error_examples", [])][:3]
     if heldout:
         metrics.update({"heldout_accuracy_before": heldout[0]["heldout_accuracy"],
                         "heldout_accuracy_after": heldout[-1]["heldout_accuracy"],
@@ -394,12 +396,23 @@ def publish_rl_metrics(run_dir: Path, out_dir: Path, title: str, metrics: dict[s
         writer.writerows(heldout)
     lines = [f"# {title}", "", "| metric | value |", "|---|---|"]
     lines += [f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |"
-              for key, value in metrics.items()]
+              for key, value in metrics.items() if not isinstance(value, (list, dict))]
+    lines += reward_error_lines(metrics)
     if heldout:
         lines += ["", "| step | held-out greedy accuracy | held-out sampled accuracy (pass@1) |", "|---:|---:|---:|"]
         lines += [f"| {r['step']} | {r['heldout_accuracy']:.3f} | {r.get('heldout_sampled_accuracy', float('nan')):.3f} |"
                   for r in heldout]
     (out_dir / REPORT_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def reward_error_lines(metrics: dict[str, Any]) -> list[str]:
+    """The report's reward-failure section: how many calls failed (each was rewarded 0) and
+    up to three of them, so a broken reward function is seen, not only counted."""
+    if not metrics.get("reward_errors"):
+        return []
+    lines = ["", "## Reward errors", "",
+             f"{metrics['reward_errors']} reward function calls failed and were rewarded 0. First examples:", ""]
+    return lines + [f"- {example}" for example in metrics.get("reward_error_examples", [])]
 
 
 def _dump(record: dict[str, Any]) -> str:
@@ -419,8 +432,11 @@ def produce_rl(spec: ComponentSpec, trainer: str, title: str, config: Any, input
         raise ConfigError(f"{trainer}: train.distributed.launcher must be 'none' (RL trainers run in one process)")
 
     def build(out_dir: Path, paths: dict[str, Path]) -> dict[str, Any]:
+        fingerprints = config.code_fingerprints()  # the user code the cache key holds, recorded
         job = make_job(trainer, config, paths, out_dir, dest)
         metrics = run_job(job, config.train.distributed, 1)
+        if fingerprints:
+            metrics = {**metrics, "reward_code": fingerprints}
         publish_rl_metrics(Path(job["run_dir"]), out_dir, title, metrics)
         return metrics
 

@@ -5,6 +5,11 @@ packed examples attend only to themselves (per-document position ids), and the m
 fine-tuned fully or through LoRA adapters (peft; Hu et al. 2021, "LoRA: Low-Rank Adaptation
 of Large Language Models", eq. 3: W x + (alpha / r) B A x). The published model is always a
 plain transformers model (LoRA merged in), with the adapter alongside in `adapter/`.
+
+The blocks' token ids must come from the model's tokenizer (the published model carries that
+tokenizer, so it must be the one its training ids mean): `check_blocks_tokenizer` refuses
+blocks another tokenizer made before any training, and the shared fingerprint is recorded in
+the metrics.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from components.artifacts import ComponentSpec, Manifest, produce
 from components.config import StrictConfig
 from components.data.records import read_column
 from components.errors import ConfigError
+from components.models.tokenizers import FINGERPRINT_KEY, check_blocks_tokenizer
 from components.train.engine import TrainConfig, TrainData
 from components.train.launch import make_job, read_job, run_job
 from components.train.loop import OptimConfig
@@ -108,8 +114,9 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
 def sft(config: SFTConfig, blocks: str, model: str, dest: str, overwrite: bool = False) -> Manifest:
     """Fine-tune `model` (a model artifact in transformers format) on `blocks` (an `sft_data` artifact)."""
     def build(out_dir: Path, paths: dict[str, Path]) -> dict[str, Any]:
+        fingerprint = check_blocks_tokenizer("blocks", paths["blocks"], "model", paths["model"])
         job = make_job("sft", config, paths, out_dir, dest)
-        metrics = run_job(job, config.train.distributed, world_size_of(config.train, None))
+        metrics = {**run_job(job, config.train.distributed, world_size_of(config.train, None)), FINGERPRINT_KEY: fingerprint}
         publish_metrics(Path(job["run_dir"]), out_dir, "Supervised fine-tuning", metrics)
         return metrics
 
