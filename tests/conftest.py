@@ -133,3 +133,22 @@ def build_tiny_lm(root: Path, max_positions: int = 512) -> Path:
 
 def have_git() -> bool:
     return shutil.which("git") is not None
+
+
+def sft_on_records(root: Path, base_model: Path, records: list[dict]) -> Path:
+    """`base_model` fine-tuned on prompt/completion `records` with the real sft_data + sft
+    components (60 steps, lr 1e-2): a tiny policy that has learnt a fixed answer pattern."""
+    import json
+
+    from components.data.sft_data import SFTDataConfig, sft_data
+    from components.train.engine import TrainConfig
+    from components.train.loop import OptimConfig
+    from components.train.sft import SFTConfig, sft
+
+    (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    sft_data(SFTDataConfig(format="prompt_completion", seq_len_tokens=128, packing=False), str(root / "sft.jsonl"),
+             str(base_model), str(root / "sft_rows"))
+    train = TrainConfig(batch_size_rows=8, max_steps=60, checkpoint_every_steps=0,
+                        optim=OptimConfig(learning_rate=1e-2, warmup_steps=5))
+    sft(SFTConfig(train=train), str(root / "sft_rows"), str(base_model), str(root / "sft_model"))
+    return root / "sft_model"

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from components.errors import DataError
 from components.eval.accuracy import AccuracyConfig, evaluate_accuracy
-from tests.conftest import REPO_ROOT, build_tiny_lm
+from tests.conftest import REPO_ROOT, build_tiny_lm, sft_on_records
 
 HELDOUT = REPO_ROOT / "data/raw/gsm8k/test.jsonl"
 
@@ -102,21 +102,10 @@ def train_calculator_sft(root: Path, base_model: Path) -> Path:
     calculator and says 5, its samples are sometimes right and sometimes wrong."""
     import random
 
-    from components.data.sft_data import SFTDataConfig, sft_data
-    from components.train.engine import TrainConfig
-    from components.train.loop import OptimConfig
-    from components.train.sft import SFTConfig, sft
-
     rng = random.Random(2)
     records = [{"prompt": f"Question {rng.randint(0, 99)}: how many?",
                 "completion": CALL + ("#### 5" if rng.random() < 0.6 else "#### -5")} for _ in range(64)]
-    (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    sft_data(SFTDataConfig(format="prompt_completion", seq_len_tokens=128, packing=False), str(root / "sft.jsonl"),
-             str(base_model), str(root / "sft_rows"))
-    train = TrainConfig(batch_size_rows=8, max_steps=60, checkpoint_every_steps=0,
-                        optim=OptimConfig(learning_rate=1e-2, warmup_steps=5))
-    sft(SFTConfig(train=train), str(root / "sft_rows"), str(base_model), str(root / "sft_model"))
-    return root / "sft_model"
+    return sft_on_records(root, base_model, records)
 
 
 @pytest.fixture(scope="module")

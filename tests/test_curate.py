@@ -334,6 +334,7 @@ def test_passthrough_field_cannot_overwrite_curates_own_columns() -> None:
 
 def _curate_cli(config_path: Path, source: Path, dest: Path) -> subprocess.Popen:
     return subprocess.Popen([str(VENV_BIN / "crucible"), "curate", "--config", str(config_path), "--input", str(source),
+                             "--decontaminate_against", str(REPO_ROOT / "data/raw/gsm8k/test.jsonl"),
                              "--output", str(dest)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

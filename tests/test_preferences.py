@@ -17,7 +17,7 @@ from components.data.preferences import (
 )
 from components.errors import DataError
 from components.eval.verifiers import is_correct
-from tests.conftest import build_tiny_lm
+from tests.conftest import build_tiny_lm, sft_on_records
 
 NAMES = ["Ava", "Ben", "Cleo", "Dan", "Eli", "Fay"]
 ITEMS = ["apples", "pens", "books", "coins", "shells"]
@@ -60,21 +60,10 @@ def train_noisy_sft(root: Path, base_model: Path) -> Path:
     """A tiny model fine-tuned (with the real sft_data + sft components) to answer the
     five-problems with `#### 5` 60% of the time and `#### -5` otherwise: a policy whose
     samples are sometimes right and sometimes wrong. Returns its model directory."""
-    from components.data.sft_data import SFTDataConfig, sft_data
-    from components.train.engine import TrainConfig
-    from components.train.loop import OptimConfig
-    from components.train.sft import SFTConfig, sft
-
     rng = random.Random(2)
     records = [{"prompt": five_question(rng), "completion": "#### 5" if rng.random() < 0.6 else "#### -5"}
                for _ in range(64)]
-    (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    sft_data(SFTDataConfig(format="prompt_completion", seq_len_tokens=128, packing=False), str(root / "sft.jsonl"),
-             str(base_model), str(root / "sft_rows"))
-    train = TrainConfig(batch_size_rows=8, max_steps=60, checkpoint_every_steps=0,
-                        optim=OptimConfig(learning_rate=1e-2, warmup_steps=5))
-    sft(SFTConfig(train=train), str(root / "sft_rows"), str(base_model), str(root / "sft_model"))
-    return root / "sft_model"
+    return sft_on_records(root, base_model, records)
 
 
 @pytest.fixture(scope="module")
