@@ -108,6 +108,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks._load import process_cpu_s, system_busy_s, wait_idle  # noqa: E402
+from components.artifacts import code_version  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -628,6 +629,9 @@ def render(report: dict) -> str:
         "",
         f"`{report['command']}`",
         "",
+        f"Written by benchmarks/sft_throughput.py at commit {report['code']['git_commit']} "
+        f"({'working tree with local changes' if report['code']['dirty'] else 'clean working tree'}).",
+        "",
         f"{report['machine']}. Tiny Llama ({report['model_parameters']:,} parameters), fp32, SDPA; tokenizer "
         f"vocab {s['vocab_size']:,}; first {s['examples']:,} GSM8K train problems as chat prompt/completion; "
         f"batch {s['batch_size']} rows, max_length {s['max_length']}, AdamW lr {s['lr']} betas {list(BETAS)} wd "
@@ -784,6 +788,7 @@ def main() -> None:
         trl_version = None
     report = {
         "command": " ".join([".venv/bin/python", "benchmarks/sft_throughput.py", *sys.argv[1:]]),
+        "code": code_version().model_dump(),
         "machine": f"{os.cpu_count()} CPUs visible, Python {sys.version.split()[0]}, torch {torch.__version__}, "
                    f"transformers {transformers.__version__}, trl {trl_version}",
         "settings": {k: v for k, v in vars(args).items() if k not in ("side", "result")},
