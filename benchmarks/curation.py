@@ -750,7 +750,7 @@ _BUCKETS = [  # (label, "module:qualname" of a Python function, or "~substring" 
     ("    shingle_hashes (regex words + xxhash + np.unique)", "components.data.dedup:shingle_hashes"),
     ("    _permute (uint64 mod-Mersenne arithmetic)", "components.data.dedup:_permute"),
     ("  exact_key (BLAKE2b)", "components.data.dedup:exact_key"),
-    ("  iter_records (read + json.loads)", "components.data.records:iter_records"),
+    ("  iter_records (read + json.loads)", "components.records:iter_records"),
     ("input hashing (file_sha256, per shard and merge)", "components.artifacts:file_sha256"),
     ("_merge (phase 2: exact + fuzzy dedup, write output)", "components.data.curate:_merge"),
     ("  _duplicates (read keys + signatures, exact + fuzzy)", "components.data.curate:_duplicates"),

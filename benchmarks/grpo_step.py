@@ -13,15 +13,15 @@ Model and tokenizer are saved once to a temporary directory that both sides load
 instead (e.g. artifacts/sft, whose completions end at <|im_end|> after varying lengths; a fresh model
 almost never samples the stop token, so nearly every completion runs the full 64 tokens).
 
-Prompts: the procedural arithmetic task (`components.data.arithmetic`, seed --seed, the first
+Prompts: the procedural arithmetic task (`components.tasks.arithmetic`, seed --seed, the first
 --problems train problems), GSM8K format. Ours reads them as a GSM8K jsonl and renders each question
-with the tokenizer's chat template (`components.eval.generate.prompt_ids`); TRL gets the conversational
+with the tokenizer's chat template (`components.models.chat.prompt_ids`); TRL gets the conversational
 prompt [{"role": "user", "content": question}] plus an `answer` column and applies the same template
 (the child checks that the prompt token ids agree).
 
 Equal settings: G = 4 completions per prompt, 4 prompts (16 completions) per optimizer step, one
 optimizer step per batch of rollouts, max 64 completion tokens, temperature 1.0 (no top-k / top-p),
-generation stops at the same ids (`components.eval.generate._stop_ids`: <|endoftext|> and <|im_end|>),
+generation stops at the same ids (`components.models.chat.stop_ids`: <|endoftext|> and <|im_end|>),
 reward = answer correctness (`components.train.rewards.correctness`), group-std advantages, clipped
 surrogate eps_low 0.2 / eps_high 0.28 aggregated per token over the batch (TRL loss_type "dapo" = our
 token_mean), no KL (beta 0 / kl_coef 0: no reference model), no dynamic sampling on our side, AdamW
@@ -34,7 +34,7 @@ optimizer steps after --warmup untimed ones:
   ours  the step records of `components.train.grpo.train_job` (run the way the `grpo` component runs
         it, through `launch.run_job` in this process, minus the artifact bookkeeping): step_time_s,
         rollout_time_s (sampling + rewards + advantages), update_time_s (log-probs, loss, backward,
-        clipping, AdamW), response_length; pure generation time by timing `components.train.rl.decode`.
+        clipping, AdamW), response_length; pure generation time by timing `components.models.sampling.decode`.
   trl   seconds per optimizer step from a TrainerCallback (on_step_begin -> on_step_end: generation,
         scoring, loss, backward, clipping, AdamW); rollout = `_generate_and_score_completions` (prompt
         templating, `model.generate`, decoding, rewards, advantages), update = step - rollout; pure
@@ -94,7 +94,7 @@ from benchmarks._load import process_cpu_s, system_busy_s, wait_idle  # noqa: E4
 
 
 def arithmetic_rows(args: argparse.Namespace) -> list[dict[str, str]]:
-    from components.data.arithmetic import ArithmeticTaskConfig, generate
+    from components.tasks.arithmetic import ArithmeticTaskConfig, generate
 
     return generate(ArithmeticTaskConfig(train_problems=args.problems, test_problems=10, seed=args.seed))["train"]
 
@@ -106,8 +106,8 @@ def tokenizer_source(args: argparse.Namespace) -> Path:
     out = CACHE / "tokenizer-arithmetic-v2048"
     if (out / "tokenizer.json").exists():
         return out
-    from components.data.arithmetic import ArithmeticTaskConfig, generate
-    from components.data.records import write_shards
+    from components.tasks.arithmetic import ArithmeticTaskConfig, generate
+    from components.records import write_shards
     from components.data.tokenizer import TokenizerConfig, _build
 
     rows = generate(ArithmeticTaskConfig(train_problems=4000, seed=0))["train"]
@@ -150,7 +150,7 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     rows = arithmetic_rows(args)
     with open(work / "problems.jsonl", "w", encoding="utf-8") as sink:
         sink.writelines(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n" for r in rows)
-    from components.eval.generate import _stop_ids, prompt_ids
+    from components.models.chat import prompt_ids, stop_ids
 
     lengths = [len(prompt_ids(tokenizer, row["question"])) for row in rows]
     return {
@@ -158,7 +158,7 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "model_parameters": sum(p.numel() for p in model.parameters()),
         "tokenizer": str(source),
         "vocab_size": len(tokenizer),
-        "stop_ids": {str(i): tokenizer.convert_ids_to_tokens(i) for i in _stop_ids(tokenizer)},
+        "stop_ids": {str(i): tokenizer.convert_ids_to_tokens(i) for i in stop_ids(tokenizer)},
         "problems": len(rows),
         "prompt_tokens_mean": sum(lengths) / len(lengths),
         "prompt_tokens_max": max(lengths),
@@ -240,25 +240,26 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(args.threads)
-    import components.train.rl as rl
-    from components.train.engine import METRICS_FILE, TrainConfig, read_metrics
+    import components.models.sampling as sampling
+    from components.runlog import STEP_LOG_FILE, read_metrics
+    from components.train.engine import TrainConfig
     from components.train.grpo import GRPOConfig
     from components.train.launch import make_job, run_job
     from components.train.loop import OptimConfig
-    from components.train.progress import step_observer
+    from components.runlog import step_observer
     from components.train.rewards import RewardSpec
     from components.train.rl import HeldoutSettings
 
     generation_s: list[float] = []
-    decode = rl.decode
+    decode = sampling.decode
 
-    def timed_decode(*a: Any, **k: Any) -> Any:  # train_job imports rl.decode when it starts
+    def timed_decode(*a: Any, **k: Any) -> Any:  # train_job imports sampling.decode when it starts
         started = time.perf_counter()
         out = decode(*a, **k)
         generation_s.append(time.perf_counter() - started)
         return out
 
-    rl.decode = timed_decode
+    sampling.decode = timed_decode
     clock = Clock()
     step_observer.set(lambda _trainer, _record, _max_steps: clock.mark())  # after each step's record is logged
 
@@ -283,8 +284,8 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
                        str(out_dir))
         job["run_dir"] = str(run_dir)  # not next to a destination: a fresh run, nothing to resume
         run_job(job, config.train.distributed, 1)
-        records = read_metrics(run_dir / METRICS_FILE)
-    rl.decode = decode
+        records = read_metrics(run_dir / STEP_LOG_FILE)
+    sampling.decode = decode
 
     if len(records) != config.train.max_steps or len(generation_s) != len(records):
         raise RuntimeError(f"ours: {len(records)} step records, {len(generation_s)} decode calls, expected "
@@ -306,7 +307,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
         sum(s["other_cores"] for s in steps) / len(steps)
     return summarize("ours", steps, args.warmup, window, torch_threads=torch.get_num_threads(), notes=[
         "step_time_s / rollout_time_s / update_time_s from the run's metrics.jsonl (components/train/rl.py "
-        "run_rl); generation = components.train.rl.decode (prefill once per prompt, the KV cache repeated "
+        "run_rl); generation = components.models.sampling.decode (prefill once per prompt, the KV cache repeated "
         "for the group, finished rows dropped from the batch and the cache)",
         "optimizer: torch.optim.AdamW(fused=True) via components.train.loop.make_optimizer",
     ])
@@ -357,14 +358,14 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from components.eval.generate import _stop_ids, prompt_ids
+    from components.models.chat import prompt_ids, stop_ids
     from components.models.factory import load_causal_lm
     from components.train.rewards import correctness
 
     work = Path(args.work)
     tokenizer = AutoTokenizer.from_pretrained(str(work / "model"))
     model = load_causal_lm(work / "model", attn_implementation="sdpa", dtype=torch.float32)
-    stops = _stop_ids(tokenizer)
+    stops = stop_ids(tokenizer)
     # GRPOTrainer stops on the tokenizer's eos plus every id in model.generation_config.eos_token_id, and uses
     # that same list to cut the completion mask: give it our stop ids (<|endoftext|>, <|im_end|>).
     model.generation_config.eos_token_id = stops
@@ -404,7 +405,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
             raise RuntimeError(f"trl: stops on {trainer.eos_token_ids}, ours on {stops}")
         sample = [row["prompt"] for row in dataset.select(range(8))]
         if [list(ids) for ids in trainer._tokenize_prompts(sample)[0]] != [prompt_ids(tokenizer, p) for p in sample]:
-            raise RuntimeError("trl: the chat-templated prompt ids differ from components.eval.generate.prompt_ids")
+            raise RuntimeError("trl: the chat-templated prompt ids differ from components.models.chat.prompt_ids")
 
         generate = trainer.model.generate  # what _generate_single_turn calls (unwrapped = the model on CPU)
 
@@ -607,7 +608,7 @@ NOTES = [
     f"<= {BUSY_CORES} cores, and their mean s/step.",
     "TRL scores the completion tokens with its fused LM head (trl.trainer.utils.add_fused_lm_head, log-probs + "
     "entropy in tiles, the projection recomputed in backward); ours projects the completion positions to the "
-    "vocabulary once (components.train.rl.completion_logprobs). Advantages: TRL divides by (std + 1e-4), ours by "
+    "vocabulary once (components.models.logprobs.completion_logprobs). Advantages: TRL divides by (std + 1e-4), ours by "
     "(std + 1e-6); the data order differs (each side's own seeded sampler).",
 ]
 

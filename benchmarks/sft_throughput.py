@@ -117,7 +117,7 @@ from components.artifacts import code_version  # noqa: E402
 
 
 def _gsm8k_rows() -> list[dict[str, Any]]:
-    from components.data.records import read_jsonl
+    from components.records import read_jsonl
 
     return [record for _, record in read_jsonl(GSM8K)]
 
@@ -133,7 +133,7 @@ def ensure_tokenizer(vocab_size: int) -> Path:
     out = tokenizer_dir(vocab_size)
     if (out / "tokenizer.json").exists():
         return out
-    from components.data.records import write_shards
+    from components.records import write_shards
     from components.data.tokenizer import TokenizerConfig, _build
 
     texts = [f"Question: {row['question']}\nAnswer: {row['answer']}" for row in _gsm8k_rows()]
@@ -339,8 +339,8 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     from components.train.engine import EpochSampler, TrainConfig, TrainData, train
     from components.train.loop import OptimConfig
     from components.train.modules import CausalLMLoss
-    from components.train.progress import step_observer
-    from components.train.trainer import training_flops_per_token
+    from components.runlog import step_observer
+    from components.feasibility.model_flops import training_flops_per_token
 
     tokenizer = load_tokenizer(args.vocab_size)
     examples = [tokenize_chat(tokenizer, SFTChat(messages=[*row["prompt"], *row["completion"]]))

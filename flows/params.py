@@ -17,7 +17,7 @@ from components.eval.compare import CompareConfig
 from components.eval.perplexity import PerplexityConfig
 from components.feasibility.training import TrainingTarget
 from components.eval.report import ReportConfig
-from components.data.arithmetic import ArithmeticTaskConfig
+from components.tasks.arithmetic import ArithmeticTaskConfig
 from components.data.sft_data import SFTDataConfig
 from components.data.preferences import PreferencePairsConfig
 from components.train.dpo import DPOConfig, DPOReferenceConfig

@@ -1,4 +1,5 @@
-"""Prefect flows: `pipeline` (the whole chain) and one flow per stage.
+"""Prefect flows, made from the stage table (`flows.stages`): one flow per stage, and the
+composite flows `pipeline` (the whole chain) and `rl_studies` over the stages that name them.
 
 Flows hold no ML logic. Each stage is one Prefect task that calls its component; the task's
 cache key is the component's own cache key (name + version + config hash + input content
@@ -32,8 +33,8 @@ from components.config import StrictConfig
 from components.errors import ArtifactError
 from components.feasibility.estimate import FeasibilityConfig, estimate, read_estimate, render_markdown, run_estimate
 from flows.params import DEFAULT_PARAMS_FILE, PipelineParams, TaskRunnerConfig, load_params
-from components.train.progress import step_observer
-from flows.stages import COMPONENT_ENTRIES, PIPELINE_STAGES, RL_STUDY_STAGES, STAGES, Stage
+from components.runlog import step_observer
+from flows.stages import COMPONENT_ENTRIES, COMPOSITES, STAGES, Composite, Stage, flow_name, members
 
 
 def _task_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -153,11 +154,11 @@ def submit_stage(
     part_inputs = {name: ref for name, ref in inputs.items() if name in fan_out.part_inputs}
     plan = fan_out.plan(config, inputs, dest)
     parts = [_resolve(future) for future in [
-        _submit(fan_out.part, f"{stage.name}-{name}", part_config, part_inputs, part_dest, overwrite)
+        _submit(fan_out.part.name, f"{stage.name}-{name}", part_config, part_inputs, part_dest, overwrite)
         for name, part_config, part_dest in plan]]
     merge_inputs = {**{name: ref for name, ref in inputs.items() if name in fan_out.merge_inputs},
                     **{name: manifest.output for (name, _, _), (manifest, _) in zip(plan, parts)}}
-    manifest, cached = _resolve(_submit(fan_out.merge, stage.name, config, merge_inputs, dest, overwrite))
+    manifest, cached = _resolve(_submit(fan_out.merge.name, stage.name, config, merge_inputs, dest, overwrite))
     return manifest, cached and all(part_cached for _, part_cached in parts)
 
 
@@ -167,7 +168,7 @@ def _metrics_rows(manifest: Manifest) -> list[dict[str, Any]]:
 
 def publish_stage_artifacts(stage: Stage, manifest: Manifest, cached: bool) -> None:
     """A table of the stage's metrics and, where the stage writes one, its markdown report."""
-    key = stage.name.replace("_", "-")
+    key = flow_name(stage.name)
     create_table_artifact(
         key=f"{key}-metrics", table=_metrics_rows(manifest),
         description=f"{stage.name} -> {manifest.output.uri} ({'cached' if cached else 'built'})",
@@ -188,49 +189,13 @@ def _flow_params(params_file: str, params: PipelineParams | None) -> PipelinePar
 def make_stage_flow(stage: Stage):
     """A flow running a single stage on the artifacts its upstream stages already published."""
 
-    @flow(name=stage.name.replace("_", "-"), description=stage.help, validate_parameters=True)
+    @flow(name=flow_name(stage.name), description=stage.help, validate_parameters=True)
     def stage_flow(params_file: str = DEFAULT_PARAMS_FILE, params: PipelineParams | None = None) -> dict[str, Any]:
         manifest, cached = submit_stage(stage, _flow_params(params_file, params), upstream={})
         publish_stage_artifacts(stage, manifest, cached)
         return {"uri": manifest.output.uri, "content_hash": manifest.output.content_hash, "cached": cached}
 
     return stage_flow
-
-
-STAGE_FLOWS = {stage.name: make_stage_flow(stage) for stage in STAGES}
-# Module-level names, so deployments can point at `flows/pipeline.py:<name>_flow`.
-curate_flow = STAGE_FLOWS["curate"]
-curate_heldout_flow = STAGE_FLOWS["curate_heldout"]
-tokenizer_flow = STAGE_FLOWS["tokenizer"]
-pack_flow = STAGE_FLOWS["pack"]
-estimate_flow = STAGE_FLOWS["estimate"]
-pretrain_flow = STAGE_FLOWS["pretrain"]
-evaluate_flow = STAGE_FLOWS["evaluate"]
-report_flow = STAGE_FLOWS["report"]
-sft_data_flow = STAGE_FLOWS["sft_data"]
-sft_flow = STAGE_FLOWS["sft"]
-prompt_tuning_flow = STAGE_FLOWS["prompt_tuning"]
-evaluate_sft_flow = STAGE_FLOWS["evaluate_sft"]
-compare_test_time_compute_flow = STAGE_FLOWS["compare_test_time_compute"]
-arithmetic_task_flow = STAGE_FLOWS["arithmetic_task"]
-arithmetic_sft_data_flow = STAGE_FLOWS["arithmetic_sft_data"]
-arithmetic_sft_flow = STAGE_FLOWS["arithmetic_sft"]
-grpo_flow = STAGE_FLOWS["grpo"]
-evaluate_arithmetic_sft_flow = STAGE_FLOWS["evaluate_arithmetic_sft"]
-evaluate_grpo_flow = STAGE_FLOWS["evaluate_grpo"]
-preference_pairs_flow = STAGE_FLOWS["preference_pairs"]
-reward_model_flow = STAGE_FLOWS["reward_model"]
-dpo_reference_flow = STAGE_FLOWS["dpo_reference"]
-dpo_flow = STAGE_FLOWS["dpo"]
-ppo_flow = STAGE_FLOWS["ppo"]
-grpo_study_flow = STAGE_FLOWS["grpo_study"]
-
-
-@flow(name="pipeline", description="The whole chain: curate -> tokenizer -> pack -> estimate -> pretrain -> evaluate -> report -> sft_data -> sft -> evaluate_sft -> compare_test_time_compute.")
-def pipeline(params_file: str = DEFAULT_PARAMS_FILE, params: PipelineParams | None = None) -> dict[str, Any]:
-    upstream, summary = _run_stages(PIPELINE_STAGES, _flow_params(params_file, params), "pipeline-stages")
-    create_table_artifact(key="pipeline-metrics", table=_metrics_rows(upstream["report"]))
-    return summary
 
 
 def _run_stages(stages: tuple[Stage, ...], params: PipelineParams, table_key: str) -> tuple[dict[str, Manifest], dict[str, Any]]:
@@ -250,10 +215,26 @@ def _run_stages(stages: tuple[Stage, ...], params: PipelineParams, table_key: st
     return upstream, summary
 
 
-@flow(name="rl-studies", description="After `pipeline`: the GRPO seed study, then preference pairs -> reward model -> "
-                                     "DPO (cached reference) and PPO rewarded by the reward model.")
-def rl_studies(params_file: str = DEFAULT_PARAMS_FILE, params: PipelineParams | None = None) -> dict[str, Any]:
-    return _run_stages(RL_STUDY_STAGES, _flow_params(params_file, params), "rl-studies-stages")[1]
+def make_composite_flow(composite: Composite):
+    """A flow running the stages that name `composite` in the table, in table order."""
+    stages, key = members(composite.name), flow_name(composite.name)
+
+    @flow(name=key, description=f"{composite.description}: {' -> '.join(stage.name for stage in stages)}.")
+    def composite_flow(params_file: str = DEFAULT_PARAMS_FILE, params: PipelineParams | None = None) -> dict[str, Any]:
+        upstream, summary = _run_stages(stages, _flow_params(params_file, params), f"{key}-stages")
+        if composite.report_stage:
+            create_table_artifact(key=f"{key}-metrics", table=_metrics_rows(upstream[composite.report_stage]))
+        return summary
+
+    return composite_flow
+
+
+STAGE_FLOWS = {stage.name: make_stage_flow(stage) for stage in STAGES}
+FLOWS = {**{composite.name: make_composite_flow(composite) for composite in COMPOSITES}, **STAGE_FLOWS}
+# Module-level names from the table, so deployments can point at `flows/pipeline.py:<name>`:
+# each composite by its name (`pipeline`, `rl_studies`), each stage as `<stage>_flow`.
+globals().update({composite.name: FLOWS[composite.name] for composite in COMPOSITES})
+globals().update({stage.flow_attribute: STAGE_FLOWS[stage.name] for stage in STAGES})
 
 
 @task(name="estimate")
@@ -274,9 +255,6 @@ def feasibility_flow(config: FeasibilityConfig, output: str | None = None) -> di
     result = estimate_task(config, output)
     create_markdown_artifact(key="feasibility-estimate", markdown=render_markdown(result))
     return result
-
-
-FLOWS = {"pipeline": pipeline, "rl_studies": rl_studies, **STAGE_FLOWS}
 
 
 def make_task_runner(config: TaskRunnerConfig) -> TaskRunner:

@@ -1,21 +1,27 @@
 """The pipeline as data: each stage names its component, its params section and its inputs.
 
-The CLI, the Prefect flows and `dvc.yaml` are three drivers over this one table.
+The CLI, the Prefect flows and `dvc.yaml` are three drivers over this one table: each stage
+gets its flow (and its place in the composite flows it names) and its `crucible` command from
+its entry here.
 """
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from components.artifacts import ArtifactRef, ComponentSpec, Manifest, input_origins, stage_rerun
 from components.config import StrictConfig
-from components.data import arithmetic, curate, pack, preferences, sft_data, tokenizer
+from components.tasks import arithmetic
+from components.data import curate, pack, preferences, sft_data, tokenizer
 from components.eval import accuracy, compare, perplexity, report
 from components.feasibility import training as feasibility
 from components.feasibility.estimate import REPORT_FILE as ESTIMATE_REPORT
 from components.train import dpo, grpo, grpo_study, ppo, prompt_tuning, pretrain, reward_model, rl, sft
-from components.train.trainer import SUMMARY_FILE as TRAIN_REPORT
+from components.runlog import TRAIN_REPORT_FILE
+from flows import estimate_cli, report_cli
 from flows.inputs import ResolvedInput, resolve_inputs
 from flows.params import PipelineParams
 
@@ -35,14 +41,17 @@ class FanOut:
     """A stage made of independent parts, then a merge: flows run the parts as parallel tasks.
 
     `plan(config, inputs, dest)` lists the parts as (merge input name, part config, part dest);
-    each part runs component `part` on the stage inputs named in `part_inputs`; the merge runs
-    the stage's own component (`merge`) on the inputs in `merge_inputs` plus every part.
+    each part runs component `part` (entry `run_part`) on the stage inputs named in `part_inputs`;
+    the merge runs the stage's own component (`merge`, entry `run_merge`) on the inputs in
+    `merge_inputs` plus every part.
     """
 
-    part: str
+    part: ComponentSpec
+    run_part: Callable[..., Manifest]
     plan: Callable[[StrictConfig, Mapping[str, ArtifactRef], str], list[tuple[str, StrictConfig, str]]]
     part_inputs: tuple[str, ...]
-    merge: str
+    merge: ComponentSpec
+    run_merge: Callable[..., Manifest]
     merge_inputs: tuple[str, ...]
 
 
@@ -59,11 +68,50 @@ def _grpo_study_parts(config: StrictConfig, inputs: Mapping[str, ArtifactRef], d
     return grpo_study.plan_seeds(config, dest)
 
 
-CURATE_FAN_OUT = FanOut(curate.SHARD_SPEC.name, _curate_parts, ("input", "decontaminate_against"),
-                        curate.SPEC.name, ("input", "decontaminate_against"))
-PROMPT_TUNING_FAN_OUT = FanOut(prompt_tuning.SPEC.name, _prompt_tuning_parts, ("model", "dataset", "heldout"),
-                               prompt_tuning.STUDY_SPEC.name, ())
-GRPO_STUDY_FAN_OUT = FanOut(grpo.SPEC.name, _grpo_study_parts, ("model", "problems", "heldout"), grpo_study.SPEC.name, ())
+CURATE_FAN_OUT = FanOut(curate.SHARD_SPEC, curate.curate_shard, _curate_parts, ("input", "decontaminate_against"),
+                        curate.SPEC, curate.merge_shards, ("input", "decontaminate_against"))
+PROMPT_TUNING_FAN_OUT = FanOut(prompt_tuning.SPEC, prompt_tuning.prompt_tuning, _prompt_tuning_parts,
+                               ("model", "dataset", "heldout"), prompt_tuning.STUDY_SPEC, prompt_tuning.summarize_study, ())
+GRPO_STUDY_FAN_OUT = FanOut(grpo.SPEC, grpo.grpo, _grpo_study_parts, ("model", "problems", "heldout"),
+                            grpo_study.SPEC, grpo_study.summarize_study, ())
+
+
+@dataclass(frozen=True)
+class CliVariant:
+    """Another mode of a stage's `crucible` command: `add_arguments` adds its arguments (before the
+    stage's own), `defaults` replaces the stage arguments' defaults, and when `selected(args)` it
+    runs `run(args)` instead of the stage."""
+
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    selected: Callable[[argparse.Namespace], bool]
+    run: Callable[[argparse.Namespace], None]
+    description: str | None = None  # the command's description, printed as written (else the stage help)
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Composite:
+    """A flow that runs every stage naming it as `composite`, in table order, each on its upstream's manifests."""
+
+    name: str
+    description: str
+    report_stage: str | None = None  # its metrics are the flow's metrics table; `crucible run` prints its report
+
+
+COMPOSITES = (
+    Composite("pipeline", "The whole chain", report_stage="report"),
+    Composite("rl_studies", "The RL studies, after `pipeline`"),
+)
+COMPOSITES_BY_NAME = {composite.name: composite for composite in COMPOSITES}
+ESTIMATE_CLI = CliVariant(estimate_cli.add_arguments, estimate_cli.wants_adhoc, estimate_cli.run_adhoc,
+                          description=estimate_cli.__doc__,
+                          defaults={"config": None})  # so an explicit --config can be told from the default
+REPORT_CLI = CliVariant(report_cli.add_arguments, report_cli.names_artifact, report_cli.print_report)
+
+
+def flow_name(name: str) -> str:
+    """Prefect's name for the flow of a stage or composite (and the prefix of its artifact keys)."""
+    return name.replace("_", "-")
 
 
 @dataclass(frozen=True)
@@ -78,10 +126,22 @@ class Stage:
     markdown_file: str | None = None  # a report in its artifact that flows publish as a Prefect artifact
     fan_out: FanOut | None = None  # flows run its parts as parallel tasks, then the merge
     tables_file: str | None = None  # JSON {name: rows} in its artifact, published as Prefect tables
-    in_pipeline: bool = True  # part of the `pipeline` flow (else its own flow and DVC stage only)
+    composite: str | None = "pipeline"  # the composite flow that runs it (None: its own flow and DVC stage only)
+    cli: CliVariant | None = None  # another mode of its `crucible` command
 
     def config(self, params: PipelineParams) -> StrictConfig:
         return self.build_config(params) if self.build_config else getattr(params, self.section)
+
+    @property
+    def flow_attribute(self) -> str:
+        """Its flow's module-level name in flows/pipeline.py, which deployments name as entrypoint."""
+        return f"{self.name}_flow"
+
+    def task_components(self) -> tuple[tuple[ComponentSpec, Callable[..., Manifest]], ...]:
+        """The components flow tasks run for it: its own, or its fan-out's part and merge."""
+        if self.fan_out is None:
+            return ((self.spec, self.entry),)
+        return (self.fan_out.part, self.fan_out.run_part), (self.fan_out.merge, self.fan_out.run_merge)
 
     def dest(self, params: PipelineParams) -> str:
         return f"{params.artifacts_root.rstrip('/')}/{self.name}"
@@ -110,22 +170,23 @@ STAGES: tuple[Stage, ...] = (
           "Tokenize and pack documents into fixed-length blocks."),
     Stage("estimate", "estimate", feasibility.SPEC, feasibility.estimate_training, {"tokenizer": "tokenizer"},
           "Estimate FLOPs, memory, time and cost of the pretraining run; the gate pretrain checks.",
-          build_config=training_estimate_config, markdown_file=ESTIMATE_REPORT),
+          build_config=training_estimate_config, markdown_file=ESTIMATE_REPORT, cli=ESTIMATE_CLI),
     Stage("pretrain", "pretrain", pretrain.SPEC, pretrain.pretrain,
           {"blocks": "pack", "tokenizer": "tokenizer", "estimate": "estimate"},
           "Pretrain a Llama-architecture causal LM from a config (refused if the estimate says it does not fit).",
-          markdown_file=TRAIN_REPORT),
+          markdown_file=TRAIN_REPORT_FILE),
     Stage("evaluate", "evaluate", perplexity.SPEC, perplexity.evaluate_perplexity,
           {"model": "pretrain", "dataset": "curate_heldout", "blocks": "pack"},
           "Held-out perplexity with uniform and unigram baselines."),
     Stage("report", "report", report.SPEC, report.report, {"evaluation": "evaluate", "model": "pretrain"},
-          "Markdown report, metrics.json and the loss curve.", markdown_file=report.REPORT_FILE),
+          "Markdown report, metrics.json and the loss curve.", markdown_file=report.REPORT_FILE,
+          cli=REPORT_CLI),
     Stage("sft_data", "sft_data", sft_data.SPEC, sft_data.sft_data,
           {"dataset": "data.raw_train", "tokenizer": "tokenizer", "select": "curate"},
           "Chat-template the curated training records, mask all but the assistant tokens, pack whole examples."),
     Stage("sft", "sft", sft.SPEC, sft.sft, {"blocks": "sft_data", "model": "pretrain"},
           "Supervised fine-tuning of the pretrained model (completion-only loss; full or LoRA).",
-          markdown_file=TRAIN_REPORT),
+          markdown_file=TRAIN_REPORT_FILE),
     Stage("evaluate_sft", "evaluate_sft", accuracy.SPEC, accuracy.evaluate_accuracy,
           {"model": "sft", "dataset": "data.raw_heldout"},
           "Verifiable accuracy of the SFT model: greedy, pass@k, best-of-n, majority vote, calculator, self-reflection.",
@@ -136,17 +197,17 @@ STAGES: tuple[Stage, ...] = (
           {"dataset": "arithmetic_task/train.jsonl", "tokenizer": "tokenizer"},
           "Chat-template and pack the arithmetic task's worked solutions for SFT."),
     Stage("arithmetic_sft", "arithmetic_sft", sft.SPEC, sft.sft, {"blocks": "arithmetic_sft_data", "model": "pretrain"},
-          "Fine-tune the pretrained model on the arithmetic task: the starting point of RL.", markdown_file=TRAIN_REPORT),
+          "Fine-tune the pretrained model on the arithmetic task: the starting point of RL.", markdown_file=TRAIN_REPORT_FILE),
     Stage("grpo", "grpo", grpo.SPEC, grpo.grpo,
           {"model": "arithmetic_sft", "problems": "arithmetic_task/train.jsonl",
            "heldout": "arithmetic_task/validation.jsonl"},
           "RL with verifiable rewards (GRPO) from the SFT model; held-out accuracy before, during and after.",
-          markdown_file=rl.REPORT_FILE),
+          markdown_file=TRAIN_REPORT_FILE),
     Stage("grpo_study", "grpo_study", grpo_study.SPEC, grpo_study.grpo_study,
           {"model": "arithmetic_sft", "problems": "arithmetic_task/train.jsonl",
            "heldout": "arithmetic_task/validation.jsonl"},
           "Does GRPO learn? The GRPO run over several seeds: held-out accuracy vs step, mean +- std (`make rl-demo`).",
-          fan_out=GRPO_STUDY_FAN_OUT, markdown_file=grpo_study.REPORT_FILE, in_pipeline=False),
+          fan_out=GRPO_STUDY_FAN_OUT, markdown_file=grpo_study.REPORT_FILE, composite="rl_studies"),
     Stage("evaluate_arithmetic_sft", "evaluate_arithmetic", accuracy.SPEC, accuracy.evaluate_accuracy,
           {"model": "arithmetic_sft", "dataset": "arithmetic_task/test.jsonl"},
           "Verifiable accuracy and test-time compute of the arithmetic SFT model.", markdown_file=accuracy.REPORT_FILE),
@@ -162,42 +223,40 @@ STAGES: tuple[Stage, ...] = (
     Stage("preference_pairs", "preference_pairs", preferences.SPEC, preferences.preference_pairs,
           {"model": "arithmetic_sft", "problems": "arithmetic_task/train.jsonl"},
           "Preference pairs from the verifiable task: a correct and an incorrect sampled answer to one prompt.",
-          in_pipeline=False),
+          composite="rl_studies"),
     Stage("reward_model", "reward_model", reward_model.SPEC, reward_model.reward_model,
           {"pairs": "preference_pairs", "model": "arithmetic_sft"},
           "Reward model: a scalar head on the SFT model trained with the Bradley-Terry loss; held-out pair accuracy.",
-          markdown_file=TRAIN_REPORT, in_pipeline=False),
+          markdown_file=TRAIN_REPORT_FILE, composite="rl_studies"),
     Stage("dpo_reference", "dpo_reference", dpo.REFERENCE_SPEC, dpo.dpo_reference,
           {"pairs": "preference_pairs", "model": "arithmetic_sft"},
-          "The frozen reference's log-probs of every pair, computed once and cached for DPO.", in_pipeline=False),
+          "The frozen reference's log-probs of every pair, computed once and cached for DPO.",
+          composite="rl_studies"),
     Stage("dpo", "dpo", dpo.SPEC, dpo.dpo, {"reference": "dpo_reference", "model": "arithmetic_sft"},
           "DPO of the SFT model on the preference pairs; held-out implicit-reward accuracy.",
-          markdown_file=TRAIN_REPORT, in_pipeline=False),
+          markdown_file=TRAIN_REPORT_FILE, composite="rl_studies"),
     Stage("ppo", "ppo", ppo.SPEC, ppo.ppo,
           {"model": "arithmetic_sft", "problems": "arithmetic_task/train.jsonl",
            "heldout": "arithmetic_task/validation.jsonl", "reward_model": "reward_model"},
           "RLHF with PPO: value head, frozen reference, KL penalty, GAE; rewarded by the reward model.",
-          markdown_file=rl.REPORT_FILE, in_pipeline=False),
+          markdown_file=TRAIN_REPORT_FILE, composite="rl_studies"),
     Stage("prompt_tuning", "prompt_tuning", prompt_tuning.STUDY_SPEC, prompt_tuning.prompt_tuning_study,
           {"model": "pretrain", "dataset": "data.raw_train", "heldout": "data.raw_heldout"},
           "Prompt tuning of the frozen pretrained model: text vs random vs vocab initialisation over seeds.",
-          fan_out=PROMPT_TUNING_FAN_OUT, markdown_file=prompt_tuning.STUDY_REPORT, in_pipeline=False),
+          fan_out=PROMPT_TUNING_FAN_OUT, markdown_file=prompt_tuning.STUDY_REPORT, composite=None),
 )
 STAGES_BY_NAME = {stage.name: stage for stage in STAGES}
-
-# Every component a flow task can run, by component name. A fanned-out stage runs its part
-# component on each part, then its merge component on the parts.
+# Every component a flow task can run, by component name.
 COMPONENT_ENTRIES: dict[str, tuple[ComponentSpec, Callable[..., Manifest]]] = {
-    **{stage.spec.name: (stage.spec, stage.entry) for stage in STAGES if stage.fan_out is None},
-    curate.SPEC.name: (curate.SPEC, curate.merge_shards),
-    curate.SHARD_SPEC.name: (curate.SHARD_SPEC, curate.curate_shard),
-    prompt_tuning.SPEC.name: (prompt_tuning.SPEC, prompt_tuning.prompt_tuning),
-    prompt_tuning.STUDY_SPEC.name: (prompt_tuning.STUDY_SPEC, prompt_tuning.summarize_study),
-    grpo_study.SPEC.name: (grpo_study.SPEC, grpo_study.summarize_study),
-}
-PIPELINE_STAGES = tuple(stage for stage in STAGES if stage.in_pipeline)
-RL_STUDY_STAGES = tuple(STAGES_BY_NAME[name] for name in (
-    "grpo_study", "preference_pairs", "reward_model", "dpo_reference", "dpo", "ppo"))
+    spec.name: (spec, entry) for stage in STAGES for spec, entry in stage.task_components()}
+
+
+def members(composite: str) -> tuple[Stage, ...]:
+    """The stages the composite flow `composite` runs, in table order."""
+    return tuple(stage for stage in STAGES if stage.composite == composite)
+
+
+PIPELINE_STAGES = members("pipeline")
 
 
 def _origin_label(resolved: ResolvedInput) -> str:

@@ -76,7 +76,7 @@ class ScriptedLM:
 def test_the_calculator_fills_in_results_and_the_model_reads_them(tiny_model: Path) -> None:
     from transformers import AutoTokenizer
 
-    from components.eval.generate import sample_with_calculator
+    from components.models.sampling import sample_with_calculator
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
@@ -123,8 +123,8 @@ def write_fifteen(path: Path) -> Path:
 def recompute_from_samples(rows: list[dict], rounds: int) -> dict[str, float]:
     """tool_accuracy, tool_calls_per_problem and reflection_round_r from samples.jsonl alone,
     by the rules the evaluator's docs state, with the verifier (not the stored flags) judging."""
-    from components.eval.calculator import evaluate_arithmetic, format_number
-    from components.eval.verifiers import is_correct
+    from components.tasks.calculator import evaluate_arithmetic, format_number
+    from components.tasks.verifiers import is_correct
 
     for row in rows:
         for call in row["calculator"]["calls"]:  # every inserted result is the calculator's, and in the text
@@ -147,7 +147,7 @@ def recompute_from_samples(rows: list[dict], rounds: int) -> dict[str, float]:
 
 def test_samples_hold_the_calculator_and_reflection_transcripts_the_metrics_come_from(
         calculator_model: Path, tmp_path: Path) -> None:
-    from components.eval.verifiers import is_correct
+    from components.tasks.verifiers import is_correct
 
     dataset = write_fifteen(tmp_path / "my15.jsonl")
     config = AccuracyConfig(max_problems=12, samples_per_problem=2, ks=[1], ns=[1], max_new_tokens=24,

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from components.data.arithmetic import ArithmeticTaskConfig, arithmetic_task, generate
-from components.eval.calculator import evaluate_arithmetic
-from components.eval.verifiers import is_correct
+from components.tasks.arithmetic import ArithmeticTaskConfig, arithmetic_task, generate
+from components.tasks.calculator import evaluate_arithmetic
+from components.tasks.verifiers import is_correct
 
 
 def test_problems_are_correct_reproducible_and_disjoint(tmp_path: Path) -> None:
@@ -58,7 +58,7 @@ def test_only_the_final_evaluations_read_test_and_dvc_tracks_the_files_each_stag
     reruns no SFT stage and no evaluation."""
     import yaml
 
-    from components.data.arithmetic import SPLITS
+    from components.tasks.arithmetic import SPLITS
     from flows.stages import STAGES
     from tests.conftest import REPO_ROOT
 

@@ -6,7 +6,7 @@ from fractions import Fraction
 
 import pytest
 
-from components.eval.calculator import (
+from components.tasks.calculator import (
     CalculatorError, complete_call, evaluate_arithmetic, format_number, pending_call,
 )
 

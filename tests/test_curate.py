@@ -18,7 +18,7 @@ import pytest
 
 from components.artifacts import directory_content_hash, read_manifest
 from components.data.curate import CurateConfig, curate
-from components.data.records import read_column
+from components.records import read_column
 from components.errors import DataError
 from flows.params import heldout_curation
 from tests.conftest import REPO_ROOT, VENV_BIN, run_cli, write_params

@@ -9,7 +9,7 @@ import pytest
 
 from components.data.curate import CurateConfig, curate
 from components.data.pack import PackConfig, pack, pack_stream
-from components.data.records import read_column
+from components.records import read_column
 from components.data.tokenizer import TokenizerConfig, train_tokenizer
 from flows.params import heldout_curation
 

@@ -14,7 +14,7 @@ from components.models.tokenizers import tokenizer_differences, tokenizer_finger
 from components.train.dpo import REFERENCE_DATA, DPOConfig, DPOReferenceConfig, dpo, dpo_reference, load_reference
 from components.train.engine import TrainConfig
 from components.train.loop import OptimConfig
-from components.train.trainer import METRICS_JSONL
+from components.runlog import PUBLISHED_STEP_LOG_FILE
 from tests.test_preferences import build_base, write_sign_pairs
 
 PAIRS = 96
@@ -70,7 +70,7 @@ def test_dpo_starts_at_log_2_and_learns_the_preference(base: Path) -> None:
 
     manifest = dpo(_train(25), str(base / "reference"), str(base / "model"), str(base / "policy"))
     metrics = manifest.metrics
-    records = [json.loads(line) for line in (base / "policy" / METRICS_JSONL).read_text().splitlines()]
+    records = [json.loads(line) for line in (base / "policy" / PUBLISHED_STEP_LOG_FILE).read_text().splitlines()]
     # policy == reference before the first update: h = 0, so -log sigmoid(0) = log 2 and every implicit reward is 0
     assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert records[0]["chosen_reward"] == pytest.approx(0, abs=1e-5) and records[0]["reward_accuracy"] == 0
@@ -117,7 +117,7 @@ def test_every_variant_starts_from_its_value_at_h_0(base: Path, tmp_path: Path, 
                                                     step_zero_loss: float) -> None:
     """At h = 0: IPO's (h - 1/(2 beta))^2 = 1/(4 beta^2); hinge's max(0, 1 - beta h) = 1."""
     manifest = dpo(_train(1, loss_type=variant), str(base / "reference"), str(base / "model"), str(tmp_path / "p"))
-    record = json.loads((tmp_path / "p" / METRICS_JSONL).read_text().splitlines()[0])
+    record = json.loads((tmp_path / "p" / PUBLISHED_STEP_LOG_FILE).read_text().splitlines()[0])
     assert record["loss"] == pytest.approx(step_zero_loss, rel=1e-5)
     assert manifest.metrics["heldout_loss_before"] == pytest.approx(step_zero_loss, rel=1e-5)
 

@@ -21,7 +21,7 @@ from components.data.formats import (
     gsm8k_to_sft,
     validate_records,
 )
-from components.data.records import read_jsonl, write_shards
+from components.records import read_jsonl, write_shards
 from components.data.sft_pack import (
     IGNORE_INDEX,
     SFTPackConfig,

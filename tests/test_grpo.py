@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from components.data.arithmetic import ArithmeticTaskConfig, generate
-from components.train.engine import read_metrics
+from components.tasks.arithmetic import ArithmeticTaskConfig, generate
+from components.runlog import read_metrics
 from components.train.grpo import GRPOConfig, grpo
 from components.train.ppo import PPOConfig, adaptive_kl_coef, minibatch_rows, ppo
 from components.train.rewards import RewardError, RewardSpec, answer_format, correctness, score
@@ -55,8 +55,8 @@ def load(path: Path):  # noqa: ANN201
 def test_decode_equals_transformers_generate_and_groups_share_their_prompt(setup: Path) -> None:
     import torch
 
-    from components.eval.generate import prompt_ids, sample
-    from components.train.rl import decode
+    from components.models.chat import prompt_ids
+    from components.models.sampling import decode, sample
 
     model, tokenizer = load(setup / "model")
     questions = [json.loads(line)["question"] for line in (setup / "test.jsonl").read_text().splitlines()]
@@ -81,8 +81,9 @@ def test_decode_equals_transformers_generate_and_groups_share_their_prompt(setup
 def test_completion_logprobs_equal_a_plain_forward(setup: Path) -> None:
     import torch
 
-    from components.eval.generate import prompt_ids
-    from components.train.rl import completion_logprobs, decode
+    from components.models.chat import prompt_ids
+    from components.models.logprobs import completion_logprobs
+    from components.models.sampling import decode
 
     model, tokenizer = load(setup / "model")
     questions = [json.loads(line)["question"] for line in (setup / "test.jsonl").read_text().splitlines()]
@@ -111,10 +112,11 @@ def test_shared_prompt_forward_equals_the_model_on_every_row(setup: Path, kv_hea
     import torch
     from transformers import AutoTokenizer
 
-    from components.eval.generate import prompt_ids
+    from components.models.chat import prompt_ids
     from components.models.factory import ModelConfig, build_causal_lm
-    from components.train.fast_llama import shared_prompt_logprobs
-    from components.train.rl import completion_logprobs, decode
+    from components.models.fast_llama import shared_prompt_logprobs
+    from components.models.logprobs import completion_logprobs
+    from components.models.sampling import decode
 
     tokenizer = AutoTokenizer.from_pretrained(setup / "model")
     torch.manual_seed(0)
@@ -340,7 +342,7 @@ def test_ppo_takes_its_reward_from_a_reward_model_and_refuses_another_tokenizer(
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from components.errors import ConfigError
-    from components.train.reward_model import load_reward_model, score
+    from components.models.reward import load_reward_model, score
 
     torch.manual_seed(1)
     head = AutoModelForSequenceClassification.from_pretrained(setup / "model", num_labels=1)
@@ -389,7 +391,8 @@ def test_a_non_finite_gradient_norm_after_the_first_update_stops_the_run_unpubli
     near 1e30, so the second update's gradient norm is NaN while every loss stays finite. The
     step's max() reported the first norm and the run was published; it must stop at update 2,
     before that update is applied, with nothing published or logged for the step."""
-    from components.train.engine import COMPLETED_FILE, METRICS_FILE, TrainingDivergedError
+    from components.runlog import STEP_LOG_FILE
+    from components.train.engine import COMPLETED_FILE, TrainingDivergedError
 
     train = {"max_steps": 1, "batch_size_rows": 2, "checkpoint_every_steps": 0,
              "optim": {"learning_rate": 1e30, "warmup_steps": 0, "weight_decay": 0.0, "lr_schedule": "constant"}}
@@ -407,7 +410,7 @@ def test_a_non_finite_gradient_norm_after_the_first_update_stops_the_run_unpubli
                  str(setup / "model"), str(setup / "train.jsonl"), str(dest))
     assert not dest.exists()
     [run] = (tmp_path / f"{trainer}.runs").iterdir()
-    assert read_metrics(run / METRICS_FILE) == [] and not (run / COMPLETED_FILE).exists()
+    assert read_metrics(run / STEP_LOG_FILE) == [] and not (run / COMPLETED_FILE).exists()
     assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
 
 

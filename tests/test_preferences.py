@@ -16,7 +16,7 @@ from components.data.preferences import (
     PreferencePairsConfig, chat_example, pair_up, preference_pairs, read_pairs, tokenize_pairs,
 )
 from components.errors import DataError
-from components.eval.verifiers import is_correct
+from components.tasks.verifiers import is_correct
 from tests.conftest import build_tiny_lm, sft_on_records
 
 NAMES = ["Ava", "Ben", "Cleo", "Dan", "Eli", "Fay"]

@@ -11,8 +11,9 @@ import pytest
 from components.errors import ConfigError
 from components.train.engine import DistributedConfig, TrainConfig
 from components.train.loop import OptimConfig
-from components.train.reward_model import RewardModelConfig, load_reward_model, reward_model, score
-from components.train.trainer import METRICS_JSONL
+from components.models.reward import load_reward_model, score
+from components.train.reward_model import RewardModelConfig, reward_model
+from components.runlog import PUBLISHED_STEP_LOG_FILE
 from tests.test_preferences import build_base, train_noisy_sft, write_five_problems, write_sign_pairs
 
 PAIRS = 96
@@ -44,7 +45,7 @@ def test_training_raises_heldout_pairwise_accuracy(trained: Path) -> None:
     assert metrics["heldout_accuracy_after"] >= metrics["heldout_accuracy_before"] + 0.25
     assert metrics["heldout_loss_after"] < metrics["heldout_loss_before"] - 0.3
     assert metrics["heldout_margin_after"] > 1.0
-    records = [json.loads(line) for line in (trained / "rm" / METRICS_JSONL).read_text().splitlines()]
+    records = [json.loads(line) for line in (trained / "rm" / PUBLISHED_STEP_LOG_FILE).read_text().splitlines()]
     assert len(records) == 30 and all(r["loss_tokens"] == 8 for r in records)  # one loss unit per pair
     assert records[0]["loss"] == pytest.approx(0.6931, abs=0.01)  # r_chosen ~ r_rejected at the start
     assert sum(r["loss"] for r in records[-5:]) / 5 < 0.3

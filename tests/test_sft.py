@@ -16,7 +16,7 @@ from components.train.engine import TrainConfig
 from components.train.loop import OptimConfig
 from components.train.prompt_tuning import PromptTuningConfig, initial_prompt, prompt_tuning
 from components.train.sft import LoraSettings, SFTConfig, load_blocks, sft
-from components.train.trainer import METRICS_JSONL
+from components.runlog import PUBLISHED_STEP_LOG_FILE
 from flows.params import heldout_curation
 from tests.conftest import REPO_ROOT
 
@@ -91,7 +91,7 @@ def test_sft_learns_and_lora_trains_only_the_adapter(base: Path) -> None:
 
     train = TrainConfig(batch_size_rows=4, max_steps=30, optim=OptimConfig(learning_rate=1e-2, warmup_steps=3))
     full = sft(SFTConfig(train=train), str(base / "blocks"), str(base / "model"), str(base / "full"))
-    records = [json.loads(line) for line in (base / "full" / METRICS_JSONL).read_text().splitlines()]
+    records = [json.loads(line) for line in (base / "full" / PUBLISHED_STEP_LOG_FILE).read_text().splitlines()]
     assert full.metrics["final_loss"] < records[0]["loss"] - 1.0
     assert full.metrics["trainable_params"] == full.metrics["params"]
     assert all(r["tokens"] <= 4 * 512 and r["loss_tokens"] < r["tokens"] for r in records)  # padding and prompts excluded

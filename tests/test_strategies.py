@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from components.errors import ConfigError
-from components.eval.generate import Sample
+from components.models.sampling import Sample
 from components.eval.strategies import evaluate_strategy, majority_answer
 
 

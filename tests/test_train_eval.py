@@ -11,7 +11,7 @@ import pytest
 
 from components.data.curate import curate
 from components.data.pack import PackConfig, pack
-from components.data.records import read_column
+from components.records import read_column
 from components.data.tokenizer import TokenizerConfig, train_tokenizer
 from components.errors import ConfigError
 from components.feasibility.training import TrainingEstimateConfig, TrainingTarget, estimate_training
@@ -21,7 +21,7 @@ from components.models.factory import ModelConfig
 from components.train.loop import OptimConfig, lr_multiplier
 from components.train.engine import TrainConfig
 from components.train.pretrain import PretrainConfig, pretrain
-from components.train.trainer import METRICS_JSONL as METRICS_FILE
+from components.runlog import PUBLISHED_STEP_LOG_FILE
 from flows.params import heldout_curation
 from tests.conftest import REPO_ROOT
 
@@ -74,7 +74,7 @@ def test_pretraining_learns_and_is_deterministic(prepared: Path) -> None:
     config = PretrainConfig(model=TINY_MODEL, train=TrainConfig(
         batch_size_rows=8, max_steps=40, optim=OptimConfig(learning_rate=1e-2, warmup_steps=5)))
     manifest = run_pretrain(config, prepared, "model_a")
-    records = [json.loads(l) for l in (prepared / "model_a" / METRICS_FILE).read_text().splitlines()]
+    records = [json.loads(l) for l in (prepared / "model_a" / PUBLISHED_STEP_LOG_FILE).read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 41))
     assert records[0]["loss"] == pytest.approx(math.log(300), rel=0.05)  # untrained: about uniform
     assert manifest.metrics["final_loss"] < records[0]["loss"] - 1.0

@@ -26,7 +26,7 @@ from components.train.engine import (
 )
 from components.train.loop import OptimConfig
 from components.train.pretrain import PretrainConfig, pretrain
-from components.train.trainer import METRICS_JSONL
+from components.runlog import PUBLISHED_STEP_LOG_FILE
 from flows.params import heldout_curation
 from tests.conftest import REPO_ROOT
 
@@ -130,7 +130,7 @@ def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(chain:
 
     finish(spawn_pretrain(chain, estimate, dest))  # the same stage again: resumes
     assert read_manifest(str(dest)).metrics["resumed_from_step"] == killed_at
-    records = [json.loads(line) for line in (dest / METRICS_JSONL).read_text().splitlines()]
+    records = [json.loads(line) for line in (dest / PUBLISHED_STEP_LOG_FILE).read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 151))  # each step once, across the kill
 
     finish(spawn_pretrain(chain, estimate, chain / "uninterrupted"))
@@ -185,7 +185,7 @@ def tiny_model(chain: Path, model_config: ModelConfig = TINY):
 def block_data(chain: Path) -> TrainData:
     import torch
 
-    from components.data.records import read_column
+    from components.records import read_column
 
     blocks = torch.tensor(read_column(chain / "blocks", "input_ids"))
     return TrainData({"input_ids": blocks, "labels": blocks})

@@ -9,7 +9,7 @@ import pytest
 
 from components.errors import ConfigError, DataError
 from components.eval.passk import mean_pass_at_k, pass_at_k
-from components.eval.verifiers import extract_answer, is_correct
+from components.tasks.verifiers import extract_answer, is_correct
 from tests.conftest import REPO_ROOT
 
 

@@ -48,7 +48,7 @@ from components.data.dedup import (
 )
 from components.data.filters import FiltersConfig, WordTokenizer, english_word_tokenizer, run_filters
 from components.data.pii import PIIConfig, redact_pii
-from components.data.records import DATA_DIR, SOURCE_ROW, count_records, format_record, iter_records
+from components.records import DATA_DIR, SOURCE_ROW, count_records, format_record, iter_records
 from components.errors import DataError
 
 SPEC = ComponentSpec(name="curate", version="3")  # 3: `source_row` on kept rows, passthrough fields

@@ -9,13 +9,13 @@ surfacing as a shape error deep inside tokenization or a silently empty loss.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 from components.errors import ConfigError, DataError
+from components.tasks.problems import gsm8k_final_answer
 
 RecordT = TypeVar("RecordT", bound="Record")
 
@@ -194,26 +194,6 @@ def validate_records(records: Iterable[tuple[int, dict[str, Any]]], fmt: str, so
 
 
 # --- GSM8K (Cobbe et al. 2021, "Training Verifiers to Solve Math Word Problems") ---------
-
-_FINAL_MARKER = "####"
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-
-
-def gsm8k_final_answer(answer: str, where: str = "gsm8k answer") -> str:
-    """The number after the last '####' with thousands separators removed ("1,200" -> "1200").
-
-    Commas are dropped so the reference compares equal to a model's answer however it
-    groups digits; anything that is then not a plain number is rejected rather than stored
-    as an unscoreable reference.
-    """
-    _, marker, tail = answer.rpartition(_FINAL_MARKER)
-    if not marker:
-        raise DataError(f"{where}: no '{_FINAL_MARKER}' final-answer marker")
-    value = tail.strip().replace(",", "")
-    if not _NUMBER.fullmatch(value):
-        raise DataError(f"{where}: final answer {tail.strip()!r} after '{_FINAL_MARKER}' is not a number")
-    return value
-
 
 def _gsm8k_fields(record: dict[str, Any], where: str) -> tuple[str, str]:
     """(question, answer) of a raw GSM8K row; a missing or non-text field is named."""

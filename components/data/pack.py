@@ -15,7 +15,7 @@ from pydantic import Field
 
 from components.artifacts import ComponentSpec, Manifest, produce
 from components.config import StrictConfig
-from components.data.records import read_column, write_shards
+from components.records import read_column, write_shards
 from components.errors import DataError
 from components.models.tokenizers import FINGERPRINT_KEY, fingerprint_of
 

@@ -50,8 +50,8 @@ from components.config import StrictConfig
 from components.data.formats import (
     ChatPreferencePair, ImplicitChatPreferencePair, PreferencePair, split_implicit_prompt, validate_record,
 )
-from components.data.records import iter_records
-from components.data.sft_pack import IGNORE_INDEX, TokenizedExample, _tokenize_messages
+from components.records import iter_records
+from components.models.chat import IGNORE_INDEX, Messages, TokenizedExample, chat_example, reply_example
 from components.errors import DataError
 
 if TYPE_CHECKING:
@@ -62,7 +62,6 @@ PAIRS_FILE = "pairs.jsonl"
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 PAIR_COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
 AnyPair = PreferencePair | ChatPreferencePair
-Messages = list[dict[str, str]]
 
 
 class PreferencePairsConfig(StrictConfig):
@@ -183,29 +182,6 @@ def pair_text(pair: AnyPair, name: str) -> str:
     return value if isinstance(value, str) else json.dumps([message.model_dump() for message in value])
 
 
-def reply_example(tokenizer: Any, prompt: Messages, reply: Messages) -> TokenizedExample:
-    """(input_ids, labels) of prompt + reply rendered with the chat template; labels on the
-    reply's assistant tokens only.
-
-    The reply starts where the prompt rendered with the generation prompt ends, which must be
-    a prefix of the whole rendering (true of any template that renders turns one after
-    another); an assistant turn inside the prompt is masked as context.
-    """
-    prompt_ids = list(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True,
-                                                    return_dict=True)["input_ids"])
-    input_ids, labels = _tokenize_messages(tokenizer, prompt + reply)
-    if input_ids[:len(prompt_ids)] != prompt_ids:
-        raise DataError("the chat template does not render the prompt (with its generation prompt) as the start of "
-                        "prompt + reply, so the reply's tokens cannot be told apart from the prompt's")
-    return input_ids, [IGNORE_INDEX] * len(prompt_ids) + labels[len(prompt_ids):]
-
-
-def chat_example(tokenizer: Any, prompt: str, completion: str) -> TokenizedExample:
-    """(input_ids, labels) of a user prompt and assistant completion; labels on the completion only."""
-    return reply_example(tokenizer, [{"role": "user", "content": prompt}],
-                         [{"role": "assistant", "content": completion}])
-
-
 @dataclass
 class TokenizedPairs:
     columns: dict[str, torch.Tensor]  # PAIR_COLUMNS, each [pairs, width_tokens]
@@ -284,9 +260,9 @@ def _build(config: PreferencePairsConfig, paths: dict[str, Path], out_dir: Path)
     import torch
     from transformers import AutoTokenizer
 
-    from components.eval.accuracy import read_problems
-    from components.eval.generate import sample
-    from components.eval.verifiers import is_correct
+    from components.tasks.problems import read_problems
+    from components.models.sampling import sample
+    from components.tasks.verifiers import is_correct
     from components.models.factory import load_causal_lm
 
     torch.manual_seed(config.seed)
@@ -335,10 +311,10 @@ def _build(config: PreferencePairsConfig, paths: dict[str, Path], out_dir: Path)
 def preference_pairs(config: PreferencePairsConfig, model: str, problems: str, dest: str,
                      overwrite: bool = False) -> Manifest:
     """Sample, verify and pair completions of `model` on `problems` into `dest/pairs.jsonl`."""
-    from components.train.engine import TRAINING_LOCK  # sampling seeds the process-wide RNG, as training does
+    from components.locks import exclusive  # sampling seeds the process-wide RNG, as training does
 
     def build(out_dir: Path, paths: dict[str, Path]) -> dict[str, Any]:
-        with TRAINING_LOCK:
+        with exclusive():
             return _build(config, paths, out_dir)
 
     return produce(SPEC, config, {"model": model, "problems": problems}, dest, build, overwrite=overwrite)

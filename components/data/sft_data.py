@@ -26,9 +26,9 @@ from pydantic import Field
 from components.artifacts import ArtifactRef, ComponentSpec, Manifest, input_ref, produce, read_manifest
 from components.config import StrictConfig
 from components.data.formats import SFTChat, SFTPromptCompletion, gsm8k_to_chat, validate_record
-from components.data.records import DATA_DIR, SOURCE_ROW, iter_records, read_column
+from components.records import DATA_DIR, SOURCE_ROW, iter_records, read_column
 from components.data.sft_pack import (
-    IGNORE_INDEX, TokenizedExample, _fit_examples, pack_sft, tokenize_chat, tokenize_prompt_completion,
+    IGNORE_INDEX, TokenizedExample, fit_examples, pack_sft, tokenize_chat, tokenize_prompt_completion,
 )
 from components.errors import DataError
 from components.models.tokenizers import FINGERPRINT_KEY, fingerprint_of
@@ -90,7 +90,7 @@ def pad_examples(
     examples: list[TokenizedExample], seq_len_tokens: int, pad_id: int, truncate: bool, source: str,
 ) -> dict[str, Any]:
     """One example per row, right-padded to the longest (labels -100 on the padding)."""
-    fitted, truncated, cut_tokens, dropped = _fit_examples(examples, seq_len_tokens, truncate, source)
+    fitted, truncated, cut_tokens, dropped = fit_examples(examples, seq_len_tokens, truncate, source)
     width = max(len(ids) for ids, _ in fitted)
     input_ids = [ids + [pad_id] * (width - len(ids)) for ids, _ in fitted]
     labels = [lab + [IGNORE_INDEX] * (width - len(lab)) for _, lab in fitted]

@@ -20,14 +20,10 @@ from pydantic import Field
 from components.config import StrictConfig
 from components.data.formats import SFTChat, SFTPromptCompletion
 from components.errors import ConfigError, DataError
+from components.models.chat import IGNORE_INDEX, TokenizedExample, tokenize_messages
 
 if TYPE_CHECKING:
     import torch
-
-IGNORE_INDEX = -100  # label value torch's cross-entropy (and transformers' loss) skips
-
-TokenizedExample = tuple[list[int], list[int]]  # (input_ids, labels), same length
-
 
 class SFTPackConfig(StrictConfig):
     seq_len_tokens: int = Field(ge=2, description="Tokens per packed block; no example crosses a block.")
@@ -39,42 +35,21 @@ class SFTPackConfig(StrictConfig):
 # --- tokenization ---------------------------------------------------------------------
 
 
-def _tokenize_messages(tokenizer: Any, messages: list[dict[str, str]]) -> TokenizedExample:
-    """Render with the chat template; keep labels only where the template marks assistant text.
-
-    The mask comes from the template's `{% generation %}` spans, so it covers exactly the
-    assistant content plus its end-of-turn token (the model must learn to stop) and none of
-    the role headers.
-    """
-    out = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
-    )
-    input_ids = list(out["input_ids"])
-    mask = out["assistant_masks"]
-    if not any(mask):
-        raise DataError(
-            "the tokenizer's chat template marked no assistant tokens; it must wrap assistant "
-            "turns in {% generation %} ... {% endgeneration %} for a completion-only loss"
-        )
-    labels = [token if keep else IGNORE_INDEX for token, keep in zip(input_ids, mask, strict=True)]
-    return input_ids, labels
-
-
 def tokenize_prompt_completion(tokenizer: Any, example: SFTPromptCompletion) -> TokenizedExample:
     """(input_ids, labels) for a user prompt and assistant completion; loss on the completion only."""
     messages = [{"role": "user", "content": example.prompt}, {"role": "assistant", "content": example.completion}]
-    return _tokenize_messages(tokenizer, messages)
+    return tokenize_messages(tokenizer, messages)
 
 
 def tokenize_chat(tokenizer: Any, example: SFTChat) -> TokenizedExample:
     """(input_ids, labels) for a chat; loss on every assistant turn, nothing else."""
-    return _tokenize_messages(tokenizer, [message.model_dump() for message in example.messages])
+    return tokenize_messages(tokenizer, [message.model_dump() for message in example.messages])
 
 
 # --- packing --------------------------------------------------------------------------
 
 
-def _fit_examples(
+def fit_examples(
     examples: Sequence[TokenizedExample], seq_len_tokens: int, truncate: bool, source: str,
 ) -> tuple[list[TokenizedExample], int, int, int]:
     """Check each example and cut those longer than a block; returns (examples, truncated,
@@ -180,7 +155,7 @@ def pack_sft(
     """
     if seq_len_tokens < 2:
         raise ConfigError(f"seq_len_tokens must be at least 2, got {seq_len_tokens}")
-    fitted, truncated, cut_tokens, dropped = _fit_examples(examples_tokenized, seq_len_tokens, truncate, source)
+    fitted, truncated, cut_tokens, dropped = fit_examples(examples_tokenized, seq_len_tokens, truncate, source)
     bins = first_fit_decreasing([len(ids) for ids, _ in fitted], seq_len_tokens)
     columns: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": []}
     for members in bins:

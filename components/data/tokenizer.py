@@ -15,7 +15,7 @@ from pydantic import Field
 
 from components.artifacts import ComponentSpec, Manifest, produce
 from components.config import StrictConfig
-from components.data.records import read_column
+from components.records import read_column
 
 SPEC = ComponentSpec(name="tokenizer", version="1")
 

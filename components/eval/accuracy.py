@@ -29,10 +29,9 @@ from pydantic import Field, model_validator
 
 from components.artifacts import ComponentSpec, Manifest, produce
 from components.config import StrictConfig
-from components.data.formats import gsm8k_final_answer
-from components.data.records import count_records, iter_records
+from components.records import count_records, iter_records
 from components.errors import DataError
-from components.eval.verifiers import reference_value
+from components.tasks.verifiers import reference_value
 
 SPEC = ComponentSpec(name="verifiable_accuracy", version="2")  # 2: problems used/available, tool and reflection transcripts
 METRICS_FILE = "metrics.json"
@@ -65,44 +64,12 @@ class AccuracyConfig(StrictConfig):
         return self
 
 
-def read_problems(path: Path, fmt: str, limit: int) -> list[tuple[str, str]]:
-    """(question, reference) pairs; a row without the format's fields or answer is named."""
-    fields = ("question", "answer") if fmt == "gsm8k" else ("prompt", "reference_answer")
-    problems = []
-    for line, record in iter_records(path):
-        if isinstance(record, DataError):
-            raise record
-        missing = [f for f in fields if not isinstance(record.get(f), str)]
-        if missing:
-            raise DataError(f"{path}:{line}: missing column(s) {missing} (record has {sorted(record)})")
-        question, reference = record[fields[0]], record[fields[1]]
-        if fmt == "gsm8k":
-            gsm8k_final_answer(reference, f"{path}:{line}: field 'answer'")
-        try:
-            reference_value(reference)  # checked before any generation, not after
-        except DataError as error:
-            raise DataError(f"{path}:{line}: {error}") from None
-        problems.append((question, reference))
-        if len(problems) >= limit:
-            break
-    if not problems:
-        raise DataError(f"{path}: no problems (the dataset is empty)")
-    return problems
-
-
-def inference_flops_per_token(model: Any, context_tokens: int) -> float:
-    """The estimator's forward FLOPs per token, 2N + 4·L·H·Q·T (the training formula's forward third)."""
-    from components.feasibility.flops import forward_flops_per_token
-    from components.feasibility.shapes import shape_of_config
-
-    return forward_flops_per_token(shape_of_config(model.config, seq_len=context_tokens))
-
-
 def score_samples(reward_model_dir: Path, questions: list[str], pools: list[list[Any]], batch_rows: int,
                   context_tokens: int) -> tuple[dict[int, float], float]:
     """The reward model's score of every sample of every pool, keyed by the sample's id(), and
     the reward model's forward FLOPs per token (the cost of scoring, added to best_reward's)."""
-    from components.train.reward_model import load_reward_model, reward_model_flops_per_token, score
+    from components.feasibility.model_flops import reward_model_flops_per_token
+    from components.models.reward import load_reward_model, score
 
     model, tokenizer = load_reward_model(reward_model_dir)
     samples = [s for pool in pools for s in pool]
@@ -122,7 +89,7 @@ def calculator_runs(model: Any, tokenizer: Any, questions: list[str], max_new_to
                     ) -> tuple[list[Any], list[str | None]]:
     """Greedy decoding with the calculator per question, and the error of each run that failed
     (counted as a blank, wrong answer; the evaluation goes on)."""
-    from components.eval.generate import Sample, sample_with_calculator
+    from components.models.sampling import Sample, sample_with_calculator
 
     runs, errors = [], []
     for question in questions:
@@ -138,7 +105,7 @@ def calculator_runs(model: Any, tokenizer: Any, questions: list[str], max_new_to
 
 def calculator_record(run: Any, error: str | None, reference: str) -> dict[str, Any]:
     """One problem's calculator run as samples.jsonl stores it: text, verdict and every call."""
-    from components.eval.verifiers import is_correct
+    from components.tasks.verifiers import is_correct
 
     return {"text": run.text, "correct": is_correct(run.text, reference), "generated_tokens": run.generated_tokens,
             "finished": run.finished, "error": error,
@@ -149,7 +116,7 @@ def sample_row(question: str, reference: str, pool: list[Any], greedy: Any, rewa
                calculator: dict[str, Any] | None) -> dict[str, Any]:
     """A problem's line of samples.jsonl, without its reflection transcript: the pool with each
     sample's verdict (and reward-model score), the greedy answer and the calculator run."""
-    from components.eval.verifiers import is_correct
+    from components.tasks.verifiers import is_correct
 
     samples = [{"text": s.text, "tokens": s.generated_tokens, "mean_logprob": s.mean_logprob,
                 **({"reward": rewards[id(s)]} if rewards else {}), "correct": is_correct(s.text, reference)}
@@ -162,11 +129,12 @@ def _build(config: AccuracyConfig, paths: dict[str, Path], out_dir: Path) -> dic
     import torch
     from transformers import AutoTokenizer
 
-    from components.eval.generate import Sample, prompt_ids, sample
+    from components.models.chat import prompt_ids
+    from components.models.sampling import Sample, sample
     from components.eval.passk import pass_at_k
     from components.eval.reflection import reflect
     from components.eval.strategies import evaluate_strategy
-    from components.eval.verifiers import is_correct
+    from components.tasks.verifiers import is_correct
     from components.models.factory import load_causal_lm
 
     torch.manual_seed(config.seed)
@@ -279,10 +247,10 @@ def evaluate_accuracy(config: AccuracyConfig, model: str, dataset: str, dest: st
                       reward_model: str | None = None) -> Manifest:
     """Sample, verify and score `model` on the problems of `dataset` (see the module doc);
     with `reward_model`, also best-of-n by that reward model's score."""
-    from components.train.engine import TRAINING_LOCK  # sampling seeds the process-wide RNG, as training does
+    from components.locks import exclusive  # sampling seeds the process-wide RNG, as training does
 
     def build(out_dir: Path, paths: dict[str, Path]) -> dict[str, Any]:
-        with TRAINING_LOCK:
+        with exclusive():
             return _build(config, paths, out_dir)
 
     inputs = {"model": model, "dataset": dataset, **({"reward_model": reward_model} if reward_model else {})}

@@ -25,7 +25,7 @@ from pydantic import Field
 
 from components.artifacts import ComponentSpec, Manifest, produce
 from components.config import StrictConfig
-from components.data.records import read_column
+from components.records import read_column
 from components.models.tokenizers import FINGERPRINT_KEY, check_blocks_tokenizer
 
 SPEC = ComponentSpec(name="perplexity", version="1")

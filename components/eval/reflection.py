@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from components.errors import ConfigError
-from components.eval.generate import prompt_ids, sample
-from components.eval.verifiers import extract_answer, is_correct
+from components.models.chat import prompt_ids
+from components.models.sampling import sample
+from components.tasks.verifiers import extract_answer, is_correct
 
 Feedback = Literal["verifier", "self"]
 CRITIQUE_REQUEST = "Check the solution above step by step and point out any mistake."

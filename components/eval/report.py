@@ -13,8 +13,7 @@ from pydantic import Field
 from components.artifacts import ComponentSpec, Manifest, produce, read_manifest
 from components.config import StrictConfig
 from components.eval.perplexity import METRICS_FILE as EVAL_METRICS_FILE
-from components.train.engine import read_metrics
-from components.train.trainer import METRICS_JSONL as TRAIN_METRICS_FILE
+from components.runlog import PUBLISHED_STEP_LOG_FILE, read_metrics
 
 SPEC = ComponentSpec(name="report", version="1")
 REPORT_FILE = "report.md"
@@ -59,7 +58,7 @@ def _plot(steps: list[int], losses: list[float], smoothed: list[float], path: Pa
 def _build(config: ReportConfig, evaluation: Path, model: Path, out_dir: Path) -> dict[str, Any]:
     eval_metrics = json.loads((evaluation / EVAL_METRICS_FILE).read_text(encoding="utf-8"))
     train_metrics = read_manifest(str(model)).metrics
-    records = read_metrics(model / TRAIN_METRICS_FILE)
+    records = read_metrics(model / PUBLISHED_STEP_LOG_FILE)
     steps = [r["step"] for r in records]
     losses = [r["loss"] for r in records]
     smoothed = _moving_average(losses, config.smoothing_steps)

@@ -23,8 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from components.errors import ConfigError
-from components.eval.generate import Sample
-from components.eval.verifiers import answer_value, is_correct, reference_value
+from components.models.sampling import Sample
+from components.tasks.verifiers import answer_value, is_correct, reference_value
 
 Scorer = Callable[[Sample], float]
 

@@ -312,7 +312,7 @@ def write_estimate(result: dict[str, Any], out_dir: Path) -> None:
         plot_sweep(result["sweep"], out_dir / SWEEP_PNG)
 
 
-def _summary_metrics(result: dict[str, Any]) -> dict[str, Any]:
+def summary_metrics(result: dict[str, Any]) -> dict[str, Any]:
     return {key: result[key] for key in ("params", "flops_per_token", "training_flops", "gpu_hours",
                                          "wall_clock_days", "cost_usd", "fits")} | {
         "memory_per_gpu_gib": result["memory_per_gpu_gib"]["total"]}
@@ -335,7 +335,7 @@ def run_estimate(config: FeasibilityConfig, dest: str, overwrite: bool = False) 
     def build(out_dir: Path, paths: dict[str, Path]) -> dict[str, Any]:
         result = estimate(config)
         write_estimate(result, out_dir)
-        return _summary_metrics(result)
+        return summary_metrics(result)
 
     return produce(SPEC, config, file_inputs(config), dest, build, overwrite=overwrite)
 

@@ -12,7 +12,7 @@ from pydantic import Field
 from components.artifacts import ComponentSpec, Manifest, produce, read_manifest
 from components.config import StrictConfig, validate_config
 from components.feasibility.estimate import (
-    ESTIMATE_FILE, FeasibilityConfig, ModelSource, NotFeasibleError, _summary_metrics, estimate, write_estimate,
+    ESTIMATE_FILE, FeasibilityConfig, ModelSource, NotFeasibleError, summary_metrics, estimate, write_estimate,
 )
 from components.feasibility.flops import Recompute
 from components.feasibility.plan import ParallelPlan, Precision
@@ -82,7 +82,7 @@ def estimate_training(config: TrainingEstimateConfig, tokenizer: str, dest: str,
         vocab_size = len(AutoTokenizer.from_pretrained(paths["tokenizer"]))
         result = estimate(feasibility_config(config, vocab_size))
         write_estimate(result, out_dir)
-        return _summary_metrics(result)
+        return summary_metrics(result)
 
     return produce(SPEC, config, inputs, dest, build, overwrite=overwrite)
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 
 from components.config import StrictConfig
+from components.locks import exclusive
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -34,18 +34,11 @@ class ModelConfig(StrictConfig):
         return self
 
 
-# transformers builds and loads models under process-wide switches (skipped weight init,
-# weight tying, lazily resolved classes); two threads doing it at once (two trainer tasks of a
-# flow on Prefect's thread pool) can get a model whose embeddings are left untied. Models are
-# therefore built and loaded one at a time per process.
-_MODEL_LOCK = threading.Lock()
-
-
 def load_causal_lm(model_dir: Path | str, **kwargs: object) -> "PreTrainedModel":
     """`AutoModelForCausalLM.from_pretrained`, one load at a time in this process."""
     from transformers import AutoModelForCausalLM
 
-    with _MODEL_LOCK:
+    with exclusive():
         return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
 
 
@@ -54,7 +47,7 @@ def build_causal_lm(config: ModelConfig, tokenizer: "PreTrainedTokenizerBase") -
 
     Seed torch before calling for reproducible weights.
     """
-    with _MODEL_LOCK:
+    with exclusive():
         return _build_causal_lm(config, tokenizer)
 
 

@@ -44,7 +44,8 @@ from components.train.engine import TrainConfig
 from components.train.launch import make_job, read_job, run_job
 from components.train.loop import OptimConfig
 from components.train.losses import DPOVariant
-from components.train.trainer import publish_metrics, summarize, training_flops_per_token, world_size_of
+from components.feasibility.model_flops import training_flops_per_token
+from components.train.trainer import publish_metrics, summarize, world_size_of
 
 if TYPE_CHECKING:
     import torch
@@ -90,7 +91,8 @@ def reference_logprobs(model: Any, columns: dict[str, torch.Tensor], batch_rows:
     """log ref(y|x) of every pair's chosen and rejected side (fp32, no gradients)."""
     import torch
 
-    from components.train.pairwise import evaluation_device, sequence_logprobs
+    from components.models.logprobs import sequence_logprobs
+    from components.train.pairwise import evaluation_device
 
     device = evaluation_device()
     model.to(device).eval()
@@ -139,10 +141,10 @@ def _build_reference(config: DPOReferenceConfig, paths: dict[str, Path], out_dir
 def dpo_reference(config: DPOReferenceConfig, pairs: str, model: str, dest: str, overwrite: bool = False) -> Manifest:
     """Tokenize `pairs` (a `preference_pairs` artifact or a pairs .jsonl file) with `model`'s
     tokenizer and cache `model`'s log-probs of every chosen and rejected completion."""
-    from components.train.engine import TRAINING_LOCK  # one heavy model job at a time per process, as training
+    from components.locks import exclusive  # one heavy model job at a time per process, as training
 
     def build(out_dir: Path, paths: dict[str, Path]) -> dict[str, Any]:
-        with TRAINING_LOCK:
+        with exclusive():
             return _build_reference(config, paths, out_dir)
 
     return produce(REFERENCE_SPEC, config, {"pairs": pairs, "model": model}, dest, build, overwrite=overwrite)

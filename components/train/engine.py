@@ -35,7 +35,6 @@ import os
 import random
 import resource
 import shutil
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,26 +45,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from components.config import StrictConfig
 from components.errors import ConfigError, CrucibleError, DataError
+from components.models.chat import IGNORE_INDEX
+from components.locks import exclusive
+from components.runlog import STEP_LOG_FILE, log_step, read_metrics
 from components.train.loop import OptimConfig, lr_multiplier, make_optimizer
-from components.train.progress import notify_step
 
 if TYPE_CHECKING:
     import torch
 
-IGNORE_INDEX = -100
 CHECKPOINTS_DIR = "checkpoints"
-METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "trainer_state.json"
 COMPLETED_FILE = "COMPLETED"
 SHAPES_FILE = "shapes.json"
 MODEL_DIR = "model"
-
-
-# Training seeds and saves the process-wide RNGs (torch, Python, numpy) and uses every core, so
-# two trainers in one process (tasks of a flow on a thread pool) would share random streams and
-# break seeded, exactly resumable runs: they take turns. Separate processes (Dask workers, the
-# deepspeed launcher) run side by side.
-TRAINING_LOCK = threading.RLock()
 
 
 class TrainingDivergedError(CrucibleError):
@@ -209,19 +201,6 @@ class EpochSampler:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.cursor, self._permutation = int(state["epoch"]), int(state["cursor"]), None
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The step records of a metrics log; a last line cut short by a crash is dropped."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return records
 
 
 def count_loss_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -592,15 +571,6 @@ def load_rng_state(checkpoint: Path, rank: int) -> None:
         raise ConfigError(f"{path}: not a usable RNG state: {error}") from None
 
 
-def _one_at_a_time(function: Callable[..., TrainResult]) -> Callable[..., TrainResult]:
-    @functools.wraps(function)
-    def serialized(*args: Any, **kwargs: Any) -> TrainResult:
-        with TRAINING_LOCK:
-            return function(*args, **kwargs)
-
-    return serialized
-
-
 def restore(backend: TorchBackend | DeepSpeedBackend, sampler: EpochSampler, config: TrainConfig,
             run_dir: Path) -> tuple[int, int | None, Path | None]:
     """Continue a run from its latest complete checkpoint (or `resume_from`): weights, optimizer,
@@ -609,7 +579,7 @@ def restore(backend: TorchBackend | DeepSpeedBackend, sampler: EpochSampler, con
     of another history and partial saves; a finished run (COMPLETED) starts afresh."""
     rank, world_size = backend.rank, backend.world_size
     checkpoint_root = run_dir / CHECKPOINTS_DIR
-    metrics_path = run_dir / METRICS_FILE
+    metrics_path = run_dir / STEP_LOG_FILE
     if rank == 0:
         checkpoint_root.mkdir(parents=True, exist_ok=True)
     start_step, resumed_from = 0, None
@@ -649,14 +619,7 @@ def restore(backend: TorchBackend | DeepSpeedBackend, sampler: EpochSampler, con
     return start_step, resumed_from, (existing[-1][1] if existing else None)
 
 
-def log_step(metrics_path: Path, record: dict[str, Any], description: str, max_steps: int) -> None:
-    """Append a step record to the live metrics log and tell the flow's progress observer."""
-    with open(metrics_path, "a", encoding="utf-8") as sink:
-        sink.write(json.dumps(record) + "\n")
-    notify_step(description, record, max_steps)
-
-
-@_one_at_a_time
+@exclusive()
 def train(
     module: torch.nn.Module,
     data: TrainData,
@@ -676,7 +639,7 @@ def train(
     checkpoints. Under a `deepspeed` launch (the environment has `WORLD_SIZE`) the DeepSpeed
     backend is used, else plain torch. `flops_per_token` is the training FLOPs per token of
     the model (the feasibility estimator's 6N + attention), for MFU. One call at a time per
-    process (`TRAINING_LOCK`).
+    process (`components.locks.exclusive`).
     """
     import torch
 
@@ -710,7 +673,7 @@ def train(
         raise ConfigError(f"batch_size_rows ({config.batch_size_rows}) exceeds the {len(data)} rows of {data.source}")
     sampler = EpochSampler(len(data), config.batch_size_rows, config.seed)
     checkpoint_root = run_dir / CHECKPOINTS_DIR
-    metrics_path = run_dir / METRICS_FILE
+    metrics_path = run_dir / STEP_LOG_FILE
 
     start_step, resumed_from, last_good = restore(backend, sampler, config, run_dir)
     device = backend.device

@@ -2,7 +2,7 @@
 DAPO (Yu et al. 2025) and Dr. GRPO (Liu et al. 2025) options.
 
 Each step takes `batch_size_rows` prompts, samples `group_size` completions per prompt
-(batched, KV cache: `components.train.rl.decode`), scores them with plain Python reward
+(batched, KV cache: `components.models.sampling.decode`), scores them with plain Python reward
 functions (`components.train.rewards`: answer correctness through the evaluators' verifier,
 a format reward, any `module:function`), and turns rewards into group-relative advantages
 (`losses.group_advantages`). With dynamic sampling (DAPO §3.2) groups whose rewards all agree
@@ -85,10 +85,12 @@ class _Chunk:
 def train_job(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from components.train.fast_llama import shared_prompt_logprobs, supports
+    from components.models.fast_llama import shared_prompt_logprobs, supports
     from components.train.losses import aggregate_loss, group_advantages, kl_estimate, masked_mean, ppo_policy_loss
     from components.train.rewards import check_errors, score
-    from components.train.rl import completion_logprobs, decode, load_rl_setup, run_rl
+    from components.models.logprobs import completion_logprobs
+    from components.models.sampling import decode
+    from components.train.rl import load_rl_setup, run_rl
 
     job_ = read_job(job, GRPOConfig)
     config, paths, run_dir, out_dir = job_.config, job_.paths, job_.run_dir, job_.out_dir

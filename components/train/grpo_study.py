@@ -18,7 +18,7 @@ from pydantic import Field
 
 from components.artifacts import ArtifactRef, ComponentSpec, Manifest, produce, read_manifest
 from components.config import StrictConfig
-from components.train.engine import read_metrics
+from components.runlog import read_metrics
 from components.train.grpo import GRPOConfig, grpo
 
 SPEC = ComponentSpec(name="grpo_study", version="1")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from components.train.engine import IGNORE_INDEX
+from components.models.chat import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

@@ -20,40 +20,15 @@ import torch
 from torch import nn
 
 from components.errors import ConfigError
-from components.train.engine import IGNORE_INDEX, TrainData, split_output
+from components.models.logprobs import sequence_logprobs
+from components.models.reward import rewards
+from components.train.engine import TrainData, split_output
 from components.train.losses import DPOVariant, bradley_terry_loss, dpo_loss
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 Columns = dict[str, torch.Tensor]
-
-
-# --------------------------------------------------------------------------- model outputs
-
-
-def rewards(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
-    """[rows] scalar rewards of right-padded conversations: a sequence-classification model's
-    single logit at each row's last non-padding token (transformers finds it from the
-    config's `pad_token_id`)."""
-    return model(input_ids=input_ids, use_cache=False).logits[:, 0].float()
-
-
-def sequence_logprobs(model: PreTrainedModel, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """[rows] sum over each row's labelled tokens of log p(token | prefix): the sequence
-    log-likelihood of the completion that DPO compares (Rafailov et al. 2023, eq. 7, log pi(y|x)).
-
-    As in `modules.next_token_loss_sum`, the vocabulary projection runs only at the labelled
-    positions; the per-token log-probs are then summed per row.
-    """
-    hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()
-    token_logprobs = -nn.functional.cross_entropy(logits, targets[keep], reduction="none")
-    row_of_token = keep.nonzero()[:, 0]
-    return torch.zeros(input_ids.shape[0], dtype=token_logprobs.dtype, device=input_ids.device).index_add(
-        0, row_of_token, token_logprobs)
 
 
 # --------------------------------------------------------------------------- loss modules

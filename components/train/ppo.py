@@ -151,7 +151,9 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
 
     from components.train.losses import gae_advantages, kl_estimate, masked_mean, ppo_policy_loss, value_loss
     from components.train.rewards import check_errors, score
-    from components.train.rl import completion_logprobs, decode, load_rl_setup, run_rl, step_grad_norm, summarize_rl
+    from components.models.logprobs import completion_logprobs
+    from components.models.sampling import decode
+    from components.train.rl import load_rl_setup, run_rl, step_grad_norm, summarize_rl
 
     job_ = read_job(job, PPOConfig)
     config, paths, run_dir, out_dir = job_.config, job_.paths, job_.run_dir, job_.out_dir
@@ -163,7 +165,7 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
     source = reward_sources(config, "reward_model" in paths)
     if "reward_model" in paths:
         from components.models.tokenizers import check_same_tokenizer
-        from components.train.reward_model import load_reward_model
+        from components.models.reward import load_reward_model
 
         check_same_tokenizer("reward model", paths["reward_model"], "policy", paths["model"])
         reward_model, reward_tokenizer = load_reward_model(paths["reward_model"])
@@ -176,7 +178,7 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
         """The rollout's sequence rewards (as `source` says) and their per-source means."""
         total, extra = torch.zeros(len(texts)), {}
         if reward_model is not None:
-            from components.train.reward_model import score as rm_score
+            from components.models.reward import score as rm_score
 
             questions = [problems[i][0] for i in indices for _ in range(samples)]
             model_scores = torch.tensor(rm_score(reward_model, reward_tokenizer, questions, texts))

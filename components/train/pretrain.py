@@ -10,7 +10,7 @@ from pydantic import Field
 
 from components.artifacts import ComponentSpec, Manifest, produce
 from components.config import StrictConfig
-from components.data.records import read_column
+from components.records import read_column
 from components.errors import ConfigError
 from components.feasibility.estimate import ESTIMATE_FILE
 from components.feasibility.training import require_feasible

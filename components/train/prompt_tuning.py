@@ -28,12 +28,14 @@ from pydantic import Field
 
 from components.artifacts import ArtifactRef, ComponentSpec, Manifest, produce, read_manifest
 from components.config import StrictConfig
-from components.data.records import count_records
+from components.records import count_records
 from components.data.sft_data import SFTFormat, pad_examples, tokenized_examples
-from components.train.engine import TrainConfig, TrainData, read_metrics
+from components.runlog import PUBLISHED_STEP_LOG_FILE, read_metrics
+from components.train.engine import TrainConfig, TrainData
 from components.train.launch import make_job, read_job, run_job
 from components.train.loop import OptimConfig
-from components.train.trainer import METRICS_JSONL, publish_metrics, summarize, training_flops_per_token, world_size_of
+from components.feasibility.model_flops import training_flops_per_token
+from components.train.trainer import publish_metrics, summarize, world_size_of
 
 if TYPE_CHECKING:
     import torch
@@ -290,7 +292,7 @@ def summarize_study(config: PromptTuningStudyConfig, dest: str, overwrite: bool 
         results = {}
         for name in trials:
             metrics = dict(read_manifest(str(paths[name])).metrics)
-            records = read_metrics(paths[name] / METRICS_JSONL)
+            records = read_metrics(paths[name] / PUBLISHED_STEP_LOG_FILE)
             results[name] = {**metrics, "loss_curve": [r["loss"] for r in records]}
         return _summarize_trials(config, results, out_dir)
 

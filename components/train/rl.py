@@ -1,26 +1,15 @@
-"""What the online RL trainers (GRPO, PPO) share: rollouts, log-probs, held-out accuracy, and
-the outer loop around the training engine's pieces.
+"""What the online RL trainers (GRPO, PPO) share: the policy and problems they start from,
+held-out accuracy, and the outer loop around the training engine's pieces.
 
-- `decode` samples completions with a KV cache: one prefill per distinct prompt, the cache
-  repeated for the group's samples, then one token per step for every live row; rows that
-  finished are dropped from the batch and the cache, so late steps cost only what is still
-  generating. Llama models go through `fast_llama.LlamaSampler` (the same mathematics on
-  the model's weights, without transformers' per-token overhead); others through their own
-  forward with a `DynamicCache`. Sampling
-  draws from torch's global RNG, which the checkpoints save, so a resumed run samples what
-  the interrupted one would have.
-- `completion_logprobs` runs the model over prompt + completion once and projects to the
-  vocabulary only at completion positions (as the SFT loss does), giving per-token
-  log-probs under the sampling temperature (TRL's convention) and, when asked, entropies.
-- `run_rl` is the loop: rollout, then updates, per step; metrics to `metrics.jsonl`;
-  checkpoints, resume, learning-rate schedule, clipping and divergence checks come from
-  `components.train.engine` (the same code the supervised trainers run). RL trainers run in
-  one process on one device (no DeepSpeed launch yet).
+Rollouts come from `components.models.sampling.decode` and log-probs from
+`components.models.logprobs.completion_logprobs`. `run_rl` is the loop: rollout, then
+updates, per step; metrics to `metrics.jsonl`; checkpoints, resume, learning-rate schedule,
+clipping and divergence checks come from `components.train.engine` (the same code the
+supervised trainers run). RL trainers run in one process on one device (no DeepSpeed launch yet).
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import time
@@ -33,11 +22,17 @@ from pydantic import Field
 
 from components.artifacts import ComponentSpec, Manifest
 from components.config import StrictConfig
-from components.eval.generate import _stop_ids, prompt_ids
-from components.eval.verifiers import is_correct
+from components.locks import exclusive
+from components.runlog import (
+    PUBLISHED_STEP_CSV_FILE, PUBLISHED_STEP_LOG_FILE, STEP_LOG_FILE, TRAIN_REPORT_FILE, log_step, metrics_table,
+    read_metrics, write_csv, write_records,
+)
+from components.models.chat import prompt_ids
+from components.models.sampling import decode
+from components.tasks.verifiers import is_correct
 from components.train.engine import (
-    COMPLETED_FILE, METRICS_FILE, EpochSampler, TorchBackend, TrainConfig, TrainingDivergedError, _one_at_a_time,
-    log_step, read_metrics, resolve_precision, restore, save_checkpoint, weights_digest,
+    COMPLETED_FILE, EpochSampler, TorchBackend, TrainConfig, TrainingDivergedError,
+    resolve_precision, restore, save_checkpoint, weights_digest,
 )
 from components.train.loop import lr_multiplier
 
@@ -45,142 +40,9 @@ if TYPE_CHECKING:
     import torch
 
 HELDOUT_FILE = "heldout_accuracy.jsonl"
-REPORT_FILE = "train_report.md"
 RL_CSV_COLUMNS = ("step", "loss", "reward_mean", "reward_std", "kl", "entropy", "clip_fraction_low",
                   "clip_fraction_high", "zero_variance_fraction", "response_length", "rollout_time_s",
                   "update_time_s", "grad_norm", "learning_rate")
-
-
-@dataclass
-class Rollout:
-    """Prompt (left-padded to `prompt_width`) + completion (right-padded) per row."""
-
-    input_ids: torch.Tensor  # [rows, prompt_width + completion_width]
-    attention_mask: torch.Tensor  # same shape; 0 on padding
-    completion_mask: torch.Tensor  # [rows, completion_width] float; 1 on sampled tokens (stop token included)
-    prompt_width: int
-    texts: list[str]
-    finished: list[bool]  # ended with a stop token (not cut at max_new_tokens)
-
-    @property
-    def position_ids(self) -> torch.Tensor:
-        return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
-
-    def rows(self, index: slice | list[int]) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids[index], "attention_mask": self.attention_mask[index],
-                "completion_mask": self.completion_mask[index]}
-
-
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    import torch
-
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    return ids, mask
-
-
-def decode(model: Any, tokenizer: Any, prompts: list[list[int]], repeats: int, max_new_tokens: int,
-           temperature: float) -> Rollout:
-    """`repeats` completions per prompt (consecutive rows), sampled at `temperature` (0: greedy)."""
-    import torch
-
-    from components.train.fast_llama import LlamaSampler, supports
-
-    stops = torch.tensor(_stop_ids(tokenizer))
-    pad = tokenizer.pad_token_id
-    prompt_ids_, prompt_mask = left_pad(prompts, pad)
-    width = prompt_ids_.shape[1]
-    was_training = model.training
-    model.eval()
-    if supports(model):
-        tokens, lengths, finished = LlamaSampler(model).decode(prompt_ids_, prompt_mask, repeats, max_new_tokens,
-                                                               temperature, stops, pad)
-    else:
-        tokens, lengths, finished = _decode_with_transformers(model, prompt_ids_, prompt_mask, repeats, max_new_tokens,
-                                                              temperature, stops, pad)
-    model.train(was_training)
-    completion_width = max(1, int(lengths.max()))
-    tokens = tokens[:, :completion_width]
-    completion_mask = (torch.arange(completion_width)[None, :] < lengths[:, None]).float()
-    input_ids = torch.cat([prompt_ids_.repeat_interleave(repeats, dim=0), tokens], dim=1)
-    attention_mask = torch.cat([prompt_mask.repeat_interleave(repeats, dim=0), completion_mask.long()], dim=1)
-    texts = [tokenizer.decode(row[:length].tolist(), skip_special_tokens=True) for row, length in zip(tokens, lengths)]
-    return Rollout(input_ids=input_ids, attention_mask=attention_mask, completion_mask=completion_mask,
-                   prompt_width=width, texts=texts, finished=finished.tolist())
-
-
-def _decode_with_transformers(model: Any, prompt_ids_: torch.Tensor, prompt_mask: torch.Tensor, repeats: int,
-                              max_new_tokens: int, temperature: float, stops: torch.Tensor, pad: int
-                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Any causal LM, through its own forward and a DynamicCache (the same sampling as LlamaSampler)."""
-    import torch
-    from transformers import DynamicCache
-
-    rows = prompt_ids_.shape[0] * repeats
-    cache = DynamicCache(config=model.config)
-    tokens = torch.full((rows, max_new_tokens), pad, dtype=torch.long)
-    lengths = torch.zeros(rows, dtype=torch.long)
-    finished = torch.zeros(rows, dtype=torch.bool)
-    with torch.no_grad():
-        positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=prompt_ids_, attention_mask=prompt_mask, position_ids=positions, cache=cache,
-                    use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1].float()
-        if repeats > 1:
-            cache.batch_repeat_interleave(repeats)
-            logits = logits.repeat_interleave(repeats, dim=0)
-        mask = prompt_mask.repeat_interleave(repeats, dim=0)
-        position = positions[:, -1].repeat_interleave(repeats, dim=0)
-        live = torch.arange(rows)  # rows still generating, in cache order
-        for step in range(max_new_tokens):
-            if temperature > 0:
-                token = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1).squeeze(1)
-            else:
-                token = logits.argmax(dim=-1)
-            tokens[live, step] = token
-            lengths[live] += 1
-            stopped = torch.isin(token, stops)
-            finished[live[stopped]] = True
-            keep = ~stopped
-            if step == max_new_tokens - 1 or not keep.any():
-                break
-            if not keep.all():
-                kept = keep.nonzero().squeeze(1)
-                cache.batch_select_indices(kept)
-                live, token, mask, position = live[kept], token[kept], mask[kept], position[kept]
-            mask = torch.cat([mask, torch.ones(len(live), 1, dtype=mask.dtype)], dim=1)
-            position = position + 1
-            out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None], cache=cache,
-                        use_cache=True)
-            logits = out.logits[:, -1].float()
-    return tokens, lengths, finished
-
-
-def completion_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
-                        temperature: float, entropy: bool = False, values_head: Any = None
-                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Per-token log-probs of the completion tokens ([rows, completion_width]) under
-    softmax(logits / temperature); optionally the entropies of those distributions (no grad)
-    and a value head's outputs at the same positions (the state before each token)."""
-    import torch
-
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                                 use_cache=False).last_hidden_state
-    states = hidden[:, prompt_width - 1:-1]  # the state before each completion token predicts it
-    logits = model.get_output_embeddings()(states).float()
-    if temperature > 0:
-        logits = logits / temperature
-    logprobs_all = torch.log_softmax(logits, dim=-1)
-    targets = input_ids[:, prompt_width:]
-    logprobs = logprobs_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    entropies = None
-    if entropy:
-        with torch.no_grad():
-            entropies = -(logprobs_all.exp() * logprobs_all).sum(-1)
-    values = values_head(states).squeeze(-1).float() if values_head is not None else None
-    return logprobs, entropies, values
 
 
 class HeldoutSettings(StrictConfig):
@@ -225,9 +87,9 @@ def load_rl_setup(paths: dict[str, Path], config: Any) -> RLSetup:
     from transformers import AutoTokenizer
 
     from components.errors import ConfigError, DataError
-    from components.eval.accuracy import inference_flops_per_token, read_problems
+    from components.feasibility.model_flops import inference_flops_per_token, training_flops_per_token
     from components.models.factory import load_causal_lm
-    from components.train.trainer import training_flops_per_token
+    from components.tasks.problems import read_problems
 
     tokenizer = AutoTokenizer.from_pretrained(paths["model"])
     if tokenizer.pad_token_id is None:
@@ -257,7 +119,7 @@ def step_grad_norm(norms: list[float]) -> float | None:
     return non_finite[0] if non_finite else max(norms, default=None)
 
 
-@_one_at_a_time
+@exclusive()
 def run_rl(
     backend_module: torch.nn.Module,
     policy: Any,
@@ -293,7 +155,7 @@ def run_rl(
     backend = TorchBackend(backend_module, config, device, resolve_precision(config.precision, device))
     sampler = EpochSampler(num_prompts, config.batch_size_rows, config.seed)
     start_step, _, last_good = restore(backend, sampler, config, run_dir)
-    metrics_path, heldout_path = run_dir / METRICS_FILE, run_dir / HELDOUT_FILE
+    metrics_path, heldout_path = run_dir / STEP_LOG_FILE, run_dir / HELDOUT_FILE
     kept = [r for r in read_metrics(heldout_path) if r["step"] <= start_step]
     heldout_path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
 
@@ -350,7 +212,7 @@ def run_rl(
 
 def summarize_rl(run_dir: Path, records: list[dict[str, Any]]) -> dict[str, Any]:
     """Run metrics over every step, including those before a resume (read from the live log)."""
-    every = read_metrics(run_dir / METRICS_FILE) or records
+    every = read_metrics(run_dir / STEP_LOG_FILE) or records
     heldout = read_metrics(run_dir / HELDOUT_FILE)
     tail = every[-min(5, len(every)):]
     metrics: dict[str, Any] = {
@@ -378,31 +240,19 @@ def summarize_rl(run_dir: Path, records: list[dict[str, Any]]) -> dict[str, Any]
 def publish_rl_metrics(run_dir: Path, out_dir: Path, title: str, metrics: dict[str, Any]) -> None:
     """The step log (jsonl, csv for `dvc plots`), the held-out curve, metrics.json (DVC metrics)
     and a markdown summary."""
-    import json
-
-    records = read_metrics(run_dir / METRICS_FILE)
+    records = read_metrics(run_dir / STEP_LOG_FILE)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    (out_dir / "train_metrics.jsonl").write_text("".join(_dump(r) for r in records), encoding="utf-8")
-    with open(out_dir / "train_metrics.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=RL_CSV_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(records)
+    write_records(out_dir / PUBLISHED_STEP_LOG_FILE, records)
+    write_csv(out_dir / PUBLISHED_STEP_CSV_FILE, records, RL_CSV_COLUMNS)
     heldout = read_metrics(run_dir / HELDOUT_FILE)
-    (out_dir / HELDOUT_FILE).write_text("".join(_dump(r) for r in heldout), encoding="utf-8")
-    with open(out_dir / "heldout_accuracy.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=("step", "heldout_accuracy", "heldout_sampled_accuracy"),
-                                extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(heldout)
-    lines = [f"# {title}", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |"
-              for key, value in metrics.items() if not isinstance(value, (list, dict))]
-    lines += reward_error_lines(metrics)
+    write_records(out_dir / HELDOUT_FILE, heldout)
+    write_csv(out_dir / "heldout_accuracy.csv", heldout, ("step", "heldout_accuracy", "heldout_sampled_accuracy"))
+    lines = metrics_table(title, metrics) + reward_error_lines(metrics)
     if heldout:
         lines += ["", "| step | held-out greedy accuracy | held-out sampled accuracy (pass@1) |", "|---:|---:|---:|"]
         lines += [f"| {r['step']} | {r['heldout_accuracy']:.3f} | {r.get('heldout_sampled_accuracy', float('nan')):.3f} |"
                   for r in heldout]
-    (out_dir / REPORT_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (out_dir / TRAIN_REPORT_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def reward_error_lines(metrics: dict[str, Any]) -> list[str]:
@@ -414,11 +264,6 @@ def reward_error_lines(metrics: dict[str, Any]) -> list[str]:
              f"{metrics['reward_errors']} reward function calls failed and were rewarded 0. First examples:", ""]
     return lines + [f"- {example}" for example in metrics.get("reward_error_examples", [])]
 
-
-def _dump(record: dict[str, Any]) -> str:
-    import json
-
-    return json.dumps(record) + "\n"
 
 def produce_rl(spec: ComponentSpec, trainer: str, title: str, config: Any, inputs: dict[str, str], dest: str,
                overwrite: bool) -> Manifest:

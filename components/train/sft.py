@@ -22,13 +22,14 @@ from pydantic import Field
 
 from components.artifacts import ComponentSpec, Manifest, produce
 from components.config import StrictConfig
-from components.data.records import read_column
+from components.records import read_column
 from components.errors import ConfigError
 from components.models.tokenizers import FINGERPRINT_KEY, check_blocks_tokenizer
 from components.train.engine import TrainConfig, TrainData
 from components.train.launch import make_job, read_job, run_job
 from components.train.loop import OptimConfig
-from components.train.trainer import publish_metrics, summarize, training_flops_per_token, world_size_of
+from components.feasibility.model_flops import training_flops_per_token
+from components.train.trainer import publish_metrics, summarize, world_size_of
 
 SPEC = ComponentSpec(name="sft", version="1")
 ADAPTER_DIR = "adapter"
@@ -54,7 +55,7 @@ def load_blocks(blocks_dir: Path) -> dict[str, Any]:
     import pyarrow.parquet as pq
     import torch
 
-    from components.data.records import DATA_DIR
+    from components.records import DATA_DIR
 
     shards = sorted((blocks_dir / DATA_DIR).glob("part-*.parquet"))
     present = set(pq.read_schema(shards[0]).names) if shards else set()

@@ -4,31 +4,17 @@ machines, csv for `dvc plots`, a markdown summary for people)."""
 
 from __future__ import annotations
 
-import csv
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from components.train.engine import METRICS_FILE, TrainConfig, TrainResult, read_metrics
+from components.runlog import (
+    PUBLISHED_STEP_CSV_FILE, PUBLISHED_STEP_LOG_FILE, STEP_LOG_FILE, TRAIN_REPORT_FILE, metrics_table, read_metrics,
+    write_csv,
+)
+from components.train.engine import TrainConfig, TrainResult
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel
-
-METRICS_CSV = "train_metrics.csv"
-METRICS_JSONL = "train_metrics.jsonl"
-SUMMARY_FILE = "train_report.md"
 CSV_COLUMNS = ("step", "loss", "learning_rate", "grad_norm", "tokens_per_s", "mfu", "peak_memory_gib", "elapsed_s")
-
-
-def training_flops_per_token(model: PreTrainedModel, seq_len_tokens: int) -> float:
-    """The feasibility estimator's training FLOPs per token, 6N + 12·L·H·Q·T (PaLM, App. B),
-    for the shape of `model` (checked against its parameter count)."""
-    from components.feasibility.flops import model_flops_per_token
-    from components.feasibility.shapes import check_parameter_count, shape_of_config
-
-    shape = shape_of_config(model.config, seq_len=seq_len_tokens)
-    check_parameter_count(shape, sum(p.numel() for p in model.parameters()), model.config.model_type)
-    return model_flops_per_token(shape)
 
 
 def world_size_of(config: TrainConfig, estimate: dict[str, Any] | None) -> int:
@@ -47,21 +33,14 @@ def zero_stage_of(config: TrainConfig, estimate: dict[str, Any] | None) -> int:
 
 def publish_metrics(run_dir: Path, out_dir: Path, title: str, result_metrics: dict[str, Any]) -> None:
     """Copy the run's step records into the artifact as jsonl and csv, and a markdown summary."""
-    shutil.copyfile(run_dir / METRICS_FILE, out_dir / METRICS_JSONL)
-    records = read_metrics(out_dir / METRICS_JSONL)
-    with open(out_dir / METRICS_CSV, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(records)
-    lines = [f"# {title}", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |"
-              for key, value in result_metrics.items()]
-    (out_dir / SUMMARY_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    shutil.copyfile(run_dir / STEP_LOG_FILE, out_dir / PUBLISHED_STEP_LOG_FILE)
+    write_csv(out_dir / PUBLISHED_STEP_CSV_FILE, read_metrics(out_dir / PUBLISHED_STEP_LOG_FILE), CSV_COLUMNS)
+    (out_dir / TRAIN_REPORT_FILE).write_text("\n".join(metrics_table(title, result_metrics)) + "\n", encoding="utf-8")
 
 
 def summarize(result: TrainResult, run_dir: Path) -> dict[str, Any]:
     """Run metrics over every step (including those before a resume, read from the live log)."""
-    records = read_metrics(run_dir / METRICS_FILE)
+    records = read_metrics(run_dir / STEP_LOG_FILE)
     tail = records[-min(10, len(records)):]
     train_time_s = sum(r["step_time_s"] for r in records)
     tokens = sum(r["tokens"] for r in records)

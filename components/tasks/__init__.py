@@ -1,0 +1,1 @@
+"""Tasks: problem sets and their verifiers, the calculator, generated tasks."""
