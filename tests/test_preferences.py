@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from components.data.preferences import (
-    PreferencePairsConfig, chat_example, pair_up, preference_pairs, read_pairs, tokenize_pairs,
+    PreferencePairsConfig, pair_up, preference_pairs, read_pairs, tokenize_pairs,
 )
 from components.errors import DataError
+from components.models.chat import chat_example
 from components.tasks.verifiers import is_correct
 from tests.conftest import build_tiny_lm, sft_on_records
 

@@ -51,7 +51,7 @@ from components.data.formats import (
     ChatPreferencePair, ImplicitChatPreferencePair, PreferencePair, split_implicit_prompt, validate_record,
 )
 from components.records import iter_records
-from components.models.chat import IGNORE_INDEX, Messages, TokenizedExample, chat_example, reply_example
+from components.models.chat import IGNORE_INDEX, Messages, TokenizedExample, reply_example
 from components.errors import DataError
 
 if TYPE_CHECKING:

@@ -29,9 +29,8 @@ from pydantic import Field, model_validator
 
 from components.artifacts import ComponentSpec, Manifest, produce
 from components.config import StrictConfig
-from components.records import count_records, iter_records
 from components.errors import DataError
-from components.tasks.verifiers import reference_value
+from components.records import count_records
 
 SPEC = ComponentSpec(name="verifiable_accuracy", version="2")  # 2: problems used/available, tool and reflection transcripts
 METRICS_FILE = "metrics.json"
@@ -129,13 +128,15 @@ def _build(config: AccuracyConfig, paths: dict[str, Path], out_dir: Path) -> dic
     import torch
     from transformers import AutoTokenizer
 
-    from components.models.chat import prompt_ids
-    from components.models.sampling import Sample, sample
     from components.eval.passk import pass_at_k
     from components.eval.reflection import reflect
     from components.eval.strategies import evaluate_strategy
-    from components.tasks.verifiers import is_correct
+    from components.feasibility.model_flops import inference_flops_per_token
+    from components.models.chat import prompt_ids
     from components.models.factory import load_causal_lm
+    from components.models.sampling import Sample, sample
+    from components.tasks.problems import read_problems
+    from components.tasks.verifiers import is_correct
 
     torch.manual_seed(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(paths["model"])

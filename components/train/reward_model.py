@@ -13,26 +13,25 @@ logs its batch's pairwise accuracy and mean reward margin. A seeded held-out sha
 pairs is scored before and after training (the "after" from the published model, so it
 measures what was written). The artifact is a plain transformers model directory
 (`save_pretrained` + tokenizer) that `AutoModelForSequenceClassification.from_pretrained`
-loads; `load_reward_model` and `score` are what an evaluator (best-of-n) uses.
+loads; `components.models.reward` loads it and scores conversations for the evaluators (best-of-n) and PPO.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import Field
 
 from components.artifacts import ComponentSpec, Manifest, produce
 from components.config import StrictConfig
 from components.errors import ConfigError
+from components.feasibility.model_flops import reward_model_flops_per_token
+from components.models.reward import load_reward_backbone, load_reward_model
 from components.train.engine import TrainConfig
 from components.train.launch import make_job, read_job, run_job
 from components.train.loop import OptimConfig
 from components.train.trainer import publish_metrics, summarize, world_size_of
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 SPEC = ComponentSpec(name="reward_model", version="1")
 INPUT_COLUMNS = ("chosen_input_ids", "rejected_input_ids")  # a reward model reads no labels

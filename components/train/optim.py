@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule of the training loop (`components.train.engine`)."""
+"""Optimizer and learning-rate schedule every trainer shares (AdamW, warmup then cosine or linear decay)."""
 
 from __future__ import annotations
 
