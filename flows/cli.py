@@ -12,10 +12,8 @@ from pathlib import Path
 
 from components.artifacts import input_ref, lineage_lines, materialize, rebuilding
 from components.errors import CrucibleError
-from components.eval.report import REPORT_FILE
-from flows import estimate_cli
 from flows.params import DEFAULT_PARAMS_FILE, load_params
-from flows.stages import STAGES, STAGES_BY_NAME, run_stage
+from flows.stages import COMPOSITES, COMPOSITES_BY_NAME, STAGES, STAGES_BY_NAME, Stage, run_stage
 
 PREFECT_DEFAULTS = {
     # The temporary local API can take a while to start on a small machine.
@@ -31,10 +29,10 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="Run a Prefect flow: 'pipeline', 'rl_studies' or one stage.",
+    composites = ", ".join(f"'{composite.name}'" for composite in COMPOSITES)
+    run = commands.add_parser("run", help=f"Run a Prefect flow: {composites} or one stage.",
                               description="Run a Prefect flow on the local (or configured) Prefect API.")
-    from_flows = ["pipeline", "rl_studies", *STAGES_BY_NAME]
-    run.add_argument("flow", choices=from_flows, help="Flow to run.")
+    run.add_argument("flow", choices=[*COMPOSITES_BY_NAME, *STAGES_BY_NAME], help="Flow to run.")
     run.add_argument("--config", default=DEFAULT_PARAMS_FILE, help="Params file (default: %(default)s).")
 
     lineage = commands.add_parser("lineage", help="Print an artifact's chain back to the raw data.",
@@ -54,50 +52,37 @@ def _build_parser() -> argparse.ArgumentParser:
     stack.add_argument("--deploy", action="store_true", help="Also deploy every flow of infra/prefect.yaml.")
 
     for stage in STAGES:
-        sub = commands.add_parser(stage.name, help=stage.help, description=stage.help)
-        if stage.name == "estimate":
-            sub.description = estimate_cli.__doc__
-            sub.formatter_class = argparse.RawDescriptionHelpFormatter
-            estimate_cli.add_arguments(sub)
-        sub.add_argument("--config", default=DEFAULT_PARAMS_FILE, help="Params file (default: %(default)s).")
-        for keyword, source in stage.inputs.items():
-            sub.add_argument(f"--{keyword}", metavar="URI",
-                             help=f"Input '{keyword}' (default when no input is named: the params file's "
-                                  f"layout, '{source}').")
-        sub.add_argument("--layout-defaults", action="store_true",
-                         help="Once you name an input, take the inputs you do not name from the params "
-                              "file's layout on purpose (else they must follow from yours or be named).")
-        sub.add_argument("--output", metavar="URI", help="Output artifact (default: ARTIFACTS_ROOT/%s)." % stage.name)
-        sub.add_argument("--overwrite", action="store_true",
-                         help="Replace an output that holds another component's artifact (or this one with "
-                              "corrupt bytes). This stage's previous artifact there is replaced without it; a "
-                              "folder that is no artifact never is. An up-to-date, verified artifact is reused.")
-        sub.add_argument("--rebuild", action="store_true",
-                         help="Run the component even when the output is up to date, and replace it.")
-        if stage.name == "estimate":
-            sub.set_defaults(config=None)  # so an explicit --config can be told from the default
-        if stage.name == "report":
-            sub.add_argument("artifact", nargs="?", metavar="EVAL_ARTIFACT",
-                             help="Print this evaluation artifact's report and the lineage of the model it "
-                                  "evaluated, instead of running the report stage.")
+        _add_stage_command(commands, stage)
     return parser
 
 
-def evaluation_report(uri: str) -> str:
-    """An evaluation artifact's markdown report, then the lineage of the model it scored."""
-    from components.artifacts import read_manifest
-    from components.errors import ArtifactError
-
-    manifest = read_manifest(uri)
-    directory = materialize(manifest.output.model_copy(update={"uri": uri}))
-    reports = sorted(directory.glob("*.md"))
-    if not reports:
-        raise ArtifactError(f"{uri}: no markdown report in this artifact ({manifest.component.name})")
-    text = reports[0].read_text(encoding="utf-8")
-    model = manifest.inputs.get("model")
-    if model is not None:
-        text += "\n## Lineage of the evaluated model\n\n```\n" + "\n".join(lineage_lines(model.uri)) + "\n```\n"
-    return text
+def _add_stage_command(commands: argparse._SubParsersAction, stage: Stage) -> None:
+    """`crucible STAGE`: run one stage (what DVC calls), or the other mode its table entry declares."""
+    variant = stage.cli
+    if variant is not None and variant.description:
+        sub = commands.add_parser(stage.name, help=stage.help, description=variant.description,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    else:
+        sub = commands.add_parser(stage.name, help=stage.help, description=stage.help)
+    if variant is not None:
+        variant.add_arguments(sub)
+    sub.add_argument("--config", default=DEFAULT_PARAMS_FILE, help="Params file (default: %(default)s).")
+    for keyword, source in stage.inputs.items():
+        sub.add_argument(f"--{keyword}", metavar="URI",
+                         help=f"Input '{keyword}' (default when no input is named: the params file's "
+                              f"layout, '{source}').")
+    sub.add_argument("--layout-defaults", action="store_true",
+                     help="Once you name an input, take the inputs you do not name from the params "
+                          "file's layout on purpose (else they must follow from yours or be named).")
+    sub.add_argument("--output", metavar="URI", help="Output artifact (default: ARTIFACTS_ROOT/%s)." % stage.name)
+    sub.add_argument("--overwrite", action="store_true",
+                     help="Replace an output that holds another component's artifact (or this one with "
+                          "corrupt bytes). This stage's previous artifact there is replaced without it; a "
+                          "folder that is no artifact never is. An up-to-date, verified artifact is reused.")
+    sub.add_argument("--rebuild", action="store_true",
+                     help="Run the component even when the output is up to date, and replace it.")
+    if variant is not None:
+        sub.set_defaults(**variant.defaults)
 
 
 def _run_flow(name: str, config_path: str) -> None:
@@ -107,16 +92,18 @@ def _run_flow(name: str, config_path: str) -> None:
     from flows.pipeline import run_flow
 
     result = run_flow(name, params, config_path)
-    if name == "pipeline":
-        report_dir = materialize(input_ref(result["report"]["uri"]))
-        print((report_dir / REPORT_FILE).read_text(encoding="utf-8"))
+    composite = COMPOSITES_BY_NAME.get(name)
+    if composite is None:
+        print(f"{name}: {result['uri']} ({'cached' if result['cached'] else 'built'})")
+    elif composite.report_stage:
+        report = STAGES_BY_NAME[composite.report_stage]
+        report_dir = materialize(input_ref(result[report.name]["uri"]))
+        print((report_dir / report.markdown_file).read_text(encoding="utf-8"))
         cached = sum(info["cached"] for info in result.values())
-        print(f"pipeline: {len(result)} stages, {cached} from cache")
-    elif name == "rl_studies":
+        print(f"{name}: {len(result)} stages, {cached} from cache")
+    else:
         for stage, info in result.items():
             print(f"{stage}: {info['uri']} ({'cached' if info['cached'] else 'built'})")
-    else:
-        print(f"{name}: {result['uri']} ({'cached' if result['cached'] else 'built'})")
 
 
 def _stack(args: argparse.Namespace) -> None:
@@ -140,17 +127,20 @@ def _dispatch(args: argparse.Namespace) -> None:
         _stack(args)
     elif args.command == "lineage":
         print("\n".join(lineage_lines(args.uri)))
-    elif args.command == "estimate" and estimate_cli.wants_adhoc(args):
-        estimate_cli.run_adhoc(args)
-    elif args.command == "report" and args.artifact:
-        print(evaluation_report(args.artifact))
     else:
         stage = STAGES_BY_NAME[args.command]
-        params = load_params(args.config or DEFAULT_PARAMS_FILE)
-        overrides = {k: getattr(args, k) for k in stage.inputs if getattr(args, k) is not None}
-        manifest = run_stage(stage, params, overrides, dest=args.output, overwrite=args.overwrite,
-                             layout_defaults=args.layout_defaults)
-        print(f"{stage.name}: {manifest.output.uri} {manifest.output.content_hash[:19]}")
+        if stage.cli is not None and stage.cli.selected(args):
+            stage.cli.run(args)
+        else:
+            _run_stage(stage, args)
+
+
+def _run_stage(stage: Stage, args: argparse.Namespace) -> None:
+    params = load_params(args.config or DEFAULT_PARAMS_FILE)
+    overrides = {k: getattr(args, k) for k in stage.inputs if getattr(args, k) is not None}
+    manifest = run_stage(stage, params, overrides, dest=args.output, overwrite=args.overwrite,
+                         layout_defaults=args.layout_defaults)
+    print(f"{stage.name}: {manifest.output.uri} {manifest.output.content_hash[:19]}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
