@@ -242,10 +242,10 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     import components.models.sampling as sampling
     from components.runlog import STEP_LOG_FILE, read_metrics
-    from components.train.engine import TrainConfig
+    from components.train.config import TrainConfig
     from components.train.grpo import GRPOConfig
     from components.train.launch import make_job, run_job
-    from components.train.loop import OptimConfig
+    from components.train.optim import OptimConfig
     from components.runlog import step_observer
     from components.train.rewards import RewardSpec
     from components.train.rl import HeldoutSettings
@@ -253,7 +253,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     generation_s: list[float] = []
     decode = sampling.decode
 
-    def timed_decode(*a: Any, **k: Any) -> Any:  # train_job imports sampling.decode when it starts
+    def timed_decode(*a: Any, **k: Any) -> Any:  # GRPOStep looks sampling.decode up at every rollout
         started = time.perf_counter()
         out = decode(*a, **k)
         generation_s.append(time.perf_counter() - started)
@@ -309,7 +309,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
         "step_time_s / rollout_time_s / update_time_s from the run's metrics.jsonl (components/train/rl.py "
         "run_rl); generation = components.models.sampling.decode (prefill once per prompt, the KV cache repeated "
         "for the group, finished rows dropped from the batch and the cache)",
-        "optimizer: torch.optim.AdamW(fused=True) via components.train.loop.make_optimizer",
+        "optimizer: torch.optim.AdamW(fused=True) via components.train.optim.make_optimizer",
     ])
 
 

@@ -336,8 +336,10 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
 
     from components.data.formats import SFTChat
     from components.data.sft_pack import pack_sft, tokenize_chat
-    from components.train.engine import EpochSampler, TrainConfig, TrainData, train
-    from components.train.loop import OptimConfig
+    from components.train.batches import EpochSampler, TrainData
+    from components.train.config import TrainConfig
+    from components.train.engine import train
+    from components.train.optim import OptimConfig
     from components.train.modules import CausalLMLoss
     from components.runlog import step_observer
     from components.feasibility.model_flops import training_flops_per_token
@@ -386,7 +388,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     return rec.result(side="ours", notes=[
         f"packed {stats['examples']} examples into {stats['blocks']} blocks of {args.max_length} tokens "
         f"(first-fit decreasing, {stats['truncated']} truncated); per-example position ids",
-        "optimizer: torch.optim.AdamW(fused=True) via components.train.loop.make_optimizer (TRL: adamw_torch_fused, the same kernel)",
+        "optimizer: torch.optim.AdamW(fused=True) via components.train.optim.make_optimizer (TRL: adamw_torch_fused, the same kernel)",
         "loss: logits only at positions with a label (the prompt tokens get no vocabulary projection)",
     ])
 

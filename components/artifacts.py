@@ -51,10 +51,9 @@ orchestrator_run_id: contextvars.ContextVar[str | None] = contextvars.ContextVar
     "orchestrator_run_id", default=None
 )
 
-# The cache key of the component run being built, set by `produce` around `build`: a build
-# that keeps state across attempts (a trainer's checkpoints) keys that state by it, so a
-# rerun of the same config on the same inputs resumes and any other run starts afresh.
-current_build_key: contextvars.ContextVar[str | None] = contextvars.ContextVar("current_build_key", default=None)
+# The cache key of the component run being built, set by `produce` around `build` and read
+# only through `run_directory`.
+_current_build_key: contextvars.ContextVar[str | None] = contextvars.ContextVar("current_build_key", default=None)
 
 # A driver's explicit request to run components even where the output is up to date
 # (`crucible STAGE --rebuild`, like `dvc repro --force`): for code changed without a version
@@ -160,6 +159,19 @@ def _io(uri: str, operation: str, fn: Callable[[], Any], fs: fsspec.AbstractFile
 
 
 # --------------------------------------------------------------------------- hashing
+
+
+def run_directory(dest: str) -> Path:
+    """Where the component run being built keeps state across attempts (a trainer's live metrics
+    and checkpoints): next to a local destination (`<dest>.runs/<cache key>`), else under
+    `$CRUCIBLE_RUNS_DIR` (default ~/.cache/crucible/runs). Keyed by the run's cache key, so a
+    rerun of the same config on the same inputs resumes and any other run starts afresh."""
+    key = (_current_build_key.get() or "no-key").split(":")[-1][:16]
+    if is_remote(dest):
+        root = Path(os.environ.get("CRUCIBLE_RUNS_DIR", Path.home() / ".cache" / "crucible" / "runs"))
+        return root / dest.replace("://", "/").strip("/") / key
+    dest_path = local_path(dest).absolute()
+    return dest_path.with_name(f"{dest_path.name}.runs") / key
 
 
 def file_sha256(path: Path) -> str:
@@ -574,11 +586,11 @@ def produce(
         staging.mkdir()
     try:
         started_at = _now()
-        key_token = current_build_key.set(key)
+        key_token = _current_build_key.set(key)
         try:
             metrics = build(staging, input_paths)
         finally:
-            current_build_key.reset(key_token)
+            _current_build_key.reset(key_token)
         manifest = Manifest(
             component=spec,
             config=config.model_dump(mode="json"),

@@ -19,7 +19,7 @@ from components.data import curate, pack, preferences, sft_data, tokenizer
 from components.eval import accuracy, compare, perplexity, report
 from components.feasibility import training as feasibility
 from components.feasibility.estimate import REPORT_FILE as ESTIMATE_REPORT
-from components.train import dpo, grpo, grpo_study, ppo, prompt_tuning, pretrain, reward_model, rl, sft
+from components.train import dpo, grpo, grpo_study, ppo, prompt_tuning, pretrain, reward_model, sft
 from components.runlog import TRAIN_REPORT_FILE
 from flows import estimate_cli, report_cli
 from flows.inputs import ResolvedInput, resolve_inputs

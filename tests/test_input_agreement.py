@@ -16,8 +16,8 @@ from components.data.tokenizer import TokenizerConfig, train_tokenizer
 from components.errors import ConfigError, DataError
 from components.eval.perplexity import PerplexityConfig, evaluate_perplexity
 from components.models.tokenizers import check_same_tokenizer, tokenizer_differences, tokenizer_fingerprint
-from components.train.engine import TrainConfig
-from components.train.loop import OptimConfig
+from components.train.config import TrainConfig
+from components.train.optim import OptimConfig
 from components.train.sft import SFTConfig, sft
 from tests.conftest import REPO_ROOT, build_tiny_lm
 

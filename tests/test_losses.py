@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import pytest
 import torch
 
+from components.errors import ConfigError
 from components.train.losses import (
-    aggregate_loss, bradley_terry_loss, dpo_loss, gae_advantages, group_advantages, kl_estimate, ppo_policy_loss,
-    rloo_advantages, value_loss,
+    ADVANTAGE_ESTIMATORS, POLICY_LOSSES, AdvantageEstimator, KLController, PolicyLoss, aggregate_loss,
+    aggregation_weight, bradley_terry_loss, dpo_loss, gae_advantages, group_advantages, kl_estimate,
+    kl_penalized_rewards, ppo_policy_loss, registered, rloo_advantages, value_loss, whiten,
 )
 
 
@@ -89,6 +92,61 @@ def test_aggregations() -> None:
     assert aggregate_loss(per_token, mask, "constant", constant=6).item() == pytest.approx(4 / 6)
     with pytest.raises(ValueError, match="needs a positive constant"):
         aggregate_loss(per_token, mask, "constant")
+
+
+def test_aggregation_weights_make_accumulated_micro_batches_equal_the_batch_loss() -> None:
+    """A batch accumulated over micro-batches (GRPO's update pieces), each loss weighted by
+    `aggregation_weight`, has the loss of the whole batch under every aggregation."""
+    per_token = torch.arange(15, dtype=torch.float64).view(3, 5) / 7
+    mask = t(1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0).view(3, 5)
+    total_tokens, total_rows, constant = float(mask.sum()), 3, 5 * 3
+    for aggregation in ("token_mean", "sequence_mean", "constant"):
+        accumulated = sum(
+            aggregation_weight(aggregation, float(mask[rows].sum()), mask[rows].shape[0], total_tokens, total_rows)
+            * aggregate_loss(per_token[rows], mask[rows], aggregation, constant)
+            for rows in (slice(0, 1), slice(1, 3)))
+        assert accumulated.item() == pytest.approx(aggregate_loss(per_token, mask, aggregation, constant).item())
+
+
+def test_whitening_is_over_the_masked_entries_and_zero_off_mask() -> None:
+    values, mask = t(1, 2, 3, 100, 6, 7).view(2, 3), t(1, 1, 1, 0, 1, 0).view(2, 3)
+    mean, std = 3.0, math.sqrt((4 + 1 + 0 + 9) / 4)  # entries 1, 2, 3, 6: biased variance
+    expected = [[(v - mean) / (std + 1e-8) for v in (1, 2, 3)], [0.0, (6 - mean) / (std + 1e-8), 0.0]]
+    whitened = whiten(values, mask)
+    assert whitened.tolist()[0] == pytest.approx(expected[0]) and whitened.tolist()[1] == pytest.approx(expected[1])
+    on_mask = whitened[mask.bool()]
+    assert on_mask.mean().item() == pytest.approx(0.0, abs=1e-12) and on_mask.var(unbiased=False).item() == pytest.approx(1.0)
+
+
+def test_kl_penalised_rewards_put_the_score_on_the_last_response_token() -> None:
+    """Ziegler et al. 2019, eq. 2: r_t = -beta KL_t, plus the sequence score at the last token."""
+    mask = t(1, 1, 1, 1, 0, 0).view(2, 3)
+    kl = t(0.1, 0.2, 0.3, 0.5, 0.0, 0.0).view(2, 3)
+    scores = t(1.0, 2.0)
+    penalised = kl_penalized_rewards(scores, kl, mask, 0.5).tolist()
+    assert penalised[0] == pytest.approx([-0.05, -0.1, -0.15 + 1.0]) and penalised[1] == pytest.approx([-0.25 + 2.0, 0, 0])
+    assert kl_penalized_rewards(scores, kl, mask, None).tolist() == [[0.0, 0.0, 1.0], [2.0, 0.0, 0.0]]
+
+
+def test_kl_controller_is_fixed_without_a_target_and_adaptive_with_one() -> None:
+    fixed = KLController(0.1)
+    assert fixed.updated(100.0, 10) == fixed
+    adaptive = KLController(0.1, target=6.0, horizon=1000)
+    assert adaptive.updated(12.0, 100).coef == pytest.approx(0.1 * (1 + 0.2 * 0.1))  # error clipped at 0.2
+    assert adaptive.updated(5.7, 100).coef == pytest.approx(0.1 * (1 - 0.05 * 0.1))
+    assert adaptive.coef == 0.1 and adaptive.updated(5.7, 100).target == 6.0  # a new controller, this one unchanged
+
+
+def test_formulas_are_picked_by_name_and_an_unknown_name_is_refused() -> None:
+    assert set(get_args(AdvantageEstimator)) == set(ADVANTAGE_ESTIMATORS) == {"grpo", "rloo"}
+    assert set(get_args(PolicyLoss)) == set(POLICY_LOSSES) == {"ppo_clip"}
+    rewards = t(1, 0, 0, 0.5, 0.5, 1)
+    for normalize in ("group_std", "batch_std", "none"):
+        assert ADVANTAGE_ESTIMATORS["grpo"](rewards, 3, normalize).tolist() == group_advantages(rewards, 3, normalize).tolist()
+        assert ADVANTAGE_ESTIMATORS["rloo"](rewards, 3, normalize).tolist() == rloo_advantages(rewards, 3).tolist()
+    assert registered(POLICY_LOSSES, "ppo_clip", "policy_loss") is ppo_policy_loss
+    with pytest.raises(ConfigError, match=r"^grpo.advantage_estimator: unknown 'ppo'; known: grpo, rloo$"):
+        registered(ADVANTAGE_ESTIMATORS, "ppo", "grpo.advantage_estimator")
 
 
 def test_dpo_variants() -> None:

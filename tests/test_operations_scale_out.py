@@ -17,7 +17,7 @@ def test_the_hostfile_task_writes_what_deepspeed_reads_and_the_launcher_passes_i
     from deepspeed.launcher.runner import fetch_hostfile
     from prefect import flow
 
-    from components.train.engine import DistributedConfig
+    from components.train.config import DistributedConfig
     from components.train.launch import deepspeed_command
     from flows.scale_out import deepspeed_hostfile
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from components.train.engine import TrainConfig
-from components.train.loop import OptimConfig
+from components.train.config import TrainConfig
+from components.train.optim import OptimConfig
 from components.train.prompt_tuning import (
     MIN_SEEDS, SPREAD_FACTOR, PromptTuningConfig, PromptTuningStudyConfig, compare_inits, prompt_tuning_study,
 )

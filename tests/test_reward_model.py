@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from components.errors import ConfigError
-from components.train.engine import DistributedConfig, TrainConfig
-from components.train.loop import OptimConfig
+from components.train.config import DistributedConfig, TrainConfig
+from components.train.optim import OptimConfig
 from components.models.reward import load_reward_model, score
 from components.train.reward_model import RewardModelConfig, reward_model
 from components.runlog import PUBLISHED_STEP_LOG_FILE

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from components.errors import ConfigError
-from components.train.engine import load_rng_state, save_rng_state
+from components.train.checkpoints import load_rng_state, save_rng_state
 
 
 def _draws() -> list[float]:

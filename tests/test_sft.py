@@ -12,8 +12,8 @@ from components.data.sft_data import SFTDataConfig, sft_data
 from components.data.tokenizer import TokenizerConfig, train_tokenizer
 from components.errors import ConfigError, DataError
 from components.models.factory import ModelConfig, build_causal_lm
-from components.train.engine import TrainConfig
-from components.train.loop import OptimConfig
+from components.train.config import TrainConfig
+from components.train.optim import OptimConfig
 from components.train.prompt_tuning import PromptTuningConfig, initial_prompt, prompt_tuning
 from components.train.sft import LoraSettings, SFTConfig, load_blocks, sft
 from components.runlog import PUBLISHED_STEP_LOG_FILE

@@ -18,8 +18,8 @@ from components.feasibility.training import TrainingEstimateConfig, TrainingTarg
 from components.eval.perplexity import PerplexityConfig, evaluate_perplexity
 from components.eval.report import LOSS_CSV, LOSS_PNG, REPORT_FILE, ReportConfig, report
 from components.models.factory import ModelConfig
-from components.train.loop import OptimConfig, lr_multiplier
-from components.train.engine import TrainConfig
+from components.train.optim import OptimConfig, lr_multiplier
+from components.train.config import TrainConfig
 from components.train.pretrain import PretrainConfig, pretrain
 from components.runlog import PUBLISHED_STEP_LOG_FILE
 from flows.params import heldout_curation

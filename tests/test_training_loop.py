@@ -21,11 +21,13 @@ from components.errors import ConfigError
 from components.feasibility.estimate import NotFeasibleError
 from components.feasibility.training import TrainingEstimateConfig, TrainingTarget, estimate_training
 from components.models.factory import ModelConfig
-from components.train.engine import (
-    DistributedConfig, TrainConfig, TrainData, TrainingDivergedError, checkpoint_steps, train,
-)
-from components.train.loop import OptimConfig
+from components.train.batches import TrainData
+from components.train.checkpoints import checkpoint_steps
+from components.train.config import DistributedConfig, TrainConfig
+from components.train.engine import train
+from components.train.optim import OptimConfig
 from components.train.pretrain import PretrainConfig, pretrain
+from components.train.run import TrainingDivergedError
 from components.runlog import PUBLISHED_STEP_LOG_FILE
 from flows.params import heldout_curation
 from tests.conftest import REPO_ROOT
@@ -321,7 +323,7 @@ def test_a_warmup_longer_than_the_run_is_refused_where_it_is_configured(tmp_path
     from pydantic import ValidationError
 
     from components.train.grpo import GRPOConfig
-    from components.train.loop import lr_multiplier
+    from components.train.optim import lr_multiplier
     from flows.params import load_params
     from tests.conftest import REPO_ROOT, write_params
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -88,6 +89,7 @@ class TorchBackend:
         self.module, self.device, self.precision = module.to(device), device, precision
         self.optimizer = make_optimizer(module, config.optim, fused=True)
         self.grad_clip_norm = config.optim.grad_clip_norm
+        self.micro_batch_rows = config.micro_batch_rows or config.batch_size_rows
 
     def forward_backward(self, batch: dict[str, torch.Tensor], scale: float, last: bool) -> LossAndStats:
         import torch
@@ -150,6 +152,7 @@ class DeepSpeedBackend:
         self.module, self.device = self.engine.module, self.engine.device
         self.rank, self.world_size = self.engine.global_rank, self.engine.world_size
         self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+        self.micro_batch_rows = ds_config["train_micro_batch_size_per_gpu"]
         self.precision = ("bf16" if ds_config.get("bf16", {}).get("enabled")
                           else "fp16" if ds_config.get("fp16", {}).get("enabled") else "fp32")
 
@@ -241,5 +244,40 @@ def deepspeed_config_for(config: TrainConfig, estimate_ds_config: dict[str, Any]
     return ds
 
 
-
 Backend = TorchBackend | DeepSpeedBackend
+
+
+def _gradient_checkpointing(module: torch.nn.Module, config: TrainConfig) -> None:
+    if config.gradient_checkpointing and hasattr(module, "enable_gradient_checkpointing"):
+        module.enable_gradient_checkpointing()
+
+
+def local_backend(module: torch.nn.Module, config: TrainConfig) -> TorchBackend:
+    """This process on its best device: the first CUDA device if there is one, else the CPU."""
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return TorchBackend(module, config, device, resolve_precision(config.precision, device))
+
+
+def backend_for(module: torch.nn.Module, config: TrainConfig, run_dir: Path,
+                estimate_ds_config: dict[str, Any] | None) -> Backend:
+    """DeepSpeed on every rank of a distributed run (its resolved config written to
+    `run_dir/deepspeed_config.json`), else this process; gradient checkpointing if asked."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and config.distributed.launcher != "deepspeed":
+        micro_rows = config.micro_batch_rows or config.batch_size_rows
+        if config.batch_size_rows % micro_rows:
+            raise ConfigError(f"batch_size_rows ({config.batch_size_rows}) is not a multiple of micro_batch_rows "
+                              f"({micro_rows})")
+        _gradient_checkpointing(module, config)
+        return local_backend(module, config)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=None)
+    ds_config = deepspeed_config_for(config, estimate_ds_config, int(os.environ.get("WORLD_SIZE", "1")))
+    _gradient_checkpointing(module, config)
+    backend = DeepSpeedBackend(module, config, ds_config)
+    if backend.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2), encoding="utf-8")
+    return backend

@@ -75,9 +75,9 @@ class EpochSampler:
     reproduces the remaining batches exactly. The tail that does not fill a batch is dropped.
     """
 
-    def __init__(self, num_rows: int, batch_size: int, seed: int) -> None:
+    def __init__(self, num_rows: int, batch_size: int, seed: int, source: str = "the training data") -> None:
         if num_rows < batch_size:
-            raise ConfigError(f"batch_size_rows ({batch_size}) exceeds the {num_rows} rows of the training data")
+            raise ConfigError(f"batch_size_rows ({batch_size}) exceeds the {num_rows} rows of {source}")
         self.num_rows, self.batch_size, self.seed = num_rows, batch_size, seed
         self.epoch, self.cursor = 0, 0
         self._permutation: torch.Tensor | None = None

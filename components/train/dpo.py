@@ -40,15 +40,17 @@ from components.config import StrictConfig
 from components.data.preferences import PAIR_COLUMNS
 from components.errors import ConfigError, DataError
 from components.models.tokenizers import FINGERPRINT_KEY, check_same_tokenizer
-from components.train.engine import TrainConfig
-from components.train.launch import make_job, read_job, run_job
-from components.train.loop import OptimConfig
+from components.train.config import TrainConfig
+from components.train.launch import Job, Prepared, Trained, TrainerJob, produce_trained
+from components.train.optim import OptimConfig
 from components.train.losses import DPOVariant
 from components.feasibility.model_flops import training_flops_per_token
-from components.train.trainer import publish_metrics, summarize, world_size_of
+from components.train.publish import ModelSaver, summarize
 
 if TYPE_CHECKING:
     import torch
+
+    from components.train.pairwise import DPOLoss
 
 REFERENCE_SPEC = ComponentSpec(name="dpo_reference", version="1")
 SPEC = ComponentSpec(name="dpo", version="1")
@@ -170,16 +172,15 @@ def load_reference(reference_dir: Path) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- training
 
 
-def train_job(job: dict[str, Any]) -> dict[str, Any]:
+def fit(job: Job) -> Trained:
     import torch
     from transformers import AutoTokenizer
 
     from components.models.factory import load_causal_lm
     from components.train.engine import train
-    from components.train.pairwise import DPOLoss, evaluate_pairs, pair_train_data, split_heldout
+    from components.train.pairwise import evaluate_pairs, pair_train_data, split_heldout
 
-    job_ = read_job(job, DPOConfig)
-    config, paths, run_dir, out_dir = job_.config, job_.paths, job_.run_dir, job_.out_dir
+    config, paths = job.config, job.paths
     tokenizer = AutoTokenizer.from_pretrained(paths["model"])
     columns = load_reference(paths["reference"])
     source = str(paths["reference"] / REFERENCE_DATA)
@@ -189,29 +190,44 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"{source}: rows of {width} tokens exceed the policy's context "
                           f"({model.config.max_position_embeddings})")
     train_rows, heldout_rows = split_heldout(columns, config.heldout_fraction, config.split_seed, source)
-
-    def loss_module(policy: Any) -> DPOLoss:
-        return DPOLoss(policy, config.beta, config.loss_type, config.label_smoothing)
-
-    module = loss_module(model)
+    module = _loss_module(config, model)
     before = evaluate_pairs(module, heldout_rows, config.eval_batch_rows) if heldout_rows else None
-
-    def save_model(trained: DPOLoss, directory: Path) -> None:
-        trained.model.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
-
-    result = train(module, pair_train_data(train_rows, tokenizer.pad_token_id, source), config.train, run_dir,
-                   save_model=save_model, final_dir=out_dir, description="dpo",
+    result = train(module, pair_train_data(train_rows, tokenizer.pad_token_id, source), config.train, job.run_dir,
+                   save_model=ModelSaver(tokenizer), final_dir=job.out_dir, description="dpo",
                    flops_per_token=training_flops_per_token(model, width))
-    if result.rank != 0:
-        return {}
+
+    def report() -> dict[str, Any]:
+        return {**_pair_metrics(config, train_rows, heldout_rows, model, before, job.out_dir),
+                **summarize(result, job.run_dir)}
+
+    return Trained(result.rank, report)
+
+
+train_job = TrainerJob(DPOConfig, fit)
+
+
+def _loss_module(config: DPOConfig, policy: Any) -> DPOLoss:
+    from components.train.pairwise import DPOLoss
+
+    return DPOLoss(policy, config.beta, config.loss_type, config.label_smoothing)
+
+
+def _pair_metrics(config: DPOConfig, train_rows: dict[str, torch.Tensor], heldout_rows: dict[str, torch.Tensor] | None,
+                  model: Any, before: dict[str, float] | None, out_dir: Path) -> dict[str, Any]:
+    """The pairs used, the held-out DPO loss and implicit rewards before training and of the
+    published policy, and the epochs trained."""
+    import torch
+
+    from components.models.factory import load_causal_lm
+    from components.train.pairwise import evaluate_pairs
+
     metrics: dict[str, Any] = {
         "train_pairs": len(train_rows["chosen_input_ids"]),
         "heldout_pairs": 0 if heldout_rows is None else len(heldout_rows["chosen_input_ids"]),
         "params": sum(p.numel() for p in model.parameters()), "beta": config.beta, "loss_type": config.loss_type,
     }
     if heldout_rows is not None:
-        published = loss_module(load_causal_lm(out_dir, attn_implementation="sdpa", dtype=torch.float32))
+        published = _loss_module(config, load_causal_lm(out_dir, attn_implementation="sdpa", dtype=torch.float32))
         after = evaluate_pairs(published, heldout_rows, config.eval_batch_rows)
         for name, values in (("before", before), ("after", after)):
             metrics[f"heldout_loss_{name}"] = values["loss"]
@@ -220,7 +236,7 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
             metrics[f"heldout_rejected_reward_{name}"] = values["rejected_reward"]
             metrics[f"heldout_reward_margin_{name}"] = values["reward_margin"]
     epochs = config.train.max_steps * config.train.batch_size_rows / metrics["train_pairs"]
-    return {**metrics, "epochs": round(epochs, 3), **summarize(result, run_dir)}
+    return {**metrics, "epochs": round(epochs, 3)}
 
 
 def policy_is_reference_model(config: DPOConfig, reference: str, policy: ArtifactRef) -> bool:
@@ -247,13 +263,10 @@ def dpo(config: DPOConfig, reference: str, model: str, dest: str, overwrite: boo
     policy = input_ref(model)  # resolved once: for the identity check and for `produce`
     same_model = policy_is_reference_model(config, reference, policy)
 
-    def build(out_dir: Path, paths: dict[str, Path]) -> dict[str, Any]:
+    def check(out_dir: Path, paths: dict[str, Path]) -> Prepared:
         fingerprint = check_same_tokenizer("the tokenizer of reference", paths["reference"] / TOKENIZER_DIR,
                                            "the policy", paths["model"])
-        job = make_job("dpo", config, paths, out_dir, dest)
-        metrics = {**run_job(job, config.train.distributed, world_size_of(config.train, None)),
-                   "policy_is_reference_model": same_model, FINGERPRINT_KEY: fingerprint}
-        publish_metrics(Path(job["run_dir"]), out_dir, f"DPO ({config.loss_type}, beta {config.beta})", metrics)
-        return metrics
+        return Prepared({"policy_is_reference_model": same_model, FINGERPRINT_KEY: fingerprint})
 
-    return produce(SPEC, config, {"reference": reference, "model": policy}, dest, build, overwrite=overwrite)
+    return produce_trained(SPEC, config, {"reference": reference, "model": policy}, dest,
+                           f"DPO ({config.loss_type}, beta {config.beta})", overwrite=overwrite, prepare=check)

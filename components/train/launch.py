@@ -1,11 +1,14 @@
-"""Where a trainer runs: in this process, or on the ranks of a `deepspeed` launch.
+"""A trainer as a component, and where it runs: in this process, or on the ranks of a
+`deepspeed` launch.
 
-A trainer's component build describes its run as a *job* (trainer name, config, input
-paths, output and run directories) and calls `run_job`. Without a launcher the job runs
-here; with `launcher: deepspeed` this process starts `deepspeed [--hostfile H] --num_gpus N
---module components.train.worker job.json`, every rank runs the same job (the training loop
-picks the DeepSpeed backend), rank 0 writes the model and `result.json`, and this process
-reads the result back. A failed launch raises with the tail of the ranks' output.
+A trainer is its config and one function `fit(job) -> Trained`, registered by name in
+`TRAINERS` as a `TrainerJob`; `produce_trained` turns it into a component. Its build
+describes the run as a *job* (trainer name, config, input paths, output and run directories)
+and calls `run_job`. Without a launcher the job runs here; with `launcher: deepspeed` this
+process starts `deepspeed [--hostfile H] --num_gpus N --module components.train.worker
+job.json`, every rank runs the same job (the training loop picks the DeepSpeed backend),
+rank 0 writes the model and `result.json`, and this process reads the result back. A failed
+launch raises with the tail of the ranks' output. The run's metrics are then published.
 """
 
 from __future__ import annotations
@@ -17,17 +20,21 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from components.artifacts import current_build_key, is_remote, local_path
+from components.artifacts import (
+    ArtifactRef, ComponentSpec, Manifest, produce, run_directory,
+)
 from components.config import StrictConfig
 from components.errors import CrucibleError
-from components.train.engine import DistributedConfig
+from components.locks import exclusive
+from components.train.config import DistributedConfig, TrainConfig
+from components.train.publish import publish_metrics
 
-# trainer name -> "module:function" taking the job dict and returning its metrics (on rank 0)
+# trainer name (its component's spec name) -> "module:attribute" of its TrainerJob
 TRAINERS = {
     "pretrain": "components.train.pretrain:train_job",
     "sft": "components.train.sft:train_job",
@@ -37,6 +44,7 @@ TRAINERS = {
     "reward_model": "components.train.reward_model:train_job",
     "dpo": "components.train.dpo:train_job",
 }
+USER_CODE_KEY = "reward_code"  # the metric recording the user functions a config names, by source hash
 RESULT_FILE = "result.json"
 JOB_FILE = "job.json"
 LAUNCH_LOG = "launch.log"
@@ -46,25 +54,10 @@ class LaunchError(CrucibleError):
     """The deepspeed launcher or one of its ranks failed."""
 
 
-def run_directory(dest: str) -> Path:
-    """Where a run keeps its live metrics and checkpoints: next to a local destination
-    (`<dest>.runs/<cache key>`), else under `$CRUCIBLE_RUNS_DIR` (default ~/.cache/crucible/runs).
-    Keyed by the component run's cache key, so only the same config on the same inputs resumes."""
-    key = (current_build_key.get() or "no-key").split(":")[-1][:16]
-    if is_remote(dest):
-        root = Path(os.environ.get("CRUCIBLE_RUNS_DIR", Path.home() / ".cache" / "crucible" / "runs"))
-        return root / dest.replace("://", "/").strip("/") / key
-    dest_path = local_path(dest).absolute()
-    return dest_path.with_name(f"{dest_path.name}.runs") / key
-
-
-_IMPORT_LOCK = threading.Lock()
-
-
 def _resolve_lazy_imports() -> None:
     """transformers resolves its top-level names lazily, and that resolution is not safe when
-    two threads (two trainer tasks of one flow) do it at once; do it once, under a lock."""
-    with _IMPORT_LOCK:
+    two threads (two trainer tasks of one flow) do it at once; do it once, under the process lock."""
+    with exclusive():
         import transformers
 
         for name in ("AutoModelForCausalLM", "AutoModelForSequenceClassification", "AutoTokenizer", "AutoConfig",
@@ -82,6 +75,20 @@ def execute_job(job: dict[str, Any]) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / RESULT_FILE).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     return metrics
+
+
+def world_size_of(config: TrainConfig, estimate: dict[str, Any] | None) -> int:
+    """Ranks the run will have: 1 in-process, else num_procs, else the estimate's num_gpus."""
+    if config.distributed.launcher == "none":
+        return 1
+    return config.distributed.num_procs or (estimate or {}).get("num_gpus", 1)
+
+
+def zero_stage_of(config: TrainConfig, estimate: dict[str, Any] | None) -> int:
+    if config.distributed.launcher == "none":
+        return 0
+    ds = config.distributed.deepspeed_config or (estimate or {}).get("deepspeed_config") or {}
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
 def _free_port() -> int:
@@ -128,6 +135,28 @@ def read_job(job: dict[str, Any], config_type: type[StrictConfig]) -> Job:
                run_dir=Path(job["run_dir"]), out_dir=Path(job["out_dir"]))
 
 
+@dataclass(frozen=True)
+class Trained:
+    """What `fit` returns on every rank: the rank, and its metrics, computed only on rank 0
+    (they read the step log and the published model, which rank 0 writes)."""
+
+    rank: int
+    report: Callable[[], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class TrainerJob:
+    """A trainer as `TRAINERS` runs it on every rank: the job's config read as `config_type`,
+    `fit` run, and its metrics on rank 0 (`{}` on the others)."""
+
+    config_type: type[StrictConfig]
+    fit: Callable[[Job], Trained]
+
+    def __call__(self, job: dict[str, Any]) -> dict[str, Any]:
+        trained = self.fit(read_job(job, self.config_type))
+        return trained.report() if trained.rank == 0 else {}
+
+
 def run_job(job: dict[str, Any], distributed: DistributedConfig, num_procs: int) -> dict[str, Any]:
     """Run `job` here or under the deepspeed launcher with `num_procs` ranks per node."""
     run_dir = Path(job["run_dir"])
@@ -153,3 +182,36 @@ def run_job(job: dict[str, Any], distributed: DistributedConfig, num_procs: int)
         tail = "".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-25:])
         raise LaunchError(f"deepspeed launch of {job['trainer']} failed (exit {returncode}); see {log_path}:\n{tail}")
     return json.loads(result_path.read_text(encoding="utf-8"))
+
+
+Publish = Callable[[Path, Path, str, dict[str, Any]], None]  # (run_dir, out_dir, title, metrics)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What a component's checks before its run hand `produce_trained`: metrics to record after
+    the run's (a tokenizer fingerprint), and the ranks per node where not the config's alone."""
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    world_size: int | None = None
+
+
+def produce_trained(spec: ComponentSpec, config: Any, inputs: Mapping[str, str | ArtifactRef], dest: str, title: str,
+                    *, overwrite: bool = False, prepare: Callable[[Path, dict[str, Path]], Prepared] | None = None,
+                    publish: Publish = publish_metrics) -> Manifest:
+    """Publish a run of the trainer `spec.name` (in `TRAINERS`) as the component `spec`.
+    `prepare(out_dir, paths)` checks the inputs first; the job runs here or under deepspeed;
+    its metrics, then `prepare`'s, then the user code the config names (`code_fingerprints`,
+    which the cache key holds) are published by `publish` under `title` and returned."""
+    def build(out_dir: Path, paths: dict[str, Path]) -> dict[str, Any]:
+        prepared = prepare(out_dir, paths) if prepare is not None else Prepared()
+        fingerprints = config.code_fingerprints()
+        job = make_job(spec.name, config, paths, out_dir, dest)
+        ranks = prepared.world_size or world_size_of(config.train, None)
+        metrics = {**run_job(job, config.train.distributed, ranks), **prepared.metrics}
+        if fingerprints:
+            metrics[USER_CODE_KEY] = fingerprints
+        publish(Path(job["run_dir"]), out_dir, title, metrics)
+        return metrics
+
+    return produce(spec, config, inputs, dest, build, overwrite=overwrite)

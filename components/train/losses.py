@@ -2,21 +2,28 @@
 
 Shapes: `[batch, tokens]` for per-token quantities with a `mask` of the same shape (1 on
 response tokens that count, 0 on prompt and padding); `[batch]` for per-sequence ones. The
-trainers (reward model, PPO, DPO, GRPO) only combine these. Each function cites the paper
-and equation it implements.
+trainers (reward model, PPO, DPO, GRPO) only combine these, and pick advantage estimators and
+policy losses by name from the registries at the end (as verl's `core_algos` does). Each
+function cites the paper and equation it implements.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from components.errors import ConfigError
+
 Aggregation = Literal["token_mean", "sequence_mean", "constant"]
 KLEstimator = Literal["k1", "k2", "k3"]
 GroupNorm = Literal["group_std", "batch_std", "none"]
 DPOVariant = Literal["sigmoid", "ipo", "hinge"]
+AdvantageEstimator = Literal["grpo", "rloo"]  # the names of ADVANTAGE_ESTIMATORS
+PolicyLoss = Literal["ppo_clip"]  # the names of POLICY_LOSSES
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -128,6 +135,67 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return (grouped - others).reshape(-1)
 
 
+def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / (std + eps) over the masked entries of the whole batch, zero off-mask: PPO's
+    advantage normalisation (as in OpenAI baselines' PPO, TRL's `masked_whiten`, OpenRLHF and
+    verl). The variance is the biased masked mean of squared deviations, and eps is added
+    to the std (TRL adds it to the variance, and uses the unbiased variance)."""
+    mean = masked_mean(values, mask)
+    std = masked_mean((values - mean) ** 2, mask).sqrt()
+    return (values - mean) / (std + eps) * mask
+
+
+def kl_penalized_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
+                         kl_coef: float | None) -> torch.Tensor:
+    """Per-token rewards [batch, tokens] from sequence scores [batch]: -kl_coef x the per-token
+    KL estimate `kl` on every token (Ziegler et al. 2019, eq. 2; Ouyang et al. 2022, eq. 2; TRL's
+    PPOTrainer), plus the score on the last response token. `kl_coef=None`: the KL is not in
+    the reward (a loss term instead), only the score is placed."""
+    rewards = torch.zeros_like(kl)
+    if kl_coef is not None:
+        rewards -= kl_coef * kl
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    rewards[torch.arange(len(last)), last] += scores
+    return rewards
+
+
+def adaptive_kl_coef(coef: float, measured_kl: float, target: float, samples: int, horizon: int) -> float:
+    """Ziegler et al. 2019, §2.2: e = clip(KL / KL_target - 1, -0.2, 0.2); beta <- beta (1 + K_beta e),
+    with K_beta = samples / horizon."""
+    error = min(max(measured_kl / target - 1.0, -0.2), 0.2)
+    return coef * (1.0 + error * samples / horizon)
+
+
+@dataclass(frozen=True)
+class KLController:
+    """The KL coefficient beta: fixed (`target` None) or adaptive (Ziegler et al. 2019, §2.2:
+    moved after each batch so the measured KL per sequence tracks `target`)."""
+
+    coef: float
+    target: float | None = None
+    horizon: int = 10_000  # samples
+
+    def updated(self, measured_kl: float, samples: int) -> KLController:
+        """The controller after a batch of `samples` sequences whose mean KL was `measured_kl`."""
+        if self.target is None:
+            return self
+        return replace(self, coef=adaptive_kl_coef(self.coef, measured_kl, self.target, samples, self.horizon))
+
+
+def aggregation_weight(aggregation: Aggregation, tokens: float, rows: int, total_tokens: float,
+                       total_rows: int) -> float:
+    """The weight of one micro-batch's loss (`tokens` response tokens in `rows` sequences) when a
+    batch of `total_tokens` in `total_rows` is accumulated over micro-batches, so that the
+    weighted sum equals `aggregate_loss` of the whole batch: its share of the tokens
+    (token_mean), of the sequences (sequence_mean), or 1 (constant: the constant already
+    divides by the whole batch's size)."""
+    if aggregation == "token_mean":
+        return tokens / total_tokens
+    if aggregation == "sequence_mean":
+        return rows / total_rows
+    return 1.0
+
+
 def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, aggregation: Aggregation = "token_mean",
                    constant: float | None = None) -> torch.Tensor:
     """Reduce a per-token loss: `token_mean` over all response tokens of the batch (DAPO, Yu et
@@ -166,3 +234,20 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     stats = {"chosen_reward": beta * chosen_reward.detach().mean(), "rejected_reward": beta * rejected_reward.detach().mean(),
              "reward_accuracy": (h.detach() > 0).float().mean()}
     return losses.mean(), stats
+
+
+# Registries (as verl's `core_algos`): a recipe picks its formulas by name from its config.
+AdvantageFunction = Callable[[torch.Tensor, int, GroupNorm], torch.Tensor]  # (rewards, group_size, normalize)
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageFunction] = {
+    "grpo": group_advantages,
+    # RLOO's leave-one-out baseline is not scaled: `normalize` is GRPO's option (verl ignores it too)
+    "rloo": lambda rewards, group_size, normalize: rloo_advantages(rewards, group_size),
+}
+POLICY_LOSSES = {"ppo_clip": ppo_policy_loss}
+
+
+def registered(registry: dict[str, Callable], name: str, field: str) -> Callable:
+    """`registry[name]`; an unknown name is refused naming the config `field` and the known names."""
+    if name not in registry:
+        raise ConfigError(f"{field}: unknown {name!r}; known: {', '.join(sorted(registry))}")
+    return registry[name]

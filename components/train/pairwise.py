@@ -22,7 +22,8 @@ from torch import nn
 from components.errors import ConfigError
 from components.models.logprobs import sequence_logprobs
 from components.models.reward import rewards
-from components.train.engine import TrainData, split_output
+from components.train.backends import split_output
+from components.train.batches import TrainData
 from components.train.losses import DPOVariant, bradley_terry_loss, dpo_loss
 
 if TYPE_CHECKING:

@@ -6,16 +6,20 @@ Language Models from Human Preferences", §2.2), on the formulas of `components.
 - A frozen copy of the starting policy is the reference. The KL to it is either a per-token
   reward penalty (`kl_mode: reward`, Ziegler et al. eq. 2, with k1 = log pi - log ref) with
   a fixed coefficient or the adaptive controller of Ziegler et al. §2.2 (the coefficient
-  moves so the measured KL tracks `kl_target`), or a loss term (`kl_mode: loss`, k3).
+  moves so the measured KL tracks `kl_target`), or a loss term (`kl_mode: loss`, k3). The
+  penalty is `losses.kl_penalized_rewards`, the controller `losses.KLController`.
 - The sequence reward is a reward model's score (a `reward_model` artifact: a sequence
   classifier with one output), or the weighted sum of reward functions
   (`components.train.rewards`), or both: `reward_model_weight` x score + the functions' sum
   (`reward_sources`: functions other than the default next to a reward model, without a
   weight, are refused rather than ignored), placed on the last completion token; advantages
-  and returns by GAE (`losses.gae_advantages`),
-  advantages whitened over the batch (as TRL, OpenRLHF and verl do).
+  and returns by GAE (`losses.gae_advantages`), advantages whitened over the batch
+  (`losses.whiten`, as TRL, OpenRLHF and verl do).
 - Each batch of rollouts is used for `ppo_epochs` epochs of `minibatches` updates with the
   clipped surrogate (`losses.ppo_policy_loss`).
+
+A step is two phases: `PPOStep.rollout` (sample, reward, old and reference log-probs, values,
+advantages) and `PPOStep.update` (the minibatch updates, each `PPOStep.minibatch_loss`).
 
 Logged per step: reward mean / std, KL, KL coefficient, entropy, clip fractions, value loss,
 response length, rollout vs update time. A non-finite gradient norm in any minibatch ends the
@@ -25,25 +29,37 @@ step there, before that update is applied, and `run_rl` stops the run on it.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
+import torch
 from pydantic import Field
+from torch import nn
 
 from components.artifacts import ComponentSpec, Manifest
 from components.config import StrictConfig
 from components.errors import ConfigError
-from components.train.engine import TrainConfig
-from components.train.launch import read_job
-from components.train.loop import OptimConfig
-from components.train.rewards import RewardSpec
-from components.train.rl import HeldoutSettings, produce_rl
-
-if TYPE_CHECKING:
-    import torch
+from components.models import sampling
+from components.models.logprobs import completion_logprobs
+from components.models.reward import load_reward_model
+from components.models.reward import score as reward_model_score
+from components.models.tokenizers import check_same_tokenizer
+from components.train.config import TrainConfig
+from components.train.launch import Job, Trained, TrainerJob
+from components.train.optim import OptimConfig
+from components.train.publish import ModelSaver
+from components.train.losses import (
+    POLICY_LOSSES, KLController, gae_advantages, kl_estimate, kl_penalized_rewards, masked_mean, value_loss, whiten,
+)
+from components.train.rewards import RewardSpec, check_errors, score
+from components.train.rl import (
+    HeldoutSettings, RLSetup, load_rl_setup, produce_rl, run_rl, step_grad_norm, summarize_rl,
+)
 
 SPEC = ComponentSpec(name="ppo", version="1")
 VALUE_HEAD_FILE = "value_head.pt"
@@ -108,37 +124,23 @@ def reward_sources(config: PPOConfig, has_reward_model: bool) -> str:
     return "reward_model"
 
 
-def _policy_with_value(policy: Any) -> Any:
-    """The trained module: the policy and its value head (torch is imported inside jobs only)."""
-    import torch
-    from torch import nn
+class PolicyWithValue(nn.Module):
+    """The trained module: the policy and its value head, a linear layer on the last hidden
+    state, initialised to zero and kept in fp32."""
 
-    class Module(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.policy = policy
-            self.value_head = nn.Linear(policy.config.hidden_size, 1)
-            nn.init.zeros_(self.value_head.weight)
-            nn.init.zeros_(self.value_head.bias)
-
-    module = Module()
-    module.value_head.to(torch.float32)
-    return module
-
-
-def adaptive_kl_coef(coef: float, measured_kl: float, target: float, samples: int, horizon: int) -> float:
-    """Ziegler et al. 2019, §2.2: e = clip(KL / KL_target - 1, -0.2, 0.2); beta <- beta (1 + K_beta e),
-    with K_beta = samples / horizon."""
-    error = min(max(measured_kl / target - 1.0, -0.2), 0.2)
-    return coef * (1.0 + error * samples / horizon)
+    def __init__(self, policy: Any) -> None:
+        super().__init__()
+        self.policy = policy
+        self.value_head = nn.Linear(policy.config.hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+        self.value_head.to(torch.float32)
 
 
 def minibatch_rows(rows: int, epochs: int, minibatches: int) -> Iterator[torch.Tensor]:
     """Row indices of each update: per epoch a fresh permutation cut into `minibatches` equal
     parts (a remainder is left out). Lazy, so each epoch's permutation is drawn from torch's
     global RNG when that epoch starts, after the previous epoch's updates."""
-    import torch
-
     per_minibatch = max(1, rows // minibatches)
     for _ in range(epochs):
         order = torch.randperm(rows)
@@ -146,141 +148,181 @@ def minibatch_rows(rows: int, epochs: int, minibatches: int) -> Iterator[torch.T
             yield order[start:start + per_minibatch]
 
 
-def train_job(job: dict[str, Any]) -> dict[str, Any]:
-    import torch
+@dataclass(frozen=True)
+class SequenceRewards:
+    """A rollout's sequence rewards as `source` (`reward_sources`) says: the reward model's
+    score, the reward functions' weighted sum, or `reward_model_weight` x score + that sum."""
 
-    from components.train.losses import gae_advantages, kl_estimate, masked_mean, ppo_policy_loss, value_loss
-    from components.train.rewards import check_errors, score
-    from components.models.logprobs import completion_logprobs
-    from components.models.sampling import decode
-    from components.train.rl import load_rl_setup, run_rl, step_grad_norm, summarize_rl
+    config: PPOConfig
+    source: str
+    problems: list[tuple[str, str]]
+    reward_model: Any = None
+    reward_tokenizer: Any = None
 
-    job_ = read_job(job, PPOConfig)
-    config, paths, run_dir, out_dir = job_.config, job_.paths, job_.run_dir, job_.out_dir
-    setup = load_rl_setup(paths, config)
-    tokenizer, policy, problems, encoded = setup.tokenizer, setup.policy, setup.problems, setup.encoded
-    module = _policy_with_value(policy)
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    reward_model = reward_tokenizer = None
-    source = reward_sources(config, "reward_model" in paths)
-    if "reward_model" in paths:
-        from components.models.tokenizers import check_same_tokenizer
-        from components.models.reward import load_reward_model
-
-        check_same_tokenizer("reward model", paths["reward_model"], "policy", paths["model"])
-        reward_model, reward_tokenizer = load_reward_model(paths["reward_model"])
-    forward_flops = setup.forward_flops_per_token  # per token: rollout, old and reference passes
-    train_flops = setup.training_flops_per_token  # per token of each minibatch update
-    samples = config.samples_per_prompt
-    state = {"kl_coef": config.kl_coef, "reward_errors": 0, "training_flops": 0.0}
-
-    def sequence_rewards(step_index: int, indices: list[int], texts: list[str]) -> tuple[Any, dict[str, Any]]:
-        """The rollout's sequence rewards (as `source` says) and their per-source means."""
+    def __call__(self, step_index: int, indices: list[int], texts: list[str]) -> tuple[torch.Tensor, dict[str, Any], int]:
+        """(rewards [rows], their per-source means and failure examples, reward function failures);
+        a function failing on too many samples stops the run (`check_errors`)."""
+        config, samples = self.config, self.config.samples_per_prompt
         total, extra = torch.zeros(len(texts)), {}
-        if reward_model is not None:
-            from components.models.reward import score as rm_score
-
-            questions = [problems[i][0] for i in indices for _ in range(samples)]
-            model_scores = torch.tensor(rm_score(reward_model, reward_tokenizer, questions, texts))
-            if source == "reward_model":
-                return model_scores, {}
+        if self.reward_model is not None:
+            questions = [self.problems[i][0] for i in indices for _ in range(samples)]
+            model_scores = torch.tensor(reward_model_score(self.reward_model, self.reward_tokenizer, questions, texts))
+            if self.source == "reward_model":
+                return model_scores, {}, 0
             total += config.reward_model_weight * model_scores
             extra["reward/reward_model"] = float(model_scores.mean())
-        references = [problems[i][1] for i in indices for _ in range(samples)]
+        references = [self.problems[i][1] for i in indices for _ in range(samples)]
         scores = score(config.rewards, texts, references, config.on_reward_error)
-        state["reward_errors"] += scores.errors
         extra.update({f"reward/{name}": sum(v) / len(v) for name, v in scores.per_function.items()})
         if scores.errors:
             extra["reward_error_examples"] = scores.error_examples
         check_errors(scores, "ppo", step_index + 1, config.max_reward_error_fraction)
-        return total + torch.tensor(scores.total), extra
+        return total + torch.tensor(scores.total), extra, scores.errors
 
-    def make_step(backend: Any, sampler: Any):  # noqa: ANN202
-        device = backend.device
 
-        def step(step_index: int, indices: Any, learning_rate: float) -> dict[str, Any]:
-            started = time.perf_counter()
-            indices = indices.tolist()
-            rollout = decode(policy, tokenizer, [encoded[i] for i in indices], samples, config.max_new_tokens,
-                             config.temperature)
-            rewards, per_function = sequence_rewards(step_index, indices, rollout.texts)
-            ids, attention, mask = (rollout.input_ids.to(device), rollout.attention_mask.to(device),
-                                    rollout.completion_mask.to(device))
-            width = rollout.prompt_width
-            with torch.no_grad():
-                old_logprobs, _, old_values = completion_logprobs(policy, ids, attention, width, config.temperature,
-                                                                  values_head=module.value_head)
-                ref_logprobs, _, _ = completion_logprobs(reference, ids, attention, width, config.temperature)
-                kl_k1 = kl_estimate(old_logprobs, ref_logprobs, "k1") * mask
-                token_rewards = torch.zeros_like(old_logprobs)
-                if config.kl_mode == "reward":
-                    token_rewards -= state["kl_coef"] * kl_k1
-                last = (mask.sum(1).long() - 1).clamp(min=0)
-                token_rewards[torch.arange(len(last)), last] += rewards.to(device)
-                advantages, returns = gae_advantages(token_rewards, old_values * mask, mask, config.gamma, config.lam)
-                mean = masked_mean(advantages, mask)
-                std = masked_mean((advantages - mean) ** 2, mask).sqrt()
-                advantages = (advantages - mean) / (std + 1e-8) * mask  # whitened over the batch
-            sequence_kl = float((kl_k1.sum(1)).mean())
-            rollout_time_s = time.perf_counter() - started
-            update_started = time.perf_counter()
-            rows = ids.shape[0]
-            sums = {"loss": 0.0, "policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0,
-                    "clip_fraction_low": 0.0, "clip_fraction_high": 0.0}
-            grad_norms, updates = [], 0
-            for pick in minibatch_rows(rows, config.ppo_epochs, config.minibatches):
-                pick = pick.to(device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=backend.precision == "bf16"):
-                    logprobs, entropies, values = completion_logprobs(
-                        policy, ids[pick], attention[pick], width, config.temperature, entropy=True,
-                        values_head=module.value_head)
-                pg_loss, stats = ppo_policy_loss(logprobs, old_logprobs[pick], advantages[pick], mask[pick],
-                                                 config.eps_clip, config.eps_clip)
-                vf_loss = value_loss(values, old_values[pick], returns[pick], mask[pick], config.value_clip)
-                loss = pg_loss + config.value_coef * vf_loss
-                if config.kl_mode == "loss":
-                    loss = loss + state["kl_coef"] * masked_mean(
-                        kl_estimate(logprobs, ref_logprobs[pick], "k3"), mask[pick])
-                loss.backward()
-                grad_norms.append(backend.optimizer_step(learning_rate))
-                updates += 1
-                if not math.isfinite(grad_norms[-1]):
-                    break  # the optimizer did not step; run_rl stops the run on this step's grad_norm
-                for name, value in (("loss", loss), ("policy_loss", pg_loss), ("value_loss", vf_loss),
-                                    ("entropy", masked_mean(entropies, mask[pick])),
-                                    ("clip_fraction_low", stats["clip_fraction_low"]),
-                                    ("clip_fraction_high", stats["clip_fraction_high"])):
-                    sums[name] += float(value.detach())
-                state["training_flops"] += train_flops * float(attention[pick].sum())
-            record = {name: value / max(1, updates) for name, value in sums.items()}
-            state["training_flops"] += forward_flops * float(attention.sum()) * 3  # rollout, old, reference
-            if config.kl_target is not None:
-                state["kl_coef"] = adaptive_kl_coef(state["kl_coef"], sequence_kl, config.kl_target, rows,
-                                                    config.kl_horizon)
-            grouped = rewards.view(-1, samples)
-            record.update({
-                "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()) if rows > 1 else 0.0,
-                **per_function, "kl": sequence_kl, "kl_coef": state["kl_coef"],
-                "zero_variance_fraction": float((grouped.max(1).values == grouped.min(1).values).float().mean())
-                if samples > 1 else None,
-                "response_length": float(rollout.completion_mask.sum(1).mean()),
-                "grad_norm": step_grad_norm(grad_norms), "updates": updates,
-                "rollout_time_s": rollout_time_s, "update_time_s": time.perf_counter() - update_started,
-                "reward_errors": state["reward_errors"], "training_flops": state["training_flops"],
-            })
-            return record
+@dataclass
+class PPOBatch:
+    """One step's rollout and what the updates need of it, computed before any update:
+    [rows, prompt + completion] for `ids` and `attention`, [rows, completion] for the rest."""
 
-        return step
+    rollout: sampling.Rollout
+    rewards: torch.Tensor  # [rows] sequence rewards
+    reward_metrics: dict[str, Any]
+    ids: torch.Tensor
+    attention: torch.Tensor
+    mask: torch.Tensor
+    old_logprobs: torch.Tensor
+    old_values: torch.Tensor
+    ref_logprobs: torch.Tensor
+    advantages: torch.Tensor  # GAE, whitened over the batch
+    returns: torch.Tensor
+    sequence_kl: float  # mean over sequences of the summed k1 KL to the reference
 
-    def save_model(wrapper: Any, directory: Path) -> None:
-        wrapper.policy.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
-        torch.save(wrapper.value_head.state_dict(), directory / VALUE_HEAD_FILE)
 
-    records = run_rl(module, policy, tokenizer, config.train, len(problems), run_dir, make_step=make_step,
-                     save_model=save_model, heldout=setup.heldout, heldout_settings=config.heldout,
-                     max_new_tokens=config.max_new_tokens, temperature=config.temperature, final_dir=out_dir, description="ppo")
-    return {**summarize_rl(run_dir, records), "reward_source": source}
+class PPOStep:
+    """`run_rl`'s step function: each call is one step (rollout, then `ppo_epochs` x
+    `minibatches` updates). It holds the KL controller and counts reward failures and training
+    FLOPs over the run."""
+
+    def __init__(self, config: PPOConfig, setup: RLSetup, module: PolicyWithValue, reference: Any,
+                 rewards: SequenceRewards, backend: Any, sampler: Any) -> None:
+        self.config, self.setup, self.module, self.reference, self.rewards = config, setup, module, reference, rewards
+        self.backend, self.device = backend, backend.device
+        self.policy_loss = POLICY_LOSSES["ppo_clip"]
+        self.kl = KLController(config.kl_coef, config.kl_target, config.kl_horizon)
+        self.reward_errors, self.training_flops = 0, 0.0
+
+    def __call__(self, step_index: int, indices: torch.Tensor, learning_rate: float) -> dict[str, Any]:
+        started = time.perf_counter()
+        batch = self.rollout(step_index, indices.tolist())
+        rollout_time_s = time.perf_counter() - started
+        update_started = time.perf_counter()
+        record, grad_norms, updates = self.update(batch, learning_rate)
+        self.training_flops += self.setup.forward_flops_per_token * float(batch.attention.sum()) * 3  # rollout, old, ref
+        rows, samples = batch.ids.shape[0], self.config.samples_per_prompt
+        self.kl = self.kl.updated(batch.sequence_kl, rows)
+        rewards = batch.rewards
+        grouped = rewards.view(-1, samples)
+        record.update({
+            "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()) if rows > 1 else 0.0,
+            **batch.reward_metrics, "kl": batch.sequence_kl, "kl_coef": self.kl.coef,
+            "zero_variance_fraction": float((grouped.max(1).values == grouped.min(1).values).float().mean())
+            if samples > 1 else None,
+            "response_length": float(batch.rollout.completion_mask.sum(1).mean()),
+            "grad_norm": step_grad_norm(grad_norms), "updates": updates,
+            "rollout_time_s": rollout_time_s, "update_time_s": time.perf_counter() - update_started,
+            "reward_errors": self.reward_errors, "training_flops": self.training_flops,
+        })
+        return record
+
+    def rollout(self, step_index: int, indices: list[int]) -> PPOBatch:
+        """Sample, reward, and compute the old log-probs and values, the reference's log-probs,
+        per-token rewards (KL-penalised in `kl_mode: reward`), GAE and whitened advantages."""
+        config, setup, device = self.config, self.setup, self.device
+        rollout = sampling.decode(setup.policy, setup.tokenizer, [setup.encoded[i] for i in indices],
+                                  config.samples_per_prompt, config.max_new_tokens, config.temperature)
+        rewards, reward_metrics, errors = self.rewards(step_index, indices, rollout.texts)
+        self.reward_errors += errors
+        ids, attention, mask = (rollout.input_ids.to(device), rollout.attention_mask.to(device),
+                                rollout.completion_mask.to(device))
+        width = rollout.prompt_width
+        with torch.no_grad():
+            old_logprobs, _, old_values = completion_logprobs(setup.policy, ids, attention, width, config.temperature,
+                                                              values_head=self.module.value_head)
+            ref_logprobs, _, _ = completion_logprobs(self.reference, ids, attention, width, config.temperature)
+            kl_k1 = kl_estimate(old_logprobs, ref_logprobs, "k1") * mask
+            token_rewards = kl_penalized_rewards(rewards.to(device), kl_k1, mask,
+                                                 self.kl.coef if config.kl_mode == "reward" else None)
+            advantages, returns = gae_advantages(token_rewards, old_values * mask, mask, config.gamma, config.lam)
+            advantages = whiten(advantages, mask)
+        return PPOBatch(rollout, rewards, reward_metrics, ids, attention, mask, old_logprobs, old_values, ref_logprobs,
+                        advantages, returns, float((kl_k1.sum(1)).mean()))
+
+    def update(self, batch: PPOBatch, learning_rate: float) -> tuple[dict[str, float], list[float], int]:
+        """`ppo_epochs` x `minibatches` updates; returns the mean loss statistics over the
+        updates, their gradient norms and their count. A non-finite gradient norm ends the step
+        there (the optimizer did not step; run_rl stops the run on this step's grad_norm)."""
+        sums = dict.fromkeys(("loss", "policy_loss", "value_loss", "entropy", "clip_fraction_low",
+                              "clip_fraction_high"), 0.0)
+        grad_norms, updates = [], 0
+        for pick in minibatch_rows(batch.ids.shape[0], self.config.ppo_epochs, self.config.minibatches):
+            pick = pick.to(self.device)
+            loss, terms = self.minibatch_loss(batch, pick)
+            loss.backward()
+            grad_norms.append(self.backend.optimizer_step(learning_rate))
+            updates += 1
+            if not math.isfinite(grad_norms[-1]):
+                break
+            for name, value in terms.items():
+                sums[name] += float(value.detach())
+            self.training_flops += self.setup.training_flops_per_token * float(batch.attention[pick].sum())
+        return {name: value / max(1, updates) for name, value in sums.items()}, grad_norms, updates
+
+    def minibatch_loss(self, batch: PPOBatch, pick: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of the rows `pick`: clipped surrogate + value_coef x clipped value loss (+ the
+        k3 KL term in `kl_mode: loss`), and the terms logged."""
+        config, mask = self.config, batch.mask[pick]
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.backend.precision == "bf16"):
+            logprobs, entropies, values = completion_logprobs(
+                self.setup.policy, batch.ids[pick], batch.attention[pick], batch.rollout.prompt_width,
+                config.temperature, entropy=True, values_head=self.module.value_head)
+        pg_loss, stats = self.policy_loss(logprobs, batch.old_logprobs[pick], batch.advantages[pick], mask,
+                                          config.eps_clip, config.eps_clip)
+        vf_loss = value_loss(values, batch.old_values[pick], batch.returns[pick], mask, config.value_clip)
+        loss = pg_loss + config.value_coef * vf_loss
+        if config.kl_mode == "loss":
+            loss = loss + self.kl.coef * masked_mean(kl_estimate(logprobs, batch.ref_logprobs[pick], "k3"), mask)
+        return loss, {"loss": loss, "policy_loss": pg_loss, "value_loss": vf_loss,
+                      "entropy": masked_mean(entropies, mask), "clip_fraction_low": stats["clip_fraction_low"],
+                      "clip_fraction_high": stats["clip_fraction_high"]}
+
+
+def load_sequence_rewards(config: PPOConfig, setup: RLSetup, paths: dict[str, Path]) -> SequenceRewards:
+    """The run's reward (`reward_sources`), with the reward model loaded when one is given (it
+    must use the policy's tokenizer)."""
+    source = reward_sources(config, "reward_model" in paths)
+    if "reward_model" not in paths:
+        return SequenceRewards(config, source, setup.problems)
+    check_same_tokenizer("reward model", paths["reward_model"], "policy", paths["model"])
+    return SequenceRewards(config, source, setup.problems, *load_reward_model(paths["reward_model"]))
+
+
+def fit(job: Job) -> Trained:
+    config = job.config
+    setup = load_rl_setup(job.paths, config)
+    tokenizer, policy = setup.tokenizer, setup.policy
+    module = PolicyWithValue(policy)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    rewards = load_sequence_rewards(config, setup, job.paths)
+    records = run_rl(module, policy, tokenizer, config.train, len(setup.problems), job.run_dir,
+                     make_step=functools.partial(PPOStep, config, setup, module, reference, rewards),
+                     save_model=ModelSaver(tokenizer, model="policy", value_head_file=VALUE_HEAD_FILE),
+                     heldout=setup.heldout, heldout_settings=config.heldout, max_new_tokens=config.max_new_tokens,
+                     temperature=config.temperature, final_dir=job.out_dir, description="ppo")
+    return Trained(0, lambda: {**summarize_rl(job.run_dir, records), "reward_source": rewards.source})
+
+
+train_job = TrainerJob(PPOConfig, fit)
 
 
 def ppo(config: PPOConfig, model: str, problems: str, dest: str, heldout: str | None = None,

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import Field
 
-from components.artifacts import ComponentSpec, Manifest, produce
+from components.artifacts import ComponentSpec, Manifest
 from components.config import StrictConfig
 from components.records import read_column
 from components.errors import ConfigError
@@ -16,9 +16,13 @@ from components.feasibility.estimate import ESTIMATE_FILE
 from components.feasibility.training import require_feasible
 from components.models.factory import ModelConfig, build_causal_lm
 from components.models.tokenizers import check_blocks_tokenizer
-from components.train.engine import TrainConfig, TrainData, resolve_precision
-from components.train.launch import make_job, read_job, run_job
-from components.train.trainer import publish_metrics, summarize, world_size_of, zero_stage_of
+from components.train.backends import resolve_precision
+from components.train.batches import TrainData
+from components.train.config import TrainConfig
+from components.train.launch import (
+    Job, Prepared, Trained, TrainerJob, produce_trained, world_size_of, zero_stage_of,
+)
+from components.train.publish import ModelSaver, summarize
 
 SPEC = ComponentSpec(name="pretrain", version="2")
 
@@ -34,7 +38,7 @@ def _blocks_tensor(blocks_dir: Path) -> Any:
     return torch.tensor(read_column(blocks_dir, "input_ids"), dtype=torch.long)
 
 
-def train_job(job: dict[str, Any]) -> dict[str, Any]:
+def fit(job: Job) -> Trained:
     """One rank's (or the only process's) pretraining run."""
     import torch
     from transformers import AutoTokenizer
@@ -42,31 +46,23 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
     from components.train.engine import train
     from components.train.modules import CausalLMLoss
 
-    job_ = read_job(job, PretrainConfig)
-    config, paths, run_dir, out_dir = job_.config, job_.paths, job_.run_dir, job_.out_dir
+    config, paths = job.config, job.paths
     tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"])
     blocks = _blocks_tensor(paths["blocks"])
     estimate = json.loads((paths["estimate"] / ESTIMATE_FILE).read_text(encoding="utf-8"))
     torch.manual_seed(config.train.seed)
     model = build_causal_lm(config.model, tokenizer)
     params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
-
-    def save_model(module: CausalLMLoss, directory: Path) -> None:
-        module.model.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
-
     result = train(
         CausalLMLoss(model), TrainData({"input_ids": blocks, "labels": blocks}, source=str(paths["blocks"])),
-        config.train, run_dir, save_model=save_model, flops_per_token=estimate["flops_per_token"],
-        final_dir=out_dir, estimate_ds_config=estimate["deepspeed_config"], description="pretrain",
+        config.train, job.run_dir, save_model=ModelSaver(tokenizer), flops_per_token=estimate["flops_per_token"],
+        final_dir=job.out_dir, estimate_ds_config=estimate["deepspeed_config"], description="pretrain",
     )
-    if result.rank != 0:
-        return {}
-    return {
-        "params": params,
-        "epochs": round(config.train.max_steps * config.train.batch_size_rows / len(blocks), 3),
-        **summarize(result, run_dir),
-    }
+    epochs = config.train.max_steps * config.train.batch_size_rows / len(blocks)
+    return Trained(result.rank, lambda: {"params": params, "epochs": round(epochs, 3), **summarize(result, job.run_dir)})
+
+
+train_job = TrainerJob(PretrainConfig, fit)
 
 
 def pretrain(
@@ -79,7 +75,7 @@ def pretrain(
     the run's, is refused before any step. Without a DeepSpeed config of its own, a
     `deepspeed` launch uses the estimate's recommended one.
     """
-    def build(out_dir: Path, paths: dict[str, Path]) -> dict[str, Any]:
+    def check(out_dir: Path, paths: dict[str, Path]) -> Prepared:
         import torch
 
         check_blocks_tokenizer("blocks", paths["blocks"], "tokenizer", paths["tokenizer"])
@@ -100,10 +96,7 @@ def pretrain(
         }
         require_feasible(paths["estimate"], config.model, seq_len, config.train.batch_size_rows,
                          config.train.max_steps, supported=run_target)
-        job = make_job("pretrain", config, paths, out_dir, dest)
-        metrics = run_job(job, config.train.distributed, run_target["num_gpus"])
-        publish_metrics(Path(job["run_dir"]), out_dir, "Pretraining", metrics)
-        return metrics
+        return Prepared(world_size=run_target["num_gpus"])
 
-    return produce(SPEC, config, {"blocks": blocks, "tokenizer": tokenizer, "estimate": estimate}, dest, build,
-                   overwrite=overwrite)
+    return produce_trained(SPEC, config, {"blocks": blocks, "tokenizer": tokenizer, "estimate": estimate}, dest,
+                           "Pretraining", overwrite=overwrite, prepare=check)

@@ -31,11 +31,12 @@ from components.config import StrictConfig
 from components.records import count_records
 from components.data.sft_data import SFTFormat, pad_examples, tokenized_examples
 from components.runlog import PUBLISHED_STEP_LOG_FILE, read_metrics
-from components.train.engine import TrainConfig, TrainData
-from components.train.launch import make_job, read_job, run_job
-from components.train.loop import OptimConfig
+from components.train.batches import TrainData
+from components.train.config import TrainConfig
+from components.train.launch import Job, Prepared, Trained, TrainerJob, produce_trained
+from components.train.optim import OptimConfig
 from components.feasibility.model_flops import training_flops_per_token
-from components.train.trainer import publish_metrics, summarize, world_size_of
+from components.train.publish import ModelSaver, summarize
 
 if TYPE_CHECKING:
     import torch
@@ -107,17 +108,15 @@ def _rows(path: Path, config: PromptTuningConfig, tokenizer: Any, limit: int) ->
     return {name: torch.tensor(padded[name], dtype=torch.long) for name in ("input_ids", "labels")}
 
 
-def train_job(job: dict[str, Any]) -> dict[str, Any]:
+def fit(job: Job) -> Trained:
     import torch
-    from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
     from components.models.factory import load_causal_lm
     from components.train.engine import train
     from components.train.modules import SoftPromptLoss
 
-    job_ = read_job(job, PromptTuningConfig)
-    config, paths, run_dir, out_dir = job_.config, job_.paths, job_.run_dir, job_.out_dir
+    config, paths = job.config, job.paths
     tokenizer = AutoTokenizer.from_pretrained(paths["model"])
     model = load_causal_lm(paths["model"], attn_implementation="sdpa", dtype=torch.float32)
     train_rows = _rows(paths["dataset"], config, tokenizer, config.max_train_examples)
@@ -130,42 +129,42 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
     no_prompt = SoftPromptLoss(model, torch.zeros(0, embeddings.shape[1]))
     loss_without_prompt = heldout_loss(no_prompt, heldout_rows)
     loss_at_init = heldout_loss(module, heldout_rows)
-
-    def save_model(trained: SoftPromptLoss, directory: Path) -> None:
-        save_file({"soft_prompt": trained.soft_prompt.detach().cpu().contiguous()}, str(directory / PROMPT_FILE))
-
     width = int(train_rows["input_ids"].shape[1]) + config.num_virtual_tokens
     result = train(module, TrainData(train_rows, pad_token_id=tokenizer.pad_token_id, source=str(paths["dataset"])),
-                   config.train, run_dir, save_model=save_model, final_dir=out_dir,
-                   flops_per_token=training_flops_per_token(model, width), description="prompt_tuning")
-    if result.rank != 0:
-        return {}
-    return {
-        "init": config.init, "seed": config.train.seed, "num_virtual_tokens": config.num_virtual_tokens,
-        "trainable_params": trainable_params,
-        "train_examples": int(train_rows["input_ids"].shape[0]),
-        "train_examples_available": count_records(paths["dataset"]),
-        "heldout_examples": int(heldout_rows["input_ids"].shape[0]),
-        "heldout_examples_available": count_records(paths["heldout"]),
-        "heldout_loss_without_prompt": loss_without_prompt,
-        "heldout_loss_at_init": loss_at_init,
-        "heldout_loss": heldout_loss(module, heldout_rows),
-        **summarize(result, run_dir),
-    }
+                   config.train, job.run_dir, save_model=ModelSaver(model=None, soft_prompt_file=PROMPT_FILE),
+                   final_dir=job.out_dir, flops_per_token=training_flops_per_token(model, width),
+                   description="prompt_tuning")
+
+    def report() -> dict[str, Any]:
+        return {
+            "init": config.init, "seed": config.train.seed, "num_virtual_tokens": config.num_virtual_tokens,
+            "trainable_params": trainable_params,
+            "train_examples": int(train_rows["input_ids"].shape[0]),
+            "train_examples_available": count_records(paths["dataset"]),
+            "heldout_examples": int(heldout_rows["input_ids"].shape[0]),
+            "heldout_examples_available": count_records(paths["heldout"]),
+            "heldout_loss_without_prompt": loss_without_prompt,
+            "heldout_loss_at_init": loss_at_init,
+            "heldout_loss": heldout_loss(module, heldout_rows),
+            **summarize(result, job.run_dir),
+        }
+
+    return Trained(result.rank, report)
+
+
+train_job = TrainerJob(PromptTuningConfig, fit)
 
 
 def prompt_tuning(config: PromptTuningConfig, model: str, dataset: str, heldout: str, dest: str,
                   overwrite: bool = False) -> Manifest:
     """Train a soft prompt for the frozen `model` on `dataset`, scored on `heldout` records."""
-    def build(out_dir: Path, paths: dict[str, Path]) -> dict[str, Any]:
-        job = make_job("prompt_tuning", config, paths, out_dir, dest)
+    def write_config(out_dir: Path, paths: dict[str, Path]) -> Prepared:
         (out_dir / "prompt_tuning.json").write_text(config.model_dump_json(indent=2), encoding="utf-8")
-        metrics = run_job(job, config.train.distributed, world_size_of(config.train, None))
-        publish_metrics(Path(job["run_dir"]), out_dir, f"Prompt tuning ({config.init} init, seed {config.train.seed})", metrics)
-        return metrics
+        return Prepared()
 
-    return produce(SPEC, config, {"model": model, "dataset": dataset, "heldout": heldout}, dest, build,
-                   overwrite=overwrite)
+    return produce_trained(SPEC, config, {"model": model, "dataset": dataset, "heldout": heldout}, dest,
+                           f"Prompt tuning ({config.init} init, seed {config.train.seed})", overwrite=overwrite,
+                           prepare=write_config)
 
 
 # --------------------------------------------------------------------------- the study

@@ -23,15 +23,15 @@ from typing import Any
 
 from pydantic import Field
 
-from components.artifacts import ComponentSpec, Manifest, produce
+from components.artifacts import ComponentSpec, Manifest
 from components.config import StrictConfig
 from components.errors import ConfigError
 from components.feasibility.model_flops import reward_model_flops_per_token
 from components.models.reward import load_reward_backbone, load_reward_model
-from components.train.engine import TrainConfig
-from components.train.launch import make_job, read_job, run_job
-from components.train.loop import OptimConfig
-from components.train.trainer import publish_metrics, summarize, world_size_of
+from components.train.config import TrainConfig
+from components.train.launch import Job, Trained, TrainerJob, produce_trained
+from components.train.optim import OptimConfig
+from components.train.publish import ModelSaver, summarize
 
 SPEC = ComponentSpec(name="reward_model", version="1")
 INPUT_COLUMNS = ("chosen_input_ids", "rejected_input_ids")  # a reward model reads no labels
@@ -48,7 +48,7 @@ class RewardModelConfig(StrictConfig):
     eval_batch_rows: int = Field(32, gt=0, description="Pairs per forward pass when scoring held-out pairs.")
 
 
-def train_job(job: dict[str, Any]) -> dict[str, Any]:
+def fit(job: Job) -> Trained:
     import torch
     from transformers import AutoTokenizer
 
@@ -56,8 +56,7 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
     from components.train.engine import train
     from components.train.pairwise import PairwiseRewardLoss, evaluate_pairs, pair_train_data, split_heldout
 
-    job_ = read_job(job, RewardModelConfig)
-    config, paths, run_dir, out_dir = job_.config, job_.paths, job_.run_dir, job_.out_dir
+    config, paths = job.config, job.paths
     tokenizer = AutoTokenizer.from_pretrained(paths["model"])
     source = str(pairs_file(paths["pairs"]))
     read = read_pairs(paths["pairs"], strict=config.strict_pairs)
@@ -72,16 +71,27 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
     train_rows, heldout_rows = split_heldout(columns, config.heldout_fraction, config.split_seed, source)
     module = PairwiseRewardLoss(model, config.margin)
     before = evaluate_pairs(module, heldout_rows, config.eval_batch_rows) if heldout_rows else None
-
-    def save_model(trained: PairwiseRewardLoss, directory: Path) -> None:
-        trained.model.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
-
-    result = train(module, pair_train_data(train_rows, tokenizer.pad_token_id, source), config.train, run_dir,
-                   save_model=save_model, final_dir=out_dir, description="reward_model",
+    result = train(module, pair_train_data(train_rows, tokenizer.pad_token_id, source), config.train, job.run_dir,
+                   save_model=ModelSaver(tokenizer), final_dir=job.out_dir, description="reward_model",
                    flops_per_token=reward_model_flops_per_token(model.config, width))
-    if result.rank != 0:
-        return {}
+
+    def report() -> dict[str, Any]:
+        return {**_pair_metrics(config, read, tokenized, train_rows, heldout_rows, model, before, job.out_dir),
+                **summarize(result, job.run_dir)}
+
+    return Trained(result.rank, report)
+
+
+train_job = TrainerJob(RewardModelConfig, fit)
+
+
+def _pair_metrics(config: RewardModelConfig, read: Any, tokenized: Any, train_rows: dict[str, Any],
+                  heldout_rows: dict[str, Any] | None, model: Any, before: dict[str, float] | None,
+                  out_dir: Path) -> dict[str, Any]:
+    """The pairs read and used, the held-out accuracy, margin and loss before training and of
+    the published model, and the epochs trained."""
+    from components.train.pairwise import PairwiseRewardLoss, evaluate_pairs
+
     metrics: dict[str, Any] = {
         "pairs_read": len(read.pairs) + read.identical_skipped, "identical_pairs_skipped": read.identical_skipped,
         **tokenized.stats, "train_pairs": len(train_rows["chosen_input_ids"]),
@@ -96,16 +106,10 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
             metrics[f"heldout_margin_{name}"] = values["reward_margin"]
             metrics[f"heldout_loss_{name}"] = values["loss"]
     epochs = config.train.max_steps * config.train.batch_size_rows / metrics["train_pairs"]
-    return {**metrics, "epochs": round(epochs, 3), **summarize(result, run_dir)}
+    return {**metrics, "epochs": round(epochs, 3)}
 
 
 def reward_model(config: RewardModelConfig, pairs: str, model: str, dest: str, overwrite: bool = False) -> Manifest:
     """Train a reward model from `model` (an (SFT) model directory) on `pairs` (a
     `preference_pairs` artifact or a pairs .jsonl file)."""
-    def build(out_dir: Path, paths: dict[str, Path]) -> dict[str, Any]:
-        job = make_job("reward_model", config, paths, out_dir, dest)
-        metrics = run_job(job, config.train.distributed, world_size_of(config.train, None))
-        publish_metrics(Path(job["run_dir"]), out_dir, "Reward model", metrics)
-        return metrics
-
-    return produce(SPEC, config, {"pairs": pairs, "model": model}, dest, build, overwrite=overwrite)
+    return produce_trained(SPEC, config, {"pairs": pairs, "model": model}, dest, "Reward model", overwrite=overwrite)

@@ -1,15 +1,17 @@
 """What the online RL trainers (GRPO, PPO) share: the policy and problems they start from,
-held-out accuracy, and the outer loop around the training engine's pieces.
+held-out accuracy, and the RL loop.
 
 Rollouts come from `components.models.sampling.decode` and log-probs from
-`components.models.logprobs.completion_logprobs`. `run_rl` is the loop: rollout, then
-updates, per step; metrics to `metrics.jsonl`; checkpoints, resume, learning-rate schedule,
-clipping and divergence checks come from `components.train.engine` (the same code the
-supervised trainers run). RL trainers run in one process on one device (no DeepSpeed launch yet).
+`components.models.logprobs.completion_logprobs`. `run_rl` drives the same `Run` as the
+supervised loop (`components.train.run`: seeding, resume, learning-rate schedule, divergence
+check, metrics, checkpoints, finishing); each step is the algorithm's rollout then updates,
+and held-out scoring is the run's evaluation hook. RL trainers run in one process on one
+device (no DeepSpeed launch yet).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -24,17 +26,16 @@ from components.artifacts import ComponentSpec, Manifest
 from components.config import StrictConfig
 from components.locks import exclusive
 from components.runlog import (
-    PUBLISHED_STEP_CSV_FILE, PUBLISHED_STEP_LOG_FILE, STEP_LOG_FILE, TRAIN_REPORT_FILE, log_step, metrics_table,
-    read_metrics, write_csv, write_records,
+    PUBLISHED_STEP_CSV_FILE, PUBLISHED_STEP_LOG_FILE, STEP_LOG_FILE, TRAIN_REPORT_FILE, metrics_table, read_metrics,
+    write_csv, write_records,
 )
 from components.models.chat import prompt_ids
 from components.models.sampling import decode
 from components.tasks.verifiers import is_correct
-from components.train.engine import (
-    COMPLETED_FILE, EpochSampler, TorchBackend, TrainConfig, TrainingDivergedError,
-    resolve_precision, restore, save_checkpoint, weights_digest,
-)
-from components.train.loop import lr_multiplier
+from components.train.backends import TorchBackend, local_backend
+from components.train.batches import EpochSampler
+from components.train.config import TrainConfig
+from components.train.run import Evaluation, Run
 
 if TYPE_CHECKING:
     import torch
@@ -119,6 +120,42 @@ def step_grad_norm(norms: list[float]) -> float | None:
     return non_finite[0] if non_finite else max(norms, default=None)
 
 
+@dataclass(frozen=True)
+class HeldoutScorer:
+    """Held-out accuracy of `policy` at a step, appended to `path` (once per step): greedy,
+    and pass@1 of `settings.samples` samples at the rollout `temperature`. The samples draw
+    from torch's generator seeded by (seed, step) and its state is put back after, so scoring
+    never changes the training run's random stream."""
+
+    policy: Any
+    tokenizer: Any
+    problems: list[tuple[str, str]]
+    settings: HeldoutSettings
+    max_new_tokens: int
+    temperature: float
+    seed: int
+    path: Path
+
+    def __call__(self, step: int) -> None:
+        import torch
+
+        if not self.problems or any(r["step"] == step for r in read_metrics(self.path)):
+            return
+        started = time.perf_counter()
+        record = {"step": step, "problems": len(self.problems), "heldout_accuracy": verified_accuracy(
+            self.policy, self.tokenizer, self.problems, self.max_new_tokens, self.settings.batch_prompts)}
+        if self.settings.samples:
+            rng_state = torch.get_rng_state()
+            torch.manual_seed(self.seed + 7919 * step)
+            record["heldout_sampled_accuracy"] = verified_accuracy(
+                self.policy, self.tokenizer, self.problems, self.max_new_tokens, self.settings.batch_prompts,
+                self.settings.samples, self.temperature)
+            torch.set_rng_state(rng_state)
+        record["eval_time_s"] = round(time.perf_counter() - started, 2)
+        with open(self.path, "a", encoding="utf-8") as sink:
+            sink.write(json.dumps(record) + "\n")
+
+
 @exclusive()
 def run_rl(
     backend_module: torch.nn.Module,
@@ -142,72 +179,32 @@ def run_rl(
     `backend_module` holds every trainable parameter (the policy, and a value head for PPO);
     `make_step(backend, sampler)` returns the algorithm's step. Held-out accuracy (greedy, and
     pass@1 of samples at the rollout temperature) is logged to `heldout_accuracy.jsonl` before
-    training, every `heldout_settings.every_steps` and at the end. Its samples draw from a
-    generator of their own, so scoring never changes the training run's random stream.
+    training, every `heldout_settings.every_steps` and at the end (`HeldoutScorer`).
     """
-    import random
-
-    import torch
-
-    random.seed(config.seed)
-    torch.manual_seed(config.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backend = TorchBackend(backend_module, config, device, resolve_precision(config.precision, device))
-    sampler = EpochSampler(num_prompts, config.batch_size_rows, config.seed)
-    start_step, _, last_good = restore(backend, sampler, config, run_dir)
-    metrics_path, heldout_path = run_dir / STEP_LOG_FILE, run_dir / HELDOUT_FILE
-    kept = [r for r in read_metrics(heldout_path) if r["step"] <= start_step]
-    heldout_path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-
-    def score_heldout(step: int) -> None:
-        if not heldout or any(r["step"] == step for r in read_metrics(heldout_path)):
-            return
-        started = time.perf_counter()
-        record = {"step": step, "problems": len(heldout), "heldout_accuracy": verified_accuracy(
-            policy, tokenizer, heldout, max_new_tokens, heldout_settings.batch_prompts)}
-        if heldout_settings.samples:
-            rng_state = torch.get_rng_state()
-            torch.manual_seed(config.seed + 7919 * step)
-            record["heldout_sampled_accuracy"] = verified_accuracy(
-                policy, tokenizer, heldout, max_new_tokens, heldout_settings.batch_prompts,
-                heldout_settings.samples, temperature)
-            torch.set_rng_state(rng_state)
-        record["eval_time_s"] = round(time.perf_counter() - started, 2)
-        with open(heldout_path, "a", encoding="utf-8") as sink:
-            sink.write(json.dumps(record) + "\n")
-
-    score_heldout(start_step)
-    step_function = make_step(backend, sampler)
-    records = []
-    started = time.perf_counter()
-    for step in range(start_step, config.max_steps):
-        step_started = time.perf_counter()
-        learning_rate = config.optim.learning_rate * lr_multiplier(step, config.max_steps, config.optim)
-        record = step_function(step, sampler.next_batch(), learning_rate)
-        for name in ("loss", "grad_norm"):
-            value = record.get(name)
-            if value is not None and not math.isfinite(value):
-                backend.discard_gradients()
-                where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written before it"
-                update = (f" (update {record['updates']} of the step)"
-                          if name == "grad_norm" and "updates" in record else "")
-                raise TrainingDivergedError(
-                    f"{description}: {name} became {value} at step {step + 1}{update}; stopped ({where})")
-        record = {"step": step + 1, "learning_rate": learning_rate, **record,
-                  "step_time_s": time.perf_counter() - step_started, "elapsed_s": time.perf_counter() - started}
-        records.append(record)
-        log_step(metrics_path, record, description, config.max_steps)
-        done = step + 1
-        if heldout_settings.every_steps and done % heldout_settings.every_steps == 0 and done < config.max_steps:
-            score_heldout(done)
-        if config.checkpoint_every_steps and done % config.checkpoint_every_steps == 0 and done < config.max_steps:
-            last_good = save_checkpoint(backend, sampler, done, run_dir / "checkpoints", save_model,
-                                        config.keep_last_checkpoints)
-    score_heldout(config.max_steps)
-    save_model(backend.module, final_dir)
-    (run_dir / "weights-rank0.sha256").write_text(weights_digest(backend.module) + "\n", encoding="utf-8")
-    (run_dir / COMPLETED_FILE).write_text(json.dumps({"steps": config.max_steps}) + "\n", encoding="utf-8")
+    scorer = HeldoutScorer(policy, tokenizer, heldout, heldout_settings, max_new_tokens, temperature, config.seed,
+                           run_dir / HELDOUT_FILE)
+    run = Run.start(config, run_dir, description, save_model=save_model, num_rows=num_prompts,
+                    build_backend=functools.partial(local_backend, backend_module, config),
+                    evaluation=Evaluation(scorer, HELDOUT_FILE, heldout_settings.every_steps))
+    step_function = make_step(run.backend, run.sampler)
+    records = run.loop(functools.partial(rl_step, run, step_function))
+    run.finish(final_dir)
     return records
+
+
+def rl_step(run: Run, step_function: StepFunction, step: int) -> dict[str, Any]:
+    """One RL step at the scheduled learning rate on the sampler's next prompts; the run stops
+    on a non-finite loss or gradient norm (naming the update of the step that produced it)."""
+    step_started = time.perf_counter()
+    learning_rate = run.learning_rate(step)
+    record = step_function(step, run.sampler.next_batch(), learning_rate)
+    for name in ("loss", "grad_norm"):
+        value = record.get(name)
+        if value is not None:
+            update = f" (update {record['updates']} of the step)" if name == "grad_norm" and "updates" in record else ""
+            run.check_finite(step, name, value, update)
+    return {"step": step + 1, "learning_rate": learning_rate, **record,
+            "step_time_s": time.perf_counter() - step_started, "elapsed_s": run.elapsed_s()}
 
 
 def summarize_rl(run_dir: Path, records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -267,22 +264,12 @@ def reward_error_lines(metrics: dict[str, Any]) -> list[str]:
 
 def produce_rl(spec: ComponentSpec, trainer: str, title: str, config: Any, inputs: dict[str, str], dest: str,
                overwrite: bool) -> Manifest:
-    """Publish an RL trainer's run (`trainer` in launch.TRAINERS) as a component: the job runs in
-    this process (RL trainers have no launcher), then its step log and held-out curve are published."""
-    from components.artifacts import produce
+    """Publish an RL trainer's run (`trainer`, the spec's name in launch.TRAINERS) as a component:
+    the job runs in this process (RL trainers have no launcher), then its step log and held-out
+    curve are published."""
     from components.errors import ConfigError
-    from components.train.launch import make_job, run_job
+    from components.train.launch import produce_trained
 
     if config.train.distributed.launcher != "none":
         raise ConfigError(f"{trainer}: train.distributed.launcher must be 'none' (RL trainers run in one process)")
-
-    def build(out_dir: Path, paths: dict[str, Path]) -> dict[str, Any]:
-        fingerprints = config.code_fingerprints()  # the user code the cache key holds, recorded
-        job = make_job(trainer, config, paths, out_dir, dest)
-        metrics = run_job(job, config.train.distributed, 1)
-        if fingerprints:
-            metrics = {**metrics, "reward_code": fingerprints}
-        publish_rl_metrics(Path(job["run_dir"]), out_dir, title, metrics)
-        return metrics
-
-    return produce(spec, config, inputs, dest, build, overwrite=overwrite)
+    return produce_trained(spec, config, inputs, dest, title, overwrite=overwrite, publish=publish_rl_metrics)

@@ -14,25 +14,24 @@ the metrics.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field
 
-from components.artifacts import ComponentSpec, Manifest, produce
+from components.artifacts import ComponentSpec, Manifest
 from components.config import StrictConfig
 from components.records import read_column
 from components.errors import ConfigError
 from components.models.tokenizers import FINGERPRINT_KEY, check_blocks_tokenizer
-from components.train.engine import TrainConfig, TrainData
-from components.train.launch import make_job, read_job, run_job
-from components.train.loop import OptimConfig
+from components.train.batches import TrainData
+from components.train.config import TrainConfig
+from components.train.launch import Job, Prepared, Trained, TrainerJob, produce_trained
+from components.train.optim import OptimConfig
 from components.feasibility.model_flops import training_flops_per_token
-from components.train.trainer import publish_metrics, summarize, world_size_of
+from components.train.publish import ModelSaver, summarize
 
 SPEC = ComponentSpec(name="sft", version="1")
-ADAPTER_DIR = "adapter"
 BLOCK_COLUMNS = ("input_ids", "labels", "position_ids")
 
 
@@ -63,15 +62,14 @@ def load_blocks(blocks_dir: Path) -> dict[str, Any]:
     return {name: torch.tensor(read_column(blocks_dir, name), dtype=torch.long) for name in names}
 
 
-def train_job(job: dict[str, Any]) -> dict[str, Any]:
+def fit(job: Job) -> Trained:
     from transformers import AutoTokenizer
 
     from components.models.factory import load_causal_lm
     from components.train.engine import train
     from components.train.modules import CausalLMLoss
 
-    job_ = read_job(job, SFTConfig)
-    config, paths, run_dir, out_dir = job_.config, job_.paths, job_.run_dir, job_.out_dir
+    config, paths = job.config, job.paths
     tokenizer = AutoTokenizer.from_pretrained(paths["model"])
     import torch
 
@@ -93,32 +91,22 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
             target_modules=config.lora.target_modules, task_type="CAUSAL_LM"))
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before ZeRO-3 partitions them
-
-    def save_model(module: CausalLMLoss, directory: Path) -> None:
-        if peft_model is not None:
-            peft_model.save_pretrained(directory / ADAPTER_DIR)
-            copy.deepcopy(peft_model).merge_and_unload().save_pretrained(directory)
-        else:
-            module.model.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
-
     result = train(CausalLMLoss(model), TrainData(columns, pad_token_id=tokenizer.pad_token_id, source=str(paths["blocks"])),
-                   config.train, run_dir, save_model=save_model, flops_per_token=flops_per_token, final_dir=out_dir,
-                   description="sft")
-    if result.rank != 0:
-        return {}
-    return {"params": params, "trainable_params": trainable, "lora": config.lora is not None,
-            "epochs": round(config.train.max_steps * config.train.batch_size_rows / len(columns["input_ids"]), 3),
-            **summarize(result, run_dir)}
+                   config.train, job.run_dir, save_model=ModelSaver(tokenizer, lora=peft_model),
+                   flops_per_token=flops_per_token, final_dir=job.out_dir, description="sft")
+    epochs = config.train.max_steps * config.train.batch_size_rows / len(columns["input_ids"])
+    return Trained(result.rank, lambda: {"params": params, "trainable_params": trainable, "lora": config.lora is not None,
+                                         "epochs": round(epochs, 3), **summarize(result, job.run_dir)})
+
+
+train_job = TrainerJob(SFTConfig, fit)
+
+
+def _check_tokenizer(out_dir: Path, paths: dict[str, Path]) -> Prepared:
+    return Prepared({FINGERPRINT_KEY: check_blocks_tokenizer("blocks", paths["blocks"], "model", paths["model"])})
 
 
 def sft(config: SFTConfig, blocks: str, model: str, dest: str, overwrite: bool = False) -> Manifest:
     """Fine-tune `model` (a model artifact in transformers format) on `blocks` (an `sft_data` artifact)."""
-    def build(out_dir: Path, paths: dict[str, Path]) -> dict[str, Any]:
-        fingerprint = check_blocks_tokenizer("blocks", paths["blocks"], "model", paths["model"])
-        job = make_job("sft", config, paths, out_dir, dest)
-        metrics = {**run_job(job, config.train.distributed, world_size_of(config.train, None)), FINGERPRINT_KEY: fingerprint}
-        publish_metrics(Path(job["run_dir"]), out_dir, "Supervised fine-tuning", metrics)
-        return metrics
-
-    return produce(SPEC, config, {"blocks": blocks, "model": model}, dest, build, overwrite=overwrite)
+    return produce_trained(SPEC, config, {"blocks": blocks, "model": model}, dest, "Supervised fine-tuning",
+                           overwrite=overwrite, prepare=_check_tokenizer)
