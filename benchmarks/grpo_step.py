@@ -540,6 +540,9 @@ def render(report: dict) -> str:
         "",
         f"`{report['command']}`",
         "",
+        f"Written by benchmarks/grpo_step.py at commit {report['code']['git_commit']} "
+        f"({'working tree with local changes' if report['code']['dirty'] else 'clean working tree'}).",
+        "",
         f"{report['machine']}. Tiny Llama ({setup['model_parameters']:,} parameters; {setup['model']}), fp32, SDPA; "
         f"tokenizer {setup['tokenizer']} (vocab {setup['vocab_size']:,}); {setup['problems']} arithmetic-task prompts "
         f"(chat template, {setup['prompt_tokens_mean']:.0f} tokens on average, max {setup['prompt_tokens_max']}); "
@@ -653,6 +656,7 @@ def main() -> None:
     finally:
         shutil.rmtree(args.work, ignore_errors=True)
     import torch
+    from components.artifacts import code_version
     import transformers
 
     try:
@@ -672,6 +676,7 @@ def main() -> None:
         "comparison": compare(results),
         "notes": NOTES,
         "total_s": round(time.perf_counter() - started, 1),
+        "code": code_version().model_dump(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
