@@ -75,7 +75,7 @@ def test_sft_data_select_keeps_exactly_the_rows_curation_kept(tmp_path: Path) ->
     """sft_data's `select` reads curation's `source_row`: rows curation removed (here too short)
     never reach the SFT examples, and every kept row does, a blank line in the file included."""
     from components.data.sft_data import SFTDataConfig, sft_data
-    from components.data.sft_pack import IGNORE_INDEX
+    from components.models.chat import IGNORE_INDEX
     from transformers import AutoTokenizer
 
     rows = [{"question": f"How many apples does Ann have if she buys {i} and then {i + 2} more?",

@@ -15,15 +15,12 @@ from components.data.formats import (
     FORMATS,
     SFTChat,
     SFTPromptCompletion,
-    gsm8k_final_answer,
     gsm8k_to_chat,
     gsm8k_to_rl,
     gsm8k_to_sft,
     validate_records,
 )
-from components.records import read_jsonl, write_shards
 from components.data.sft_pack import (
-    IGNORE_INDEX,
     SFTPackConfig,
     block_diagonal_mask,
     document_boundaries,
@@ -31,6 +28,9 @@ from components.data.sft_pack import (
     tokenize_chat,
     tokenize_prompt_completion,
 )
+from components.models.chat import IGNORE_INDEX
+from components.records import read_jsonl, write_shards
+from components.tasks.problems import gsm8k_final_answer
 from components.data.tokenizer import TokenizerConfig, train_tokenizer
 from components.errors import ConfigError, DataError
 

@@ -1,1 +1,1 @@
-"""Data components: readers, curation, tokenizer training, packing."""
+"""Data components: record formats, curation, tokenizer training, packing, SFT data and preference pairs."""

@@ -26,12 +26,11 @@ from pydantic import Field
 from components.artifacts import ArtifactRef, ComponentSpec, Manifest, input_ref, produce, read_manifest
 from components.config import StrictConfig
 from components.data.formats import SFTChat, SFTPromptCompletion, gsm8k_to_chat, validate_record
-from components.records import DATA_DIR, SOURCE_ROW, iter_records, read_column
-from components.data.sft_pack import (
-    IGNORE_INDEX, TokenizedExample, fit_examples, pack_sft, tokenize_chat, tokenize_prompt_completion,
-)
+from components.data.sft_pack import fit_examples, pack_sft, tokenize_chat, tokenize_prompt_completion
 from components.errors import DataError
+from components.models.chat import IGNORE_INDEX, TokenizedExample
 from components.models.tokenizers import FINGERPRINT_KEY, fingerprint_of
+from components.records import DATA_DIR, SOURCE_ROW, iter_records, read_column
 
 SPEC = ComponentSpec(name="sft_data", version="1")
 DATA_FILE = "part-00000.parquet"

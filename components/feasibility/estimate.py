@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from components.artifacts import ComponentSpec, Manifest, produce
+from components.artifacts import ComponentSpec, Manifest, materialize, produce
 from components.config import StrictConfig
 from components.errors import ConfigError
 from components.feasibility import flops as flops_lib
@@ -342,8 +342,6 @@ def run_estimate(config: FeasibilityConfig, dest: str, overwrite: bool = False) 
 
 def read_estimate(manifest: Manifest) -> dict[str, Any]:
     """The estimate.json of a published estimate artifact."""
-    from components.artifacts import materialize
-
     return json.loads((materialize(manifest.output) / ESTIMATE_FILE).read_text(encoding="utf-8"))
 
 

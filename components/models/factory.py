@@ -1,4 +1,5 @@
-"""Build a Llama-architecture causal LM from a small typed config (no hub download)."""
+"""Build a Llama-architecture causal LM from a small typed config (no hub download), or load one
+in Hugging Face format; one build or load at a time per process (`components.locks.exclusive`)."""
 
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ from pydantic import Field, model_validator
 
 from components.artifacts import ArtifactRef, ComponentSpec, Manifest, input_ref, produce, read_manifest
 from components.config import StrictConfig
-from components.data.preferences import PAIR_COLUMNS
+from components.data.preferences import PAIR_COLUMNS, pair_text, pairs_file, read_pairs, tokenize_pairs
 from components.errors import ConfigError, DataError
 from components.models.tokenizers import FINGERPRINT_KEY, check_same_tokenizer
 from components.train.config import TrainConfig
@@ -114,7 +114,6 @@ def _build_reference(config: DPOReferenceConfig, paths: dict[str, Path], out_dir
     import torch
     from transformers import AutoTokenizer
 
-    from components.data.preferences import pair_text, pairs_file, read_pairs, tokenize_pairs
     from components.models.factory import load_causal_lm
 
     tokenizer = AutoTokenizer.from_pretrained(paths["model"])

@@ -29,7 +29,8 @@ from pydantic import Field
 
 from components.config import StrictConfig
 from components.errors import CrucibleError
-from components.tasks.verifiers import is_correct
+from components.tasks.calculator import CalculatorError, evaluate_arithmetic
+from components.tasks.verifiers import answer_value, is_correct
 
 log = logging.getLogger(__name__)
 RewardFunction = Callable[[str, str], float]
@@ -52,9 +53,6 @@ def calculation(completion: str, reference: str) -> float:
     expression's (checked by the evaluators' AST calculator; 0 when there is none): a
     verifiable per-step signal (a process reward in the sense of Lightman et al. 2023, "Let's
     Verify Step by Step", computed by a checker instead of a learned model)."""
-    from components.tasks.calculator import CalculatorError, evaluate_arithmetic
-    from components.tasks.verifiers import answer_value
-
     annotations = _ANNOTATION.findall(completion)
     if not annotations:
         return 0.0

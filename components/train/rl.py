@@ -24,17 +24,22 @@ from pydantic import Field
 
 from components.artifacts import ComponentSpec, Manifest
 from components.config import StrictConfig
+from components.errors import ConfigError, DataError
+from components.feasibility.model_flops import inference_flops_per_token, training_flops_per_token
 from components.locks import exclusive
 from components.runlog import (
-    PUBLISHED_STEP_CSV_FILE, PUBLISHED_STEP_LOG_FILE, STEP_LOG_FILE, TRAIN_REPORT_FILE, metrics_table, read_metrics,
-    write_csv, write_records,
+    PUBLISHED_STEP_CSV_FILE, PUBLISHED_STEP_LOG_FILE, STEP_LOG_FILE, TRAIN_REPORT_FILE, append_record, metrics_table,
+    read_metrics, write_csv, write_records,
 )
 from components.models.chat import prompt_ids
+from components.models.factory import load_causal_lm
 from components.models.sampling import decode
+from components.tasks.problems import read_problems
 from components.tasks.verifiers import is_correct
 from components.train.backends import TorchBackend, local_backend
 from components.train.batches import EpochSampler
 from components.train.config import TrainConfig
+from components.train.launch import produce_trained
 from components.train.run import Evaluation, Run
 
 if TYPE_CHECKING:
@@ -86,11 +91,6 @@ def load_rl_setup(paths: dict[str, Path], config: Any) -> RLSetup:
     `config` (a GRPO or PPO config) asks; a tokenizer without padding or too few problems is named."""
     import torch
     from transformers import AutoTokenizer
-
-    from components.errors import ConfigError, DataError
-    from components.feasibility.model_flops import inference_flops_per_token, training_flops_per_token
-    from components.models.factory import load_causal_lm
-    from components.tasks.problems import read_problems
 
     tokenizer = AutoTokenizer.from_pretrained(paths["model"])
     if tokenizer.pad_token_id is None:
@@ -152,8 +152,7 @@ class HeldoutScorer:
                 self.settings.samples, self.temperature)
             torch.set_rng_state(rng_state)
         record["eval_time_s"] = round(time.perf_counter() - started, 2)
-        with open(self.path, "a", encoding="utf-8") as sink:
-            sink.write(json.dumps(record) + "\n")
+        append_record(self.path, record)
 
 
 @exclusive()
@@ -267,9 +266,6 @@ def produce_rl(spec: ComponentSpec, trainer: str, title: str, config: Any, input
     """Publish an RL trainer's run (`trainer`, the spec's name in launch.TRAINERS) as a component:
     the job runs in this process (RL trainers have no launcher), then its step log and held-out
     curve are published."""
-    from components.errors import ConfigError
-    from components.train.launch import produce_trained
-
     if config.train.distributed.launcher != "none":
         raise ConfigError(f"{trainer}: train.distributed.launcher must be 'none' (RL trainers run in one process)")
     return produce_trained(spec, config, inputs, dest, title, overwrite=overwrite, publish=publish_rl_metrics)

@@ -50,7 +50,8 @@ if TYPE_CHECKING:
 COMPLETED_FILE = "COMPLETED"
 
 class TrainingDivergedError(CrucibleError):
-    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+    """A loss or gradient norm became NaN or infinite; the message names the step and the last good
+    checkpoint."""
 
 
 @dataclass(frozen=True)

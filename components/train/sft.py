@@ -21,7 +21,7 @@ from pydantic import Field
 
 from components.artifacts import ComponentSpec, Manifest
 from components.config import StrictConfig
-from components.records import read_column
+from components.records import DATA_DIR, read_column
 from components.errors import ConfigError
 from components.models.tokenizers import FINGERPRINT_KEY, check_blocks_tokenizer
 from components.train.batches import TrainData
@@ -53,8 +53,6 @@ def load_blocks(blocks_dir: Path) -> dict[str, Any]:
     is named), and position_ids where the rows are packed."""
     import pyarrow.parquet as pq
     import torch
-
-    from components.records import DATA_DIR
 
     shards = sorted((blocks_dir / DATA_DIR).glob("part-*.parquet"))
     present = set(pq.read_schema(shards[0]).names) if shards else set()
