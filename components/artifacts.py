@@ -543,6 +543,53 @@ def _reuse_or_refuse(spec: ComponentSpec, dest: str, key: str, overwrite: bool) 
     return None
 
 
+def _checked_destination(dest: str, remote: bool) -> Path | None:
+    """`dest` as an absolute local path (None when remote), refused if it is the root or the working directory."""
+    dest_path = None if remote else local_path(dest).absolute()
+    if dest_path is not None and dest_path in (Path(dest_path.anchor), Path.cwd()):
+        raise ArtifactError(f"{dest}: an artifact needs a directory of its own, not the root or the working directory")
+    return dest_path
+
+
+def _staging_directory(dest_path: Path | None) -> Path:
+    """A new staging directory: a hidden sibling of a local `dest_path`, a temporary directory for a remote one."""
+    if dest_path is None:
+        staging = Path(tempfile.mkdtemp(prefix="crucible-staging-"))
+    else:
+        dest_path.parent.mkdir(parents=True, exist_ok=True)
+        staging = dest_path.with_name(f".{dest_path.name}.staging-{uuid.uuid4().hex[:8]}")
+        staging.mkdir()
+    return staging
+
+
+def _build_under_key(build: BuildFn, staging: Path, input_paths: dict[str, Path], key: str) -> dict[str, Any]:
+    """The metrics `build` returns, run with `key` as the current build's cache key."""
+    key_token = _current_build_key.set(key)
+    try:
+        return build(staging, input_paths)
+    finally:
+        _current_build_key.reset(key_token)
+
+
+def _new_manifest(spec: ComponentSpec, config: StrictConfig, key: str, input_refs: dict[str, ArtifactRef], dest: str,
+                  staging: Path, started_at: str, metrics: dict[str, Any]) -> Manifest:
+    """The manifest of the artifact built in `staging` for `dest`, ended now."""
+    return Manifest(
+        component=spec,
+        config=config.model_dump(mode="json"),
+        config_hash=config.config_hash(),
+        cache_key=key,
+        inputs=input_refs,
+        output=ArtifactRef(uri=display_uri(dest), content_hash=directory_content_hash(staging)),
+        code_version=code_version(),
+        flow_run_id=orchestrator_run_id.get(),
+        input_origins={name: origin for name, origin in (input_origins.get() or {}).items() if name in input_refs},
+        started_at=started_at,
+        ended_at=_now(),
+        metrics=metrics,
+    )
+
+
 def produce(
     spec: ComponentSpec,
     config: StrictConfig,
@@ -570,41 +617,17 @@ def produce(
     input_refs = {name: uri if isinstance(uri, ArtifactRef) else input_ref(uri) for name, uri in inputs.items()}
     key = cache_key(spec, config, input_refs)
     remote = is_remote(dest)
-    dest_path = None if remote else local_path(dest).absolute()
-    if dest_path is not None and dest_path in (Path(dest_path.anchor), Path.cwd()):
-        raise ArtifactError(f"{dest}: an artifact needs a directory of its own, not the root or the working directory")
+    dest_path = _checked_destination(dest, remote)
     up_to_date = _reuse_or_refuse(spec, dest, key, overwrite)
     if up_to_date is not None:
         return up_to_date
 
     input_paths = {name: materialize(ref) for name, ref in input_refs.items()}
-    if dest_path is None:
-        staging = Path(tempfile.mkdtemp(prefix="crucible-staging-"))
-    else:
-        dest_path.parent.mkdir(parents=True, exist_ok=True)
-        staging = dest_path.with_name(f".{dest_path.name}.staging-{uuid.uuid4().hex[:8]}")
-        staging.mkdir()
+    staging = _staging_directory(dest_path)
     try:
         started_at = _now()
-        key_token = _current_build_key.set(key)
-        try:
-            metrics = build(staging, input_paths)
-        finally:
-            _current_build_key.reset(key_token)
-        manifest = Manifest(
-            component=spec,
-            config=config.model_dump(mode="json"),
-            config_hash=config.config_hash(),
-            cache_key=key,
-            inputs=input_refs,
-            output=ArtifactRef(uri=display_uri(dest), content_hash=directory_content_hash(staging)),
-            code_version=code_version(),
-            flow_run_id=orchestrator_run_id.get(),
-            input_origins={name: origin for name, origin in (input_origins.get() or {}).items() if name in input_refs},
-            started_at=started_at,
-            ended_at=_now(),
-            metrics=metrics,
-        )
+        metrics = _build_under_key(build, staging, input_paths, key)
+        manifest = _new_manifest(spec, config, key, input_refs, dest, staging, started_at, metrics)
         (staging / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
         if remote:
             _publish_remote(staging, dest)

@@ -44,7 +44,7 @@ from components.artifacts import (
 from components.config import StrictConfig
 from components.data.decontaminate import DecontaminationConfig, NgramIndex
 from components.data.dedup import (
-    ExactDedupConfig, FuzzyDedupConfig, exact_key, fuzzy_clusters, make_permutations, minhash_signature,
+    ExactDedupConfig, FuzzyDedupConfig, Permutations, exact_key, fuzzy_clusters, make_permutations, minhash_signature,
 )
 from components.data.filters import FiltersConfig, WordTokenizer, english_word_tokenizer, run_filters
 from components.data.pii import PIIConfig, redact_pii
@@ -204,59 +204,67 @@ def _screen(text: str, config: CurateConfig, tokenizer: WordTokenizer,
     return filtered, None, []
 
 
-def _build_shard(shard: ShardConfig, source: Path, eval_path: Path | None, out_dir: Path) -> dict[str, Any]:
-    config, fields = shard.curate, shard.curate.passthrough_fields
-    start, stop = shard.row_range
-    tokenizer = english_word_tokenizer()
-    eval_index = _eval_index(config, eval_path)
-    permutations = make_permutations(config.fuzzy_dedup)
-    kept: dict[str, list] = {name: [] for name in ("text", SOURCE_ROW, "exact_key", "signature", *fields)}
-    removed: dict[str, list] = {name: [] for name in
-                                ("text", SOURCE_ROW, "reason", "matched_eval_ids", "detail", *fields)}
-    reasons: Counter[str] = Counter()
-    removed_words: Counter[str] = Counter()
-    pii_counts: Counter[str] = Counter()
-    words_in = words_out = 0
+class _ShardRows:
+    """One shard's phase-1 rows as they are screened: kept and removed columns, and the counts."""
 
-    def drop(text: str, row: int, reason: str, passed: dict[str, Any] | None, matched: list[str] | None = None,
+    def __init__(self, fields: tuple[str, ...]) -> None:
+        self.fields = fields
+        self.kept: dict[str, list] = {name: [] for name in ("text", SOURCE_ROW, "exact_key", "signature", *fields)}
+        self.removed: dict[str, list] = {name: [] for name in
+                                         ("text", SOURCE_ROW, "reason", "matched_eval_ids", "detail", *fields)}
+        self.reasons: Counter[str] = Counter()
+        self.removed_words: Counter[str] = Counter()
+        self.pii_counts: Counter[str] = Counter()
+        self.words_in = self.words_out = 0
+
+    def drop(self, text: str, row: int, reason: str, passed: dict[str, Any] | None, matched: list[str] | None = None,
              detail: str | None = None) -> None:
-        reasons[reason] += 1
-        removed_words[reason] += len(text.split())
+        """Record a removed document with its reason (and the evaluation ids it matched, or the error)."""
+        self.reasons[reason] += 1
+        self.removed_words[reason] += len(text.split())
         for column, value in (("text", text), (SOURCE_ROW, row), ("reason", reason),
                               ("matched_eval_ids", matched or []), ("detail", detail)):
-            removed[column].append(value)
-        for field in fields:
-            removed[field].append(passed[field] if passed is not None else None)
+            self.removed[column].append(value)
+        for field in self.fields:
+            self.removed[field].append(passed[field] if passed is not None else None)
 
-    for row, record in iter_records(source, start, stop):
-        where = f"{source}:{row}"
-        try:
-            if isinstance(record, DataError):
-                raise record
-            raw_text = _record_text(config.text_field, config.text_template, record, where)
-            passed = _passthrough(fields, record, where)
-        except DataError as error:
-            if config.on_error == "fail":
-                raise
-            drop("", row, "malformed_record", None, detail=str(error))
-            continue
-        text = normalize_text(raw_text, config.normalize)
-        words_in += len(text.split())
-        text, reason, matched = _screen(text, config, tokenizer, eval_index)
-        if reason is not None:
-            drop(text, row, reason, passed, matched)
-            continue
-        if config.pii.enabled:
-            text, counts = redact_pii(text, config.pii)
-            pii_counts.update(counts)
-        matching = _matching_text(text, config.normalize)
-        signature = minhash_signature(matching, config.fuzzy_dedup, permutations)
-        for column, value in (("text", text), (SOURCE_ROW, row), ("exact_key", exact_key(matching)),
-                              ("signature", signature), *passed.items()):
-            kept[column].append(value)
-        words_out += len(text.split())
 
-    where, inferred = f"{source} (shard {shard.index})", dict.fromkeys(fields)
+def _screen_record(rows: _ShardRows, config: CurateConfig, source: Path, row: int, record: dict[str, Any] | DataError,
+                   tokenizer: WordTokenizer, eval_index: NgramIndex | None, permutations: Permutations) -> None:
+    """Build, normalise, filter and redact one record's document into `rows`: kept with its dedup keys, or dropped."""
+    fields = rows.fields
+    where = f"{source}:{row}"
+    try:
+        if isinstance(record, DataError):
+            raise record
+        raw_text = _record_text(config.text_field, config.text_template, record, where)
+        passed = _passthrough(fields, record, where)
+    except DataError as error:
+        if config.on_error == "fail":
+            raise
+        rows.drop("", row, "malformed_record", None, detail=str(error))
+        return
+    text = normalize_text(raw_text, config.normalize)
+    rows.words_in += len(text.split())
+    text, reason, matched = _screen(text, config, tokenizer, eval_index)
+    if reason is not None:
+        rows.drop(text, row, reason, passed, matched)
+        return
+    if config.pii.enabled:
+        text, counts = redact_pii(text, config.pii)
+        rows.pii_counts.update(counts)
+    matching = _matching_text(text, config.normalize)
+    signature = minhash_signature(matching, config.fuzzy_dedup, permutations)
+    for column, value in (("text", text), (SOURCE_ROW, row), ("exact_key", exact_key(matching)),
+                          ("signature", signature), *passed.items()):
+        rows.kept[column].append(value)
+    rows.words_out += len(text.split())
+
+
+def _write_shard(rows: _ShardRows, config: CurateConfig, source: Path, shard_index: int, out_dir: Path) -> None:
+    """kept.parquet (text, source row, exact key, MinHash signature, passthrough fields) and removed.parquet."""
+    kept, removed, fields = rows.kept, rows.removed, rows.fields
+    where, inferred = f"{source} (shard {shard_index})", dict.fromkeys(fields)
     pq.write_table(pa.table({
         "text": pa.array(kept["text"], pa.string()),
         SOURCE_ROW: pa.array(kept[SOURCE_ROW], pa.int64()),
@@ -265,11 +273,23 @@ def _build_shard(shard: ShardConfig, source: Path, eval_path: Path | None, out_d
         **_passthrough_columns(kept, inferred, where),
     }), out_dir / KEPT_FILE)
     pq.write_table(_removed_table(removed, inferred, where), out_dir / REMOVED_FILE)
+
+
+def _build_shard(shard: ShardConfig, source: Path, eval_path: Path | None, out_dir: Path) -> dict[str, Any]:
+    config, fields = shard.curate, shard.curate.passthrough_fields
+    start, stop = shard.row_range
+    tokenizer = english_word_tokenizer()
+    eval_index = _eval_index(config, eval_path)
+    permutations = make_permutations(config.fuzzy_dedup)
+    rows = _ShardRows(fields)
+    for row, record in iter_records(source, start, stop):
+        _screen_record(rows, config, source, row, record, tokenizer, eval_index, permutations)
+    _write_shard(rows, config, source, shard.index, out_dir)
     return {
-        "shard": shard.index, "rows": [start, stop], "docs_in": stop - start, "docs_kept": len(kept["text"]),
-        "words_in": words_in, "words_kept": words_out, "removed": dict(sorted(reasons.items())),
-        "removed_words": dict(sorted(removed_words.items())),
-        "pii_redacted": dict(sorted(pii_counts.items())),
+        "shard": shard.index, "rows": [start, stop], "docs_in": stop - start, "docs_kept": len(rows.kept["text"]),
+        "words_in": rows.words_in, "words_kept": rows.words_out, "removed": dict(sorted(rows.reasons.items())),
+        "removed_words": dict(sorted(rows.removed_words.items())),
+        "pii_redacted": dict(sorted(rows.pii_counts.items())),
     }
 
 

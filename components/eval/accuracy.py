@@ -124,29 +124,10 @@ def sample_row(question: str, reference: str, pool: list[Any], greedy: Any, rewa
             "samples": samples, "calculator": calculator}
 
 
-def _build(config: AccuracyConfig, paths: dict[str, Path], out_dir: Path) -> dict[str, Any]:
-    import torch
-    from transformers import AutoTokenizer
-
-    from components.eval.passk import pass_at_k
-    from components.eval.reflection import reflect
-    from components.eval.strategies import evaluate_strategy
-    from components.feasibility.model_flops import inference_flops_per_token
-    from components.models.chat import prompt_ids
-    from components.models.factory import load_causal_lm
+def _sample_pools(model: Any, tokenizer: Any, questions: list[str], config: AccuracyConfig
+                  ) -> tuple[list[list[Any]], list[Any | None], int]:
+    """Each problem's pool of N samples and greedy sample ([], None where generation failed), and the failures."""
     from components.models.sampling import Sample, sample
-    from components.tasks.problems import read_problems
-    from components.tasks.verifiers import is_correct
-
-    torch.manual_seed(config.seed)
-    tokenizer = AutoTokenizer.from_pretrained(paths["model"])
-    model = load_causal_lm(paths["model"]).eval()
-    problems = read_problems(paths["dataset"], config.format, config.max_problems)
-    available = count_records(paths["dataset"])
-    questions = [q for q, _ in problems]
-    references = [r for _, r in problems]
-    prompt_lengths = [len(prompt_ids(tokenizer, q)) for q in questions]
-    flops_per_token = inference_flops_per_token(model, max(prompt_lengths) + config.max_new_tokens)
 
     pools: list[list[Sample]] = []
     greedy: list[Sample | None] = []
@@ -165,19 +146,31 @@ def _build(config: AccuracyConfig, paths: dict[str, Path], out_dir: Path) -> dic
             batch_pools, batch_greedy = [[] for _ in batch], [None for _ in batch]
         pools += batch_pools  # extended together, after both succeeded: pools[i] is always problem i
         greedy += batch_greedy
-    kept = [i for i, pool in enumerate(pools) if pool]
-    if not kept:
-        raise DataError(f"{paths['dataset']}: generation failed for every problem")
-    k_pools, k_refs, k_prompts = [pools[i] for i in kept], [references[i] for i in kept], [prompt_lengths[i] for i in kept]
+    return pools, greedy, failed
+
+
+def _pool_metrics(config: AccuracyConfig, available: int, failed: int, greedy: list[Any | None], references: list[str],
+                  k_pools: list[list[Any]], k_refs: list[str], flops_per_token: float) -> dict[str, Any]:
+    """The metrics of the pools themselves: greedy and sample accuracy and pass@k (over all problems)."""
+    from components.eval.passk import pass_at_k
+    from components.tasks.verifiers import is_correct
+
+    problems = len(references)
     correct_counts = [sum(is_correct(s.text, r) for s in pool) for pool, r in zip(k_pools, k_refs)]
-    metrics: dict[str, Any] = {
-        "problems_used": len(problems), "problems_available": available, "failed_problems": failed,
-        "greedy_accuracy": sum(g is not None and is_correct(g.text, r) for g, r in zip(greedy, references)) / len(problems),
+    return {
+        "problems_used": problems, "problems_available": available, "failed_problems": failed,
+        "greedy_accuracy": sum(g is not None and is_correct(g.text, r) for g, r in zip(greedy, references)) / problems,
         "sample_accuracy": sum(correct_counts) / (len(k_pools) * config.samples_per_problem),
-        **{f"pass@{k}": sum(pass_at_k(config.samples_per_problem, c, k) for c in correct_counts) / len(problems)
+        **{f"pass@{k}": sum(pass_at_k(config.samples_per_problem, c, k) for c in correct_counts) / problems
            for k in config.ks},
         "inference_flops_per_token": flops_per_token,
     }
+
+
+def _strategies_and_rewards(config: AccuracyConfig, paths: dict[str, Path], questions: list[str], kept: list[int],
+                            k_pools: list[list[Any]], prompt_lengths: list[int]
+                            ) -> tuple[list[str], dict[int, float], float]:
+    """The strategies to measure and, with a reward model, each sample's score (by id()) and its FLOPs per token."""
     rewards: dict[int, float] = {}  # id(sample) -> the reward model's score
     reward_flops_per_token = 0.0
     strategies = ["oracle", "majority", "best_logprob"]
@@ -186,6 +179,16 @@ def _build(config: AccuracyConfig, paths: dict[str, Path], out_dir: Path) -> dic
             paths["reward_model"], [questions[i] for i in kept], k_pools, config.batch_prompts,
             max(prompt_lengths) + config.max_new_tokens)
         strategies.append("best_reward")
+    return strategies, rewards, reward_flops_per_token
+
+
+def _strategy_curve(config: AccuracyConfig, strategies: list[str], k_pools: list[list[Any]], k_refs: list[str],
+                    k_prompts: list[int], flops_per_token: float, rewards: dict[int, float],
+                    reward_flops_per_token: float, problems: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """`<strategy>@<n>` accuracy over all problems for every strategy and n, and its curve points."""
+    from components.eval.strategies import evaluate_strategy
+
+    accuracies: dict[str, float] = {}
     curve = []
     for strategy in strategies:
         for n in config.ns:
@@ -194,43 +197,72 @@ def _build(config: AccuracyConfig, paths: dict[str, Path], out_dir: Path) -> dic
             inference_flops = result.inference_flops
             if strategy == "best_reward":  # the reward model reads the same prompt + completion tokens once
                 inference_flops += result.inference_flops * reward_flops_per_token / flops_per_token
-            metrics[f"{strategy}@{n}"] = result.accuracy * len(k_pools) / len(problems)
-            curve.append({"method": strategy, "n": n, "accuracy": metrics[f"{strategy}@{n}"],
+            accuracies[f"{strategy}@{n}"] = result.accuracy * len(k_pools) / problems
+            curve.append({"method": strategy, "n": n, "accuracy": accuracies[f"{strategy}@{n}"],
                           "generated_tokens": result.generated_tokens, "inference_flops": inference_flops})
-    tool_records: list[dict[str, Any] | None] = [None] * len(problems)
-    if config.tool_use:
-        tool, tool_errors = calculator_runs(model, tokenizer, questions, config.max_new_tokens)
-        tool_records = [calculator_record(t, e, r) for t, e, r in zip(tool, tool_errors, references, strict=True)]
-        if any(tool_errors):
-            metrics["failed_tool_problems"] = sum(e is not None for e in tool_errors)
-        metrics["tool_accuracy"] = sum(is_correct(t.text, r) for t, r in zip(tool, references)) / len(problems)
-        metrics["tool_calls_per_problem"] = sum(t.tool_calls for t in tool) / len(problems)
-        tokens = sum(t.generated_tokens for t in tool) / len(problems)
-        curve.append({"method": "greedy+calculator", "n": 1, "accuracy": metrics["tool_accuracy"], "generated_tokens": tokens,
-                      "inference_flops": (tokens + sum(prompt_lengths) / len(problems)) * flops_per_token})
-    transcripts: list[list[dict[str, Any]] | None] = [None] * len(problems)
-    if config.reflection_rounds:
-        reflection = reflect(model, tokenizer, questions, references, config.reflection_rounds, config.max_new_tokens,
-                             feedback=config.reflection_feedback, temperature=config.temperature, seed=config.seed)
-        for r, (acc, gen, pre) in enumerate(zip(reflection.accuracy_by_round, reflection.generated_tokens_by_round,
-                                                reflection.prompt_tokens_by_round)):
-            metrics[f"reflection_round_{r}"] = acc
-            curve.append({"method": f"reflection ({config.reflection_feedback})", "n": r + 1, "accuracy": acc,
-                          "generated_tokens": gen, "inference_flops": (gen + pre) * flops_per_token})
-        transcripts = reflection.transcripts
+    return accuracies, curve
 
-    with open(out_dir / SAMPLES_FILE, "w", encoding="utf-8") as handle:
+
+def _calculator_results(model: Any, tokenizer: Any, questions: list[str], references: list[str],
+                        prompt_lengths: list[int], max_new_tokens: int, flops_per_token: float
+                        ) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """Greedy decoding with the calculator: each problem's record, the tool metrics and the curve point."""
+    from components.tasks.verifiers import is_correct
+
+    problems = len(questions)
+    tool, tool_errors = calculator_runs(model, tokenizer, questions, max_new_tokens)
+    tool_records = [calculator_record(t, e, r) for t, e, r in zip(tool, tool_errors, references, strict=True)]
+    metrics: dict[str, Any] = {}
+    if any(tool_errors):
+        metrics["failed_tool_problems"] = sum(e is not None for e in tool_errors)
+    metrics["tool_accuracy"] = sum(is_correct(t.text, r) for t, r in zip(tool, references)) / problems
+    metrics["tool_calls_per_problem"] = sum(t.tool_calls for t in tool) / problems
+    tokens = sum(t.generated_tokens for t in tool) / problems
+    point = {"method": "greedy+calculator", "n": 1, "accuracy": metrics["tool_accuracy"], "generated_tokens": tokens,
+             "inference_flops": (tokens + sum(prompt_lengths) / problems) * flops_per_token}
+    return tool_records, metrics, point
+
+
+def _reflection_results(model: Any, tokenizer: Any, questions: list[str], references: list[str], config: AccuracyConfig,
+                        flops_per_token: float) -> tuple[list[Any], dict[str, float], list[dict[str, Any]]]:
+    """Self-reflection: each problem's transcript, the accuracy after each round and its curve points."""
+    from components.eval.reflection import reflect
+
+    reflection = reflect(model, tokenizer, questions, references, config.reflection_rounds, config.max_new_tokens,
+                         feedback=config.reflection_feedback, temperature=config.temperature, seed=config.seed)
+    metrics: dict[str, float] = {}
+    curve = []
+    for r, (acc, gen, pre) in enumerate(zip(reflection.accuracy_by_round, reflection.generated_tokens_by_round,
+                                            reflection.prompt_tokens_by_round)):
+        metrics[f"reflection_round_{r}"] = acc
+        curve.append({"method": f"reflection ({config.reflection_feedback})", "n": r + 1, "accuracy": acc,
+                      "generated_tokens": gen, "inference_flops": (gen + pre) * flops_per_token})
+    return reflection.transcripts, metrics, curve
+
+
+def _write_samples(path: Path, config: AccuracyConfig, problems: list[tuple[str, str]], pools: list[list[Any]],
+                   greedy: list[Any | None], rewards: dict[int, float], tool_records: list[dict[str, Any] | None],
+                   transcripts: list[list[dict[str, Any]] | None]) -> None:
+    """samples.jsonl: one line per problem, its samples, greedy answer, calculator run and reflection."""
+    with open(path, "w", encoding="utf-8") as handle:
         for index, (question, reference) in enumerate(problems):
             row = sample_row(question, reference, pools[index], greedy[index], rewards, tool_records[index])
             row["reflection"] = None if transcripts[index] is None else {
                 "feedback": config.reflection_feedback, "attempts": transcripts[index]}
             handle.write(json.dumps(row) + "\n")
-    with open(out_dir / CURVE_FILE, "w", newline="", encoding="utf-8") as handle:
+
+
+def _write_curve(path: Path, curve: list[dict[str, Any]]) -> None:
+    """accuracy_vs_compute.csv: one row per method and n."""
+    with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=["method", "n", "accuracy", "generated_tokens", "inference_flops"])
         writer.writeheader()
         writer.writerows(curve)
-    (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    used = problems_used_text(len(problems), available, config.max_problems, paths["dataset"].name)
+
+
+def _report_lines(config: AccuracyConfig, used: str, failed: int, metrics: dict[str, Any],
+                  curve: list[dict[str, Any]]) -> list[str]:
+    """report.md's lines: the setting, the metrics table and the accuracy-vs-compute table."""
     lines = [f"# Verifiable accuracy: {used}", "",
              f"N = {config.samples_per_problem} samples per problem at temperature {config.temperature}, "
              f"up to {config.max_new_tokens} new tokens; {failed} problems failed to generate.", "",
@@ -240,6 +272,56 @@ def _build(config: AccuracyConfig, paths: dict[str, Path], out_dir: Path) -> dic
               "|---|---:|---:|---:|---:|"]
     lines += [f"| {c['method']} | {c['n']} | {c['accuracy']:.4f} | {c['generated_tokens']:.0f} | {c['inference_flops']:.3g} |"
               for c in curve]
+    return lines
+
+
+def _build(config: AccuracyConfig, paths: dict[str, Path], out_dir: Path) -> dict[str, Any]:
+    import torch
+    from transformers import AutoTokenizer
+
+    from components.feasibility.model_flops import inference_flops_per_token
+    from components.models.chat import prompt_ids
+    from components.models.factory import load_causal_lm
+    from components.tasks.problems import read_problems
+
+    torch.manual_seed(config.seed)
+    tokenizer = AutoTokenizer.from_pretrained(paths["model"])
+    model = load_causal_lm(paths["model"]).eval()
+    problems = read_problems(paths["dataset"], config.format, config.max_problems)
+    available = count_records(paths["dataset"])
+    questions = [q for q, _ in problems]
+    references = [r for _, r in problems]
+    prompt_lengths = [len(prompt_ids(tokenizer, q)) for q in questions]
+    flops_per_token = inference_flops_per_token(model, max(prompt_lengths) + config.max_new_tokens)
+    pools, greedy, failed = _sample_pools(model, tokenizer, questions, config)
+    kept = [i for i, pool in enumerate(pools) if pool]
+    if not kept:
+        raise DataError(f"{paths['dataset']}: generation failed for every problem")
+    k_pools, k_refs, k_prompts = [pools[i] for i in kept], [references[i] for i in kept], [prompt_lengths[i] for i in kept]
+    metrics = _pool_metrics(config, available, failed, greedy, references, k_pools, k_refs, flops_per_token)
+    strategies, rewards, reward_flops_per_token = _strategies_and_rewards(config, paths, questions, kept, k_pools,
+                                                                          prompt_lengths)
+    accuracies, curve = _strategy_curve(config, strategies, k_pools, k_refs, k_prompts, flops_per_token, rewards,
+                                        reward_flops_per_token, len(problems))
+    metrics.update(accuracies)
+    tool_records: list[dict[str, Any] | None] = [None] * len(problems)
+    if config.tool_use:
+        tool_records, tool_metrics, tool_point = _calculator_results(
+            model, tokenizer, questions, references, prompt_lengths, config.max_new_tokens, flops_per_token)
+        metrics.update(tool_metrics)
+        curve.append(tool_point)
+    transcripts: list[list[dict[str, Any]] | None] = [None] * len(problems)
+    if config.reflection_rounds:
+        transcripts, reflection_metrics, reflection_curve = _reflection_results(
+            model, tokenizer, questions, references, config, flops_per_token)
+        metrics.update(reflection_metrics)
+        curve += reflection_curve
+
+    _write_samples(out_dir / SAMPLES_FILE, config, problems, pools, greedy, rewards, tool_records, transcripts)
+    _write_curve(out_dir / CURVE_FILE, curve)
+    (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    used = problems_used_text(len(problems), available, config.max_problems, paths["dataset"].name)
+    lines = _report_lines(config, used, failed, metrics, curve)
     (out_dir / REPORT_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return metrics
 

@@ -104,6 +104,72 @@ def _best_within(points: list[dict[str, Any]], budget: float) -> dict[str, Any] 
     return max(affordable, key=lambda p: (p["accuracy"], -p["flops_per_query"])) if affordable else None
 
 
+def _rl_training_flops(paths: dict[str, Path]) -> float | None:
+    """The RL model's training FLOPs, from its manifest's metrics (None without an RL evaluation)."""
+    rl_training_flops = None
+    if "rl_evaluation" in paths:
+        rl_model = read_manifest(str(paths["rl_evaluation"])).inputs["model"].uri
+        rl_training_flops = float(read_manifest(rl_model).metrics.get("training_flops", 0.0))
+    return rl_training_flops
+
+
+def _plot_sft_methods(axis: Any, sft_points: list[dict[str, Any]]) -> None:
+    """One line per SFT method: accuracy against FLOPs per query."""
+    methods = sorted({p["method"] for p in sft_points})
+    for method in methods:
+        curve = sorted((p for p in sft_points if p["method"] == method), key=lambda p: p["flops_per_query"])
+        axis.plot([p["flops_per_query"] for p in curve], [p["accuracy"] for p in curve], marker="o", label=f"SFT {method}")
+
+
+def _plot_rl_oracle(axis: Any, rl_points: list[dict[str, Any]], volume: int) -> None:
+    """The RL model's oracle line at one query volume: accuracy against amortised FLOPs per query."""
+    curve = sorted((p for p in rl_points if p["method"] == "oracle"), key=lambda p: p["flops_per_query"])
+    axis.plot([p["flops_per_query"] for p in curve], [p["accuracy"] for p in curve], marker="s",
+              linestyle="--", label=f"RL, {volume:,} queries")
+
+
+def _budget_winners(points: list[dict[str, Any]], volume: int) -> list[dict[str, Any]]:
+    """At each compute budget among `points`, the most accurate point within it, at one query volume."""
+    verdicts = []
+    budgets = sorted({p["flops_per_query"] for p in points})
+    for budget in budgets:
+        best = _best_within(points, budget)
+        verdicts.append({"queries": volume, "budget_flops": budget, "winner": f"{best['model']} {best['method']}@{best['n']}",
+                         "accuracy": best["accuracy"]})
+    return verdicts
+
+
+def _save_plot(figure: Any, axis: Any, path: Path) -> None:
+    """Label the accuracy-vs-compute axes (log FLOPs) and write the PNG."""
+    axis.set_xscale("log")
+    axis.set_xlabel("FLOPs per query (inference, plus amortised RL training)")
+    axis.set_ylabel("accuracy")
+    axis.set_title("Accuracy vs test-time compute")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def _write_table(path: Path, rows: list[dict[str, Any]]) -> None:
+    """accuracy_vs_compute.csv: every point, SFT then RL per query volume."""
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["model", "method", "n", "accuracy", "flops_per_query"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _table_lines(rows: list[dict[str, Any]], verdicts: list[dict[str, Any]]) -> list[str]:
+    """report.md's tables: every point, then the best method within each budget."""
+    lines = ["# Accuracy vs compute per query", "",
+             "| model | method | n | accuracy | FLOPs / query |", "|---|---|---:|---:|---:|"]
+    lines += [f"| {r['model']} | {r['method']} | {r['n']} | {r['accuracy']:.4f} | {r['flops_per_query']:.3g} |" for r in rows]
+    lines += ["", "Best method within each budget:", "", "| queries | budget (FLOPs / query) | best | accuracy |",
+              "|---:|---:|---|---:|"]
+    lines += [f"| {v['queries']:,} | {v['budget_flops']:.3g} | {v['winner']} | {v['accuracy']:.4f} |".replace("| 0 |", "| - |", 1)
+              for v in verdicts]
+    return lines
+
+
 def _build(config: CompareConfig, paths: dict[str, Path], out_dir: Path) -> dict[str, Any]:
     import matplotlib
 
@@ -111,16 +177,10 @@ def _build(config: CompareConfig, paths: dict[str, Path], out_dir: Path) -> dict
     import matplotlib.pyplot as plt
 
     sft_points = _read_curve(paths["evaluation"], "sft")
-    rl_training_flops = None
-    if "rl_evaluation" in paths:
-        rl_model = read_manifest(str(paths["rl_evaluation"])).inputs["model"].uri
-        rl_training_flops = float(read_manifest(rl_model).metrics.get("training_flops", 0.0))
-    rows, lines = [], []
+    rl_training_flops = _rl_training_flops(paths)
+    rows: list[dict[str, Any]] = []
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    methods = sorted({p["method"] for p in sft_points})
-    for method in methods:
-        curve = sorted((p for p in sft_points if p["method"] == method), key=lambda p: p["flops_per_query"])
-        axis.plot([p["flops_per_query"] for p in curve], [p["accuracy"] for p in curve], marker="o", label=f"SFT {method}")
+    _plot_sft_methods(axis, sft_points)
     rows += sft_points
     verdicts, rl_points_raw = [], None
     if rl_training_flops is not None:
@@ -132,33 +192,12 @@ def _build(config: CompareConfig, paths: dict[str, Path], out_dir: Path) -> dict
                                     rl_training_flops / volume)
             points += rl_points
             rows += rl_points
-            curve = sorted((p for p in rl_points if p["method"] == "oracle"), key=lambda p: p["flops_per_query"])
-            axis.plot([p["flops_per_query"] for p in curve], [p["accuracy"] for p in curve], marker="s",
-                      linestyle="--", label=f"RL, {volume:,} queries")
-        budgets = sorted({p["flops_per_query"] for p in points})
-        for budget in budgets:
-            best = _best_within(points, budget)
-            verdicts.append({"queries": volume, "budget_flops": budget, "winner": f"{best['model']} {best['method']}@{best['n']}",
-                             "accuracy": best["accuracy"]})
-    axis.set_xscale("log")
-    axis.set_xlabel("FLOPs per query (inference, plus amortised RL training)")
-    axis.set_ylabel("accuracy")
-    axis.set_title("Accuracy vs test-time compute")
-    axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(out_dir / PLOT_FILE, dpi=110)
+            _plot_rl_oracle(axis, rl_points, volume)
+        verdicts += _budget_winners(points, volume)
+    _save_plot(figure, axis, out_dir / PLOT_FILE)
     plt.close(figure)
-    with open(out_dir / TABLE_FILE, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["model", "method", "n", "accuracy", "flops_per_query"])
-        writer.writeheader()
-        writer.writerows(rows)
-    lines = ["# Accuracy vs compute per query", "",
-             "| model | method | n | accuracy | FLOPs / query |", "|---|---|---:|---:|---:|"]
-    lines += [f"| {r['model']} | {r['method']} | {r['n']} | {r['accuracy']:.4f} | {r['flops_per_query']:.3g} |" for r in rows]
-    lines += ["", "Best method within each budget:", "", "| queries | budget (FLOPs / query) | best | accuracy |",
-              "|---:|---:|---|---:|"]
-    lines += [f"| {v['queries']:,} | {v['budget_flops']:.3g} | {v['winner']} | {v['accuracy']:.4f} |".replace("| 0 |", "| - |", 1)
-              for v in verdicts]
+    _write_table(out_dir / TABLE_FILE, rows)
+    lines = _table_lines(rows, verdicts)
     best_overall = max(sft_points, key=lambda p: p["accuracy"])
     metrics = {"best_sft_method": f"{best_overall['method']}@{best_overall['n']}", "best_sft_accuracy": best_overall["accuracy"],
                "rl_training_flops": rl_training_flops}

@@ -179,6 +179,50 @@ def _weights(model: Any) -> tuple[Any, list[tuple[torch.Tensor, ...]]]:
     return decoder, layers
 
 
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension: weight * x / sqrt(mean(x^2) + eps)."""
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _rotary_cos_sin(positions: torch.Tensor, rotary: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles at `positions` [rows, tokens], each [rows, 1, tokens, head_dim]."""
+    freqs = positions[..., None].float() * rotary.inv_freq.float()
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return emb.cos() * rotary.attention_scaling, emb.sin() * rotary.attention_scaling
+
+
+def _split_heads(x: torch.Tensor, count: int, head_dim: int) -> torch.Tensor:
+    """[rows, tokens, count * head_dim] -> [rows, count, tokens, head_dim]."""
+    return x.view(x.shape[0], x.shape[1], count, head_dim).transpose(1, 2)
+
+
+def _shared_prompt_masks(valid: torch.Tensor, width: int, rows: int, steps: int, group: int
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention masks of the prompt queries [prompts, 1, W, W] and completion queries [rows, 1, T, W + T]."""
+    # prompt queries: causal over valid prompt keys (a padding query sees itself, never empty)
+    prompt_allowed = ((torch.ones(width, width, dtype=torch.bool).tril()[None] & valid[:, None, :])
+                      | torch.eye(width, dtype=torch.bool)[None])[:, None]
+    # completion queries: every valid prompt key, then causal over the completion
+    completion_allowed = torch.cat([valid.repeat_interleave(group, dim=0)[:, None, :].expand(rows, steps, width),
+                                    torch.ones(steps, steps, dtype=torch.bool).tril()[None].expand(rows, -1, -1)],
+                                   dim=-1)[:, None]
+    return prompt_allowed, completion_allowed
+
+
+def _token_logprobs(logits: torch.Tensor, completion_ids: torch.Tensor, temperature: float,
+                    entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs of `completion_ids` under softmax(logits / temperature), and optionally the entropies (no grad)."""
+    if temperature > 0:
+        logits = logits / temperature
+    logprobs_all = torch.log_softmax(logits, dim=-1)
+    logprobs = logprobs_all.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+    entropies = None
+    if entropy:
+        with torch.no_grad():
+            entropies = -(logprobs_all.exp() * logprobs_all).sum(-1)
+    return logprobs, entropies
+
+
 def shared_prompt_logprobs(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                            completion_ids: torch.Tensor, completion_mask: torch.Tensor, temperature: float,
                            entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -195,64 +239,36 @@ def shared_prompt_logprobs(model: Any, prompt_ids: torch.Tensor, prompt_mask: to
     rows, steps = completion_ids.shape
     group = rows // prompts
     rotary = decoder.rotary_emb
-
-    def norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-
-    def angles(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions[..., None].float() * rotary.inv_freq.float()
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-        return emb.cos() * rotary.attention_scaling, emb.sin() * rotary.attention_scaling
-
-    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
-    def heads_of(x: torch.Tensor, count: int) -> torch.Tensor:
-        return x.view(x.shape[0], x.shape[1], count, head_dim).transpose(1, 2)
+    rotate = LlamaSampler._rotate  # the sampler's rotation, the same arithmetic
 
     prompt_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     completion_positions = prompt_positions[:, -1:].repeat_interleave(group, dim=0) + 1 + torch.arange(steps)
-    p_cos, p_sin = angles(prompt_positions)
-    c_cos, c_sin = angles(completion_positions)
+    p_cos, p_sin = _rotary_cos_sin(prompt_positions, rotary)
+    c_cos, c_sin = _rotary_cos_sin(completion_positions, rotary)
     valid = prompt_mask.bool()
-    # prompt queries: causal over valid prompt keys (a padding query sees itself, never empty)
-    prompt_allowed = ((torch.ones(width, width, dtype=torch.bool).tril()[None] & valid[:, None, :])
-                      | torch.eye(width, dtype=torch.bool)[None])[:, None]
-    # completion queries: every valid prompt key, then causal over the completion
-    completion_allowed = torch.cat([valid.repeat_interleave(group, dim=0)[:, None, :].expand(rows, steps, width),
-                                    torch.ones(steps, steps, dtype=torch.bool).tril()[None].expand(rows, -1, -1)],
-                                   dim=-1)[:, None]
+    prompt_allowed, completion_allowed = _shared_prompt_masks(valid, width, rows, steps, group)
     gqa = heads != kv_heads
     prompt_hidden = F.embedding(prompt_ids, decoder.embed_tokens.weight)
     hidden = F.embedding(completion_ids, decoder.embed_tokens.weight)
     for norm1, w_q, w_k, w_v, w_o, norm2, w_gate, w_up, w_down in layers:
-        x_p, x_c = norm(prompt_hidden, norm1), norm(hidden, norm1)
-        q_p = rotate(heads_of(F.linear(x_p, w_q), heads), p_cos, p_sin)
-        k_p = rotate(heads_of(F.linear(x_p, w_k), kv_heads), p_cos, p_sin)
-        v_p = heads_of(F.linear(x_p, w_v), kv_heads)
-        q_c = rotate(heads_of(F.linear(x_c, w_q), heads), c_cos, c_sin)
-        k_c = rotate(heads_of(F.linear(x_c, w_k), kv_heads), c_cos, c_sin)
-        v_c = heads_of(F.linear(x_c, w_v), kv_heads)
+        x_p, x_c = _rms_norm(prompt_hidden, norm1, eps), _rms_norm(hidden, norm1, eps)
+        q_p = rotate(_split_heads(F.linear(x_p, w_q), heads, head_dim), p_cos, p_sin)
+        k_p = rotate(_split_heads(F.linear(x_p, w_k), kv_heads, head_dim), p_cos, p_sin)
+        v_p = _split_heads(F.linear(x_p, w_v), kv_heads, head_dim)
+        q_c = rotate(_split_heads(F.linear(x_c, w_q), heads, head_dim), c_cos, c_sin)
+        k_c = rotate(_split_heads(F.linear(x_c, w_k), kv_heads, head_dim), c_cos, c_sin)
+        v_c = _split_heads(F.linear(x_c, w_v), kv_heads, head_dim)
         attended_p = F.scaled_dot_product_attention(q_p, k_p, v_p, attn_mask=prompt_allowed, enable_gqa=gqa)
         keys = torch.cat([k_p.repeat_interleave(group, dim=0), k_c], dim=2)
         values = torch.cat([v_p.repeat_interleave(group, dim=0), v_c], dim=2)
         attended_c = F.scaled_dot_product_attention(q_c, keys, values, attn_mask=completion_allowed, enable_gqa=gqa)
         prompt_hidden = prompt_hidden + F.linear(attended_p.transpose(1, 2).reshape(prompts, width, -1), w_o)
         hidden = hidden + F.linear(attended_c.transpose(1, 2).reshape(rows, steps, -1), w_o)
-        x_p = norm(prompt_hidden, norm2)
+        x_p = _rms_norm(prompt_hidden, norm2, eps)
         prompt_hidden = prompt_hidden + F.linear(F.silu(F.linear(x_p, w_gate)) * F.linear(x_p, w_up), w_down)
-        x_c = norm(hidden, norm2)
+        x_c = _rms_norm(hidden, norm2, eps)
         hidden = hidden + F.linear(F.silu(F.linear(x_c, w_gate)) * F.linear(x_c, w_up), w_down)
     # the prompt's last state predicts the first completion token; each completion state the next
     states = torch.cat([prompt_hidden[:, -1:].repeat_interleave(group, dim=0), hidden[:, :-1]], dim=1)
-    logits = F.linear(norm(states, decoder.norm.weight), model.lm_head.weight).float()
-    if temperature > 0:
-        logits = logits / temperature
-    logprobs_all = torch.log_softmax(logits, dim=-1)
-    logprobs = logprobs_all.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
-    entropies = None
-    if entropy:
-        with torch.no_grad():
-            entropies = -(logprobs_all.exp() * logprobs_all).sum(-1)
-    return logprobs, entropies
+    logits = F.linear(_rms_norm(states, decoder.norm.weight, eps), model.lm_head.weight).float()
+    return _token_logprobs(logits, completion_ids, temperature, entropy)

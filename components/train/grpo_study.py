@@ -48,15 +48,9 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _summarize(config: GRPOStudyConfig, curves: dict[int, list[dict[str, Any]]], out_dir: Path) -> dict[str, Any]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = sorted(set.intersection(*(set(r["step"] for r in curve) for curve in curves.values())))
-    at = {seed: {r["step"]: r for r in curve} for seed, curve in curves.items()}
-    measures = [(key, label) for key, label in MEASURES if all(key in at[s][steps[0]] for s in curves)]
+def _mean_std_rows(curves: dict[int, list[dict[str, Any]]], at: dict[int, dict[int, dict[str, Any]]], steps: list[int],
+                   measures: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """Per step, each measure's mean and std over the seeds: the rows of heldout_accuracy.csv."""
     rows = []
     for step in steps:
         row: dict[str, Any] = {"step": step}
@@ -64,6 +58,12 @@ def _summarize(config: GRPOStudyConfig, curves: dict[int, list[dict[str, Any]]],
             mean, std = _mean_std([at[seed][step][key] for seed in curves])
             row[f"{key}_mean"], row[f"{key}_std"] = mean, std
         rows.append(row)
+    return rows
+
+
+def _gain_metrics(curves: dict[int, list[dict[str, Any]]], at: dict[int, dict[int, dict[str, Any]]], steps: list[int],
+                  measures: list[tuple[str, str]]) -> dict[str, Any]:
+    """Per measure, the means before and after, the spread after, and the gain's mean, std and mean / std."""
     metrics: dict[str, Any] = {"seeds": len(curves), "steps": steps[-1]}
     for key, _ in measures:
         before = [at[seed][steps[0]][key] for seed in curves]
@@ -74,11 +74,24 @@ def _summarize(config: GRPOStudyConfig, curves: dict[int, list[dict[str, Any]]],
                         f"{key}_after_std": _mean_std(after)[1], f"{key}_gain_mean": gain_mean,
                         f"{key}_gain_std": gain_std,
                         f"{key}_gain_in_stds": gain_mean / gain_std if gain_std > 0 else None})
-    (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    with open(out_dir / CURVE_FILE, "w", encoding="utf-8") as handle:
+    return metrics
+
+
+def _write_curve(path: Path, rows: list[dict[str, Any]]) -> None:
+    """heldout_accuracy.csv: one row per step, each value to 6 significant digits."""
+    with open(path, "w", encoding="utf-8") as handle:
         names = list(rows[0])
         handle.write(",".join(names) + "\n")
         handle.writelines(",".join(f"{row[n]:.6g}" for n in names) + "\n" for row in rows)
+
+
+def _plot_seeds(curves: dict[int, list[dict[str, Any]]], at: dict[int, dict[int, dict[str, Any]]], steps: list[int],
+                measures: list[tuple[str, str]], rows: list[dict[str, Any]], path: Path) -> None:
+    """The PNG: per measure, every seed's curve and the mean +- std band against the GRPO step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, len(measures), figsize=(5.5 * len(measures), 4), squeeze=False)
     for axis, (key, label) in zip(axes[0], measures):
@@ -95,9 +108,13 @@ def _summarize(config: GRPOStudyConfig, curves: dict[int, list[dict[str, Any]]],
         axis.legend()
     figure.suptitle("GRPO from the SFT model: held-out accuracy")
     figure.tight_layout()
-    figure.savefig(out_dir / PLOT_FILE, dpi=120)
+    figure.savefig(path, dpi=120)
     plt.close(figure)
 
+
+def _report_lines(config: GRPOStudyConfig, curves: dict[int, list[dict[str, Any]]], steps: list[int],
+                  measures: list[tuple[str, str]], rows: list[dict[str, Any]], metrics: dict[str, Any]) -> list[str]:
+    """report.md's lines: the setting, the per-step table and the before/after/gain table."""
     lines = [f"# GRPO study: {len(curves)} seeds, {steps[-1]} steps", "",
              f"Each seed is a GRPO run from the same SFT model ({config.base.group_size} samples per prompt, "
              f"{config.base.train.batch_size_rows} prompts per step, learning rate "
@@ -114,6 +131,19 @@ def _summarize(config: GRPOStudyConfig, curves: dict[int, list[dict[str, Any]]],
                      f"{metrics[f'{key}_gain_mean']:+.3f} +- {metrics[f'{key}_gain_std']:.3f} | "
                      f"{'n/a' if ratio is None else f'{ratio:.1f}'} |")
     lines += ["", f"![held-out accuracy]({PLOT_FILE})"]
+    return lines
+
+
+def _summarize(config: GRPOStudyConfig, curves: dict[int, list[dict[str, Any]]], out_dir: Path) -> dict[str, Any]:
+    steps = sorted(set.intersection(*(set(r["step"] for r in curve) for curve in curves.values())))
+    at = {seed: {r["step"]: r for r in curve} for seed, curve in curves.items()}
+    measures = [(key, label) for key, label in MEASURES if all(key in at[s][steps[0]] for s in curves)]
+    rows = _mean_std_rows(curves, at, steps, measures)
+    metrics = _gain_metrics(curves, at, steps, measures)
+    (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    _write_curve(out_dir / CURVE_FILE, rows)
+    _plot_seeds(curves, at, steps, measures, rows, out_dir / PLOT_FILE)
+    lines = _report_lines(config, curves, steps, measures, rows, metrics)
     (out_dir / REPORT_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return metrics
 
