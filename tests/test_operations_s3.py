@@ -182,7 +182,12 @@ def test_pipeline_on_s3_keeps_lineage_and_results_there_and_never_writes_the_sec
 
     from flows.pipeline import pipeline
 
-    caplog.set_level(logging.DEBUG)
+    # Our own loggers at DEBUG (what the secret must never reach). Not the root logger: that
+    # turns on botocore's per-request debug records (response bodies included), which Prefect's
+    # console handler renders one by one and which made this test run for tens of minutes.
+    caplog.set_level(logging.INFO, logger="prefect")
+    for ours in ("components", "flows"):  # last: set_level also sets caplog's handler to its level
+        caplog.set_level(logging.DEBUG, logger=ours)
     params_file = write_params(tmp_path / "params.yaml", f"s3://{s3.bucket}/run")
     results = RemoteFileSystem(basepath=f"s3://{s3.bucket}/prefect-results")  # no settings: no credentials
     results.save(f"results-{s3.bucket}", overwrite=True)
