@@ -20,6 +20,7 @@ from components.artifacts import ArtifactRef, ComponentSpec, Manifest, produce, 
 from components.config import StrictConfig
 from components.runlog import read_metrics
 from components.train.grpo import GRPOConfig, grpo
+from components.train.rl import HELDOUT_FILE
 
 SPEC = ComponentSpec(name="grpo_study", version="1")
 REPORT_FILE = "report.md"
@@ -154,7 +155,7 @@ def summarize_study(config: GRPOStudyConfig, dest: str, overwrite: bool = False,
         curves = {}
         for name in seeds:
             read_manifest(str(paths[name]))  # a published grpo run, not a stray directory
-            curves[int(name.removeprefix("seed_"))] = read_metrics(paths[name] / "heldout_accuracy.jsonl")
+            curves[int(name.removeprefix("seed_"))] = read_metrics(paths[name] / HELDOUT_FILE)
         return _summarize(config, curves, out_dir)
 
     return produce(SPEC, config, dict(seeds), dest, build, overwrite=overwrite)
