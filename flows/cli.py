@@ -59,11 +59,12 @@ def _build_parser() -> argparse.ArgumentParser:
 def _add_stage_command(commands: argparse._SubParsersAction, stage: Stage) -> None:
     """`crucible STAGE`: run one stage (what DVC calls), or the other mode its table entry declares."""
     variant = stage.cli
+    help_text = stage.help.replace("%", "%%")  # argparse %-formats help strings ("95 % interval")
     if variant is not None and variant.description:
-        sub = commands.add_parser(stage.name, help=stage.help, description=variant.description,
+        sub = commands.add_parser(stage.name, help=help_text, description=variant.description,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     else:
-        sub = commands.add_parser(stage.name, help=stage.help, description=stage.help)
+        sub = commands.add_parser(stage.name, help=help_text, description=stage.help)
     if variant is not None:
         variant.add_arguments(sub)
     sub.add_argument("--config", default=DEFAULT_PARAMS_FILE, help="Params file (default: %(default)s).")

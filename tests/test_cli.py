@@ -26,7 +26,8 @@ def test_top_level_help_lists_commands() -> None:
 
 def test_stages_chain_from_the_cli_and_lineage_reaches_raw_data(tiny_params: Path, tmp_path: Path) -> None:
     for stage in STAGES:
-        run_cli(stage.name, "--config", str(tiny_params), check=True)
+        if stage.dvc_file == "dvc.yaml":  # the demo's chain (the real-model chain: tests/test_real_flow.py)
+            run_cli(stage.name, "--config", str(tiny_params), check=True)
     metrics = json.loads((tmp_path / "artifacts/report/metrics.json").read_text())
     assert metrics["heldout_perplexity"] > 0
     lineage = run_cli("lineage", str(tmp_path / "artifacts/report"), check=True).stdout

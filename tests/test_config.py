@@ -79,3 +79,19 @@ def test_every_params_section_dvc_reads_is_in_the_params_files() -> None:
     repository = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     assert sections <= repository.keys(), sections - repository.keys()
     assert sections <= TINY_PARAMS.keys(), sections - TINY_PARAMS.keys()
+
+
+def test_the_pretrain_estimate_follows_the_trainers_precision_unless_set(tmp_path: Path) -> None:
+    """A user's params without `estimate.precision` get the estimate of the run pretrain makes
+    (its gate refuses an estimate in another precision); an explicit one is kept."""
+    from flows.params import load_params
+    from flows.stages import training_estimate_config
+    from tests.conftest import write_params
+
+    for requested, expected in (("bf16", "bf16"), ("fp32", "fp32")):
+        params = load_params(write_params(tmp_path / f"{requested}.yaml", "artifacts", pretrain={
+            "train": {"precision": requested, "batch_size_rows": 4, "max_steps": 8, "optim": {"warmup_steps": 8}}}))
+        assert training_estimate_config(params).target.precision == expected
+    pinned = load_params(write_params(tmp_path / "pinned.yaml", "artifacts", estimate={"precision": "fp32"}, pretrain={
+        "train": {"precision": "bf16", "batch_size_rows": 4, "max_steps": 8, "optim": {"warmup_steps": 8}}}))
+    assert training_estimate_config(pinned).target.precision == "fp32"

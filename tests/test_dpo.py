@@ -33,8 +33,11 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _train(steps: int, **overrides: object) -> DPOConfig:
+    # fp32: the tests check h = 0 exactly at step 0 against reference log-probs cached in fp32
+    # (under bf16 autocast the policy's log-probs differ from them: h is not 0), and two DeepSpeed ranks
+    # (bf16 weights there, not autocast) against one process to 1e-5.
     return DPOConfig(heldout_fraction=0.25, beta=BETA, train=TrainConfig(
-        batch_size_rows=8, max_steps=steps, checkpoint_every_steps=0,
+        batch_size_rows=8, max_steps=steps, checkpoint_every_steps=0, precision="fp32",
         optim=OptimConfig(learning_rate=5e-3, warmup_steps=min(5, steps))), **overrides)
 
 

@@ -50,7 +50,7 @@ def project(tmp_path: Path) -> Path:
 
 def test_repro_is_incremental_and_round_trips_through_a_remote(project: Path, tmp_path: Path) -> None:
     first = sh("dvc", "repro", cwd=project)
-    assert sorted(ran_stages(first)) == sorted(stage.name for stage in STAGES)
+    assert sorted(ran_stages(first)) == sorted(stage.name for stage in STAGES if stage.dvc_file == "dvc.yaml")
     assert "Data and pipelines are up to date" in sh("dvc", "repro", cwd=project)
 
     metrics = sh("dvc", "metrics", "show", "--json", cwd=project)
@@ -65,7 +65,8 @@ def test_repro_is_incremental_and_round_trips_through_a_remote(project: Path, tm
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     assert ran_stages(sh("dvc", "repro", cwd=project)) == ["evaluate", "report"]
 
-    hashes = {s.name: read_manifest(str(project / "artifacts" / s.name)).output.content_hash for s in STAGES}
+    hashes = {s.name: read_manifest(str(project / "artifacts" / s.name)).output.content_hash for s in STAGES
+              if s.dvc_file == "dvc.yaml"}
     sh("git", "add", "-A", cwd=project)
     sh("git", "commit", "-qm", "results", cwd=project)
     sh("dvc", "push", cwd=project)

@@ -53,15 +53,26 @@ def uncovered(files: set[Path], deps: list[str]) -> list[str]:
     return sorted(str(f) for f in files if not any(f == Path(d) or Path(d) in f.parents for d in deps))
 
 
-def dvc_stages() -> dict:
-    return yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+DVC_FILES = ("dvc.yaml", "real/dvc.yaml")
 
 
-@pytest.mark.parametrize("name", sorted(dvc_stages()))
-def test_a_stage_depends_on_all_the_code_it_runs(name: str) -> None:
+def dvc_stages(dvc_file: str = "dvc.yaml") -> dict:
+    return yaml.safe_load((ROOT / dvc_file).read_text(encoding="utf-8"))["stages"]
+
+
+@pytest.mark.parametrize("dvc_file,name", [(f, name) for f in DVC_FILES for name in sorted(dvc_stages(f))])
+def test_a_stage_depends_on_all_the_code_it_runs(dvc_file: str, name: str) -> None:
     stage = STAGES_BY_NAME[name]
     modules = {entry.__module__ for _, entry in stage.task_components()}
-    assert uncovered(code_closure(modules), dvc_stages()[name]["deps"]) == []
+    assert uncovered(code_closure(modules), dvc_stages(dvc_file)[name]["deps"]) == []
+
+
+def test_every_stage_is_in_the_dvc_pipeline_its_table_entry_names() -> None:
+    listed = {name: dvc_file for dvc_file in DVC_FILES for name in dvc_stages(dvc_file)}
+    assert listed == {name: stage.dvc_file for name, stage in STAGES_BY_NAME.items()}
+    real = dvc_stages("real/dvc.yaml")
+    assert all(entry["wdir"] == ".." and entry["cmd"] == f"crucible {name} --config params.yaml"
+               for name, entry in real.items())  # run from the root, on the root params.yaml
 
 
 def test_the_check_finds_code_missing_from_the_deps() -> None:

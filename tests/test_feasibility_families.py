@@ -13,6 +13,7 @@ from components.feasibility.estimate import FeasibilityConfig, ModelSource, esti
 from components.feasibility.flops import forward_flops_per_token
 from components.feasibility.published import FAMILY_EXAMPLES
 from components.feasibility.shapes import shape_from_hf_config
+from components.models.factory import CLASSES, ModelConfig, hf_config
 
 IDS = [label for label, _, _ in FAMILY_EXAMPLES]
 
@@ -110,3 +111,34 @@ def test_unsupported_family_is_named_with_the_reason() -> None:
         shape_from_hf_config(_config("mixtral", dict(vocab_size=100, hidden_size=64, intermediate_size=128,
                                                      num_hidden_layers=2, num_attention_heads=4,
                                                      num_key_value_heads=2)))
+
+
+@pytest.mark.parametrize("architecture", list(CLASSES))
+def test_every_factory_family_is_estimated_with_its_exact_parameter_count(tmp_path: Path, architecture: str) -> None:
+    """The configs `build_causal_lm` writes (`pretrain.model.architecture`), read from disk."""
+    config = hf_config(ModelConfig(architecture=architecture, hidden_size=64, num_layers=2, num_heads=4,
+                                   num_kv_heads=4 if architecture == "gpt2" else 2, intermediate_size=128,
+                                   max_position_embeddings=64), 128, {"bos_token_id": 1, "eos_token_id": 2,
+                                                                      "pad_token_id": 0})
+    config.save_pretrained(tmp_path)
+    result = estimate(FeasibilityConfig(model=ModelSource(config_path=str(tmp_path)), tokens=1e9, gpu="H100-SXM",
+                                        num_gpus=1))
+    assert result["params"] == sum(p.numel() for p in _model(config).parameters())
+    assert result["fits"] is True and result["memory_checked"]
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "qwen3", "mistral", "gemma2", "phi3", "olmo2", "gpt2"])
+def test_the_pretrain_estimate_counts_the_family_pretrain_builds(architecture: str) -> None:
+    """`pretrain`'s feasibility gate reads the shape of the model it will build, for every family."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from components.feasibility.training import model_shape
+    from components.models.factory import ModelConfig, hf_config
+
+    config = ModelConfig(architecture=architecture, hidden_size=64, num_layers=2, num_heads=4,
+                         num_kv_heads=4 if architecture == "gpt2" else 2, intermediate_size=128)
+    with torch.device("meta"):
+        built = AutoModelForCausalLM.from_config(hf_config(config, 400, {"bos_token_id": None, "eos_token_id": None,
+                                                                         "pad_token_id": None}))
+    assert model_shape(config, 400, 128).parameter_count() == sum(p.numel() for p in built.parameters())

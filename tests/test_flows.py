@@ -239,7 +239,7 @@ def test_flows_and_commands_come_from_the_stage_table() -> None:
 
     composites = [composite.name for composite in table.COMPOSITES]
     stage_names = [stage.name for stage in table.STAGES]
-    assert set(composites) == {stage.composite for stage in table.STAGES} - {None} == {"pipeline", "rl_studies"}
+    assert set(composites) == {stage.composite for stage in table.STAGES} - {None} == {"pipeline", "rl_studies", "real"}
     assert set(pipeline_module.FLOWS) == {*composites, *stage_names}
     for name in composites:
         assert table.members(name) and getattr(pipeline_module, name) is pipeline_module.FLOWS[name]

@@ -193,14 +193,24 @@ def test_chat_loss_covers_every_assistant_turn(tokenizer) -> None:
     assert [tokenizer.decode(run) for run in _unmasked_runs(input_ids, labels)] == ["5<|im_end|>", "#### 20<|im_end|>"]
 
 
-def test_template_without_generation_markers_is_an_error(tokenizer) -> None:
+def test_template_without_generation_markers_masks_the_same_tokens(tokenizer) -> None:
+    """Released models' templates have no {% generation %} spans; rendering turn by turn must
+    find exactly the tokens the spans mark (content and end of turn, not the newline after)."""
     plain = tokenizer.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
-    example = SFTPromptCompletion(prompt="1+1?", completion="2")
+    chat = SFTChat.model_validate({"messages": [
+        {"role": "system", "content": "Answer with a number."}, {"role": "user", "content": "What is 2 plus 3?"},
+        {"role": "assistant", "content": "5"}, {"role": "user", "content": "And times 4?"},
+        {"role": "assistant", "content": "#### 20"}]})
+    single = SFTPromptCompletion(prompt="1+1?", completion="2")
+    marked = tokenize_chat(tokenizer, chat), tokenize_prompt_completion(tokenizer, single)
     original = tokenizer.chat_template
     tokenizer.chat_template = plain
     try:
-        with pytest.raises(DataError, match=r"generation"):
-            tokenize_prompt_completion(tokenizer, example)
+        assert (tokenize_chat(tokenizer, chat), tokenize_prompt_completion(tokenizer, single)) == marked
+        # a template that renders earlier turns differently once more follow them
+        tokenizer.chat_template = "{% for m in messages %}{{ m['content'] if loop.last else m['content'][:1] }}{% endfor %}"
+        with pytest.raises(DataError, match="assistant turn 2"):
+            tokenize_chat(tokenizer, chat)
     finally:
         tokenizer.chat_template = original
 

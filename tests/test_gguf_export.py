@@ -105,3 +105,19 @@ def test_smollm2_round_trips_exactly_in_f32(smollm2_artifact: Path, tmp_path: Pa
 
     assert manifest.metrics["roundtrip_max_abs_logit_diff"] == 0.0
     assert manifest.metrics["pre_tokenizer"] == "gpt2" and manifest.metrics["vocab_size"] == 49152
+
+
+def test_import_and_export_commands_as_a_user_runs_them(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """`crucible import_model --source DIR --output URI`, then `crucible export_model`; a bad source
+    is one line naming the file, with nothing published."""
+    from tests.conftest import run_cli
+
+    run_cli("import_model", "--source", str(tiny_llama_dir), "--output", str(tmp_path / "imported"), check=True)
+    assert read_manifest(str(tmp_path / "imported")).inputs["source"].uri == str(tiny_llama_dir)
+    run_cli("export_model", "--model", str(tmp_path / "imported"), "--output", str(tmp_path / "gguf"), check=True)
+    assert read_manifest(str(tmp_path / "gguf")).inputs["model"].uri == str(tmp_path / "imported")
+    assert (tmp_path / "gguf" / GGUF_FILE).stat().st_size > 0
+    (tmp_path / "weights.bin").write_bytes(b"not a model")
+    bad = run_cli("import_model", "--source", str(tmp_path / "weights.bin"), "--output", str(tmp_path / "bad"))
+    assert bad.returncode != 0 and f"{tmp_path / 'weights.bin'}: not a GGUF file" in bad.stderr
+    assert not (tmp_path / "bad").exists()

@@ -106,7 +106,8 @@ def test_best_of_n_by_reward_model_is_reported_beside_the_other_strategies(train
 
 
 def _short_run(distributed: DistributedConfig | None = None) -> RewardModelConfig:
-    train = TrainConfig(batch_size_rows=8, micro_batch_rows=2, max_steps=3, checkpoint_every_steps=0,
+    # fp32: two DeepSpeed ranks (bf16 weights there, not autocast) are compared with one process to 1e-5
+    train = TrainConfig(batch_size_rows=8, micro_batch_rows=2, max_steps=3, checkpoint_every_steps=0, precision="fp32",
                         optim=OptimConfig(learning_rate=5e-3, warmup_steps=1))
     if distributed is not None:
         train = train.model_copy(update={"distributed": distributed})

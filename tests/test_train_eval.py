@@ -71,8 +71,8 @@ def _weights(model_dir: Path) -> dict:
 def test_pretraining_learns_and_is_deterministic(prepared: Path) -> None:
     import torch
 
-    config = PretrainConfig(model=TINY_MODEL, train=TrainConfig(
-        batch_size_rows=8, max_steps=40, optim=OptimConfig(learning_rate=1e-2, warmup_steps=5)))
+    config = PretrainConfig(model=TINY_MODEL, train=TrainConfig(  # fp32: the estimate's (TrainingTarget's default)
+        batch_size_rows=8, max_steps=40, precision="fp32", optim=OptimConfig(learning_rate=1e-2, warmup_steps=5)))
     manifest = run_pretrain(config, prepared, "model_a")
     records = [json.loads(l) for l in (prepared / "model_a" / PUBLISHED_STEP_LOG_FILE).read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 41))
@@ -98,8 +98,8 @@ def test_perplexity_matches_an_independent_computation(prepared: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model_dir = prepared / "model_eval"
-    run_pretrain(PretrainConfig(model=TINY_MODEL, train=TrainConfig(batch_size_rows=8, max_steps=5,
+    model_dir = prepared / "model_eval"  # fp32 below: the estimate's precision (TrainingTarget's default)
+    run_pretrain(PretrainConfig(model=TINY_MODEL, train=TrainConfig(batch_size_rows=8, max_steps=5, precision="fp32",
                                                                     optim=OptimConfig(warmup_steps=5))),
                  prepared, "model_eval")
     manifest = evaluate_perplexity(PerplexityConfig(batch_size_docs=3), str(model_dir), str(prepared / "heldout"),

@@ -83,8 +83,14 @@ def short_run(**fields: object) -> TrainConfig:
     return TrainConfig(**fields, optim=OptimConfig(warmup_steps=fields["max_steps"]))
 
 
+# fp32 where weights are compared across batch schedules or backends to 1e-6 (bf16 rounds
+# differently per summation order, and DeepSpeed's bf16 is bf16 weights, not autocast), and
+# where the run is pretrain's: the gate wants the estimate's precision (fp32 by default).
+FP32 = "fp32"
+
+
 RESUME_CONFIG = PretrainConfig(model=TINY, train=TrainConfig(
-    batch_size_rows=32, max_steps=150, checkpoint_every_steps=20, keep_last_checkpoints=2,
+    batch_size_rows=32, max_steps=150, checkpoint_every_steps=20, keep_last_checkpoints=2, precision=FP32,
     optim=OptimConfig(learning_rate=5e-3, warmup_steps=10)))
 
 CHILD = textwrap.dedent("""
@@ -142,7 +148,7 @@ def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(chain:
 
 
 def test_gradient_accumulation_gives_the_big_batch_gradient(chain: Path) -> None:
-    whole = PretrainConfig(model=TINY, train=short_run(batch_size_rows=8, max_steps=6))
+    whole = PretrainConfig(model=TINY, train=short_run(batch_size_rows=8, max_steps=6, precision=FP32))
     accumulated = whole.model_copy(update={"train": whole.train.model_copy(update={"micro_batch_rows": 2})})
     run(chain, whole, "whole")
     run(chain, accumulated, "accumulated")
@@ -150,7 +156,7 @@ def test_gradient_accumulation_gives_the_big_batch_gradient(chain: Path) -> None
 
 
 def test_gradient_checkpointing_recomputes_the_same_gradients(chain: Path) -> None:
-    plain = PretrainConfig(model=TINY, train=short_run(batch_size_rows=8, max_steps=4))
+    plain = PretrainConfig(model=TINY, train=short_run(batch_size_rows=8, max_steps=4, precision=FP32))
     recompute = plain.model_copy(update={"train": plain.train.model_copy(update={"gradient_checkpointing": True})})
     run(chain, plain, "plain")
     run(chain, recompute, "recompute", activation_checkpointing="full")  # the estimate must describe the run
@@ -247,7 +253,7 @@ def test_the_estimate_must_describe_the_run(chain: Path) -> None:
 def test_deepspeed_ranks_on_cpu_train_the_single_process_model(chain: Path, zero_stage: int) -> None:
     """`deepspeed --num_gpus 2` with two CPU ranks, the ZeRO stage and DeepSpeed config taken from
     the estimate: both ranks end with identical weights, equal to one process on the same batches."""
-    base = short_run(batch_size_rows=8, micro_batch_rows=2, max_steps=6)
+    base = short_run(batch_size_rows=8, micro_batch_rows=2, max_steps=6, precision=FP32)
     single = PretrainConfig(model=TINY, train=base)
     ranks = PretrainConfig(model=TINY, train=base.model_copy(update={
         "distributed": DistributedConfig(launcher="deepspeed", num_procs=2)}))
@@ -270,7 +276,7 @@ def test_a_hostfile_from_the_prefect_task_launches_this_nodes_ranks_without_ssh(
     from flows.scale_out import deepspeed_hostfile
 
     hostfile = deepspeed_hostfile.fn(str(tmp_path / "hostfile"), 2, ["localhost"])
-    base = short_run(batch_size_rows=8, micro_batch_rows=2, max_steps=4)
+    base = short_run(batch_size_rows=8, micro_batch_rows=2, max_steps=4, precision=FP32)
     single = PretrainConfig(model=TINY, train=base)
     ranks = PretrainConfig(model=TINY, train=base.model_copy(update={"distributed": DistributedConfig(
         launcher="deepspeed", num_procs=2, hostfile=hostfile, node_rank=0)}))

@@ -32,7 +32,7 @@ from components.config import StrictConfig
 from components.errors import DataError
 from components.records import count_records
 
-SPEC = ComponentSpec(name="verifiable_accuracy", version="2")  # 2: problems used/available, tool and reflection transcripts
+SPEC = ComponentSpec(name="verifiable_accuracy", version="3")  # 3: 95 % intervals, greedy-only, decode sampler, bf16
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
 SAMPLES_FILE = "samples.jsonl"
@@ -43,20 +43,26 @@ log = logging.getLogger(__name__)
 class AccuracyConfig(StrictConfig):
     format: Literal["gsm8k", "rl"] = Field("gsm8k", description="gsm8k: question/answer; rl: prompt/reference_answer.")
     max_problems: int = Field(32, gt=0)
-    samples_per_problem: int = Field(8, ge=1, description="N: the pool pass@k and best-of-n draw from.")
-    ks: list[int] = Field([1, 2, 4, 8], min_length=1, description="pass@k for these k (each <= N).")
-    ns: list[int] = Field([1, 2, 4, 8], min_length=1, description="best-of-n / majority at these n (each <= N).")
+    samples_per_problem: int = Field(8, ge=0, description="N: the pool pass@k and best-of-n draw from (0: greedy only).")
+    ks: list[int] = Field([1, 2, 4, 8], description="pass@k for these k (each <= N; none when N is 0).")
+    ns: list[int] = Field([1, 2, 4, 8], description="best-of-n / majority at these n (each <= N; none when N is 0).")
     temperature: float = Field(0.7, gt=0)
     max_new_tokens: int = Field(256, gt=0)
     batch_prompts: int = Field(8, gt=0)
     tool_use: bool = Field(True, description="Also decode greedily with the calculator tool.")
     reflection_rounds: int = Field(2, ge=0, description="Self-reflection rounds after a failed first attempt (0: off).")
     reflection_feedback: Literal["verifier", "self"] = "verifier"
+    sampler: Literal["generate", "decode"] = Field(
+        "generate", description="generate: transformers' generate, 8 prompts at a time; decode: the batched KV-cache "
+                                "sampler (`models.sampling.decode`, fast for Llama-like models), `batch_prompts` at a time.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: sample under bf16 autocast (weights stay fp32).")
     seed: int = 0
 
     @model_validator(mode="after")
     def _within_pool(self) -> "AccuracyConfig":
         for name in ("ks", "ns"):
+            if self.samples_per_problem and not getattr(self, name):
+                raise ValueError(f"{name} is empty; list at least one value in [1, samples_per_problem]")
             too_big = [v for v in getattr(self, name) if v < 1 or v > self.samples_per_problem]
             if too_big:
                 raise ValueError(f"{name} {too_big} must lie in [1, samples_per_problem={self.samples_per_problem}]")
@@ -127,19 +133,20 @@ def sample_row(question: str, reference: str, pool: list[Any], greedy: Any, rewa
 def _sample_pools(model: Any, tokenizer: Any, questions: list[str], config: AccuracyConfig
                   ) -> tuple[list[list[Any]], list[Any | None], int]:
     """Each problem's pool of N samples and greedy sample ([], None where generation failed), and the failures."""
-    from components.models.sampling import Sample, sample
+    from components.models.sampling import Sample, sample, sample_decoded
 
+    draw = sample_decoded if config.sampler == "decode" else sample
     pools: list[list[Sample]] = []
     greedy: list[Sample | None] = []
     failed = 0
     for start in range(0, len(questions), config.batch_prompts):
         batch = questions[start:start + config.batch_prompts]
         try:
-            batch_pools = sample(model, tokenizer, batch, n=config.samples_per_problem,
-                                 max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                                 seed=config.seed + start)
-            batch_greedy = [s[0] for s in sample(model, tokenizer, batch, n=1, max_new_tokens=config.max_new_tokens,
-                                                 temperature=0.0)]
+            batch_pools = draw(model, tokenizer, batch, n=config.samples_per_problem,
+                               max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                               seed=config.seed + start) if config.samples_per_problem else [[] for _ in batch]
+            batch_greedy = [s[0] for s in draw(model, tokenizer, batch, n=1, max_new_tokens=config.max_new_tokens,
+                                               temperature=0.0)]
         except Exception as error:  # a failed batch is counted, the evaluation goes on
             log.warning("generation failed for problems %d-%d: %s", start, start + len(batch) - 1, error)
             failed += len(batch)
@@ -151,20 +158,28 @@ def _sample_pools(model: Any, tokenizer: Any, questions: list[str], config: Accu
 
 def _pool_metrics(config: AccuracyConfig, available: int, failed: int, greedy: list[Any | None], references: list[str],
                   k_pools: list[list[Any]], k_refs: list[str], flops_per_token: float) -> dict[str, Any]:
-    """The metrics of the pools themselves: greedy and sample accuracy and pass@k (over all problems)."""
+    """The metrics of the pools themselves: greedy accuracy with its 95 % Wilson interval, and
+    (with a pool) sample accuracy and pass@k with pass@1's bootstrap interval (over all problems)."""
+    from components.eval.intervals import bootstrap_interval, wilson_interval
     from components.eval.passk import pass_at_k
     from components.tasks.verifiers import is_correct
 
     problems = len(references)
-    correct_counts = [sum(is_correct(s.text, r) for s in pool) for pool, r in zip(k_pools, k_refs)]
-    return {
+    greedy_correct = sum(g is not None and is_correct(g.text, r) for g, r in zip(greedy, references))
+    low, high = wilson_interval(greedy_correct, problems)
+    metrics: dict[str, Any] = {
         "problems_used": problems, "problems_available": available, "failed_problems": failed,
-        "greedy_accuracy": sum(g is not None and is_correct(g.text, r) for g, r in zip(greedy, references)) / problems,
-        "sample_accuracy": sum(correct_counts) / (len(k_pools) * config.samples_per_problem),
-        **{f"pass@{k}": sum(pass_at_k(config.samples_per_problem, c, k) for c in correct_counts) / problems
-           for k in config.ks},
-        "inference_flops_per_token": flops_per_token,
-    }
+        "greedy_accuracy": greedy_correct / problems, "greedy_accuracy_ci95_low": low, "greedy_accuracy_ci95_high": high}
+    if config.samples_per_problem:
+        n = config.samples_per_problem
+        correct_counts = [sum(is_correct(s.text, r) for s in pool) for pool, r in zip(k_pools, k_refs)]
+        per_problem = [c / n for c in correct_counts] + [0.0] * (problems - len(k_pools))  # failed problems score 0
+        low, high = bootstrap_interval(per_problem, seed=config.seed)
+        metrics.update({"sample_accuracy": sum(correct_counts) / (len(k_pools) * n),
+                        **{f"pass@{k}": sum(pass_at_k(n, c, k) for c in correct_counts) / problems for k in config.ks},
+                        "pass@1_ci95_low": low, "pass@1_ci95_high": high})
+    metrics["inference_flops_per_token"] = flops_per_token
+    return metrics
 
 
 def _strategies_and_rewards(config: AccuracyConfig, paths: dict[str, Path], questions: list[str], kept: list[int],
@@ -280,7 +295,7 @@ def _build(config: AccuracyConfig, paths: dict[str, Path], out_dir: Path) -> dic
     from transformers import AutoTokenizer
 
     from components.feasibility.model_flops import inference_flops_per_token
-    from components.models.chat import prompt_ids
+    from components.models.chat import check_context, context_tokens, prompt_ids
     from components.models.factory import load_causal_lm
     from components.tasks.problems import read_problems
 
@@ -291,10 +306,12 @@ def _build(config: AccuracyConfig, paths: dict[str, Path], out_dir: Path) -> dic
     available = count_records(paths["dataset"])
     questions = [q for q, _ in problems]
     references = [r for _, r in problems]
-    prompt_lengths = [len(prompt_ids(tokenizer, q)) for q in questions]
+    encoded = [prompt_ids(tokenizer, q) for q in questions]
+    check_context(encoded, config.max_new_tokens, context_tokens(model.config), str(paths["dataset"]), str(paths["model"]))
+    prompt_lengths = [len(ids) for ids in encoded]
     flops_per_token = inference_flops_per_token(model, max(prompt_lengths) + config.max_new_tokens)
     pools, greedy, failed = _sample_pools(model, tokenizer, questions, config)
-    kept = [i for i, pool in enumerate(pools) if pool]
+    kept = [i for i, (pool, first) in enumerate(zip(pools, greedy)) if pool or (first and not config.samples_per_problem)]
     if not kept:
         raise DataError(f"{paths['dataset']}: generation failed for every problem")
     k_pools, k_refs, k_prompts = [pools[i] for i in kept], [references[i] for i in kept], [prompt_lengths[i] for i in kept]
@@ -333,7 +350,9 @@ def evaluate_accuracy(config: AccuracyConfig, model: str, dataset: str, dest: st
     from components.locks import exclusive  # sampling seeds the process-wide RNG, as training does
 
     def build(out_dir: Path, paths: dict[str, Path]) -> dict[str, Any]:
-        with exclusive():
+        import torch
+
+        with exclusive(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bf16"):
             return _build(config, paths, out_dir)
 
     inputs = {"model": model, "dataset": dataset, **({"reward_model": reward_model} if reward_model else {})}

@@ -4,6 +4,8 @@ Peak figures are the vendors' dense (no sparsity) numbers from their datasheets;
 what the device reports (GiB). Users extend or override entries with a YAML file of the
 same shape (`crucible estimate --hardware-catalog my.yaml`). Names match ignoring case and
 punctuation, and by common aliases (`h100` is `H100-SXM`; `a100` is ambiguous and refused).
+The `CPU` entry is this machine's, probed (`components.feasibility.cpu_probe`, cached) on
+first use of `BUILTIN_CATALOG` or `load_catalog`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pydantic import Field
 
 from components.config import StrictConfig, validate_config
 from components.errors import ConfigError
+from components.feasibility.cpu_probe import MATMUL_SIZE, REPEATS, cpu_peak
 
 TERA = 1e12
 
@@ -31,7 +34,7 @@ class Accelerator(StrictConfig):
         return self.peak_tflops[precision] * TERA
 
 
-BUILTIN_CATALOG: dict[str, Accelerator] = {
+DATASHEET_CATALOG: dict[str, Accelerator] = {
     "A100-40GB": Accelerator(peak_tflops={"bf16": 312, "fp16": 312, "fp32": 19.5}, memory_gib=40,
                              interconnect_gb_per_s=600, source="NVIDIA A100 datasheet (SXM, dense)"),
     "A100-80GB": Accelerator(peak_tflops={"bf16": 312, "fp16": 312, "fp32": 19.5}, memory_gib=80,
@@ -48,16 +51,37 @@ BUILTIN_CATALOG: dict[str, Accelerator] = {
                       interconnect_gb_per_s=64, source="NVIDIA L4 datasheet (dense)"),
     "TPU-v4": Accelerator(peak_tflops={"bf16": 275, "fp32": 275 / 2}, memory_gib=32,
                           interconnect_gb_per_s=300, source="Google Cloud TPU v4 documentation"),
-    "CPU": Accelerator(peak_tflops={"bf16": 5.32, "fp16": 0.333, "fp32": 0.333}, memory_gib=24,
-                       interconnect_gb_per_s=10,
-                       source="this machine: 2 Xeon (Sapphire Rapids) cores at 2.6 GHz; fp32 AVX-512: 2 cores x "
-                              "2 FMA ports x 16 lanes x 2 FLOP x 2.6 GHz; bf16 AMX: 2 cores x 1024 FLOP/cycle x 2.6 GHz"),
 }
+
+
+def probed_cpu() -> Accelerator:
+    """This machine's CPU: peak fp32 and bf16 from the cached matmul probe (fp16 runs at the
+    fp32 rate: no fp16 matrix unit is used on a CPU)."""
+    probe = cpu_peak()
+    units = ", ".join(probe["bf16_units"]) or "none"
+    return Accelerator(
+        peak_tflops={"bf16": probe["bf16_tflops"], "fp16": probe["fp32_tflops"], "fp32": probe["fp32_tflops"]},
+        memory_gib=24, interconnect_gb_per_s=10,
+        source=f"probed {probe['measured_at']} on {probe['key']}: median of {REPEATS} {MATMUL_SIZE}^3 matmuls, "
+               f"fp32 and under bf16 autocast (bf16 units: {units}); memory: the 24 GiB development box")
+
+
+def builtin_catalog() -> dict[str, Accelerator]:
+    """The datasheet entries and this machine's probed `CPU`."""
+    return {**DATASHEET_CATALOG, "CPU": probed_cpu()}
+
+
+def __getattr__(name: str) -> dict[str, Accelerator]:
+    """`BUILTIN_CATALOG` is `builtin_catalog()`, built on use (PEP 562), so importing the
+    catalog never runs the probe."""
+    if name == "BUILTIN_CATALOG":
+        return builtin_catalog()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_catalog(extra_yaml: str | Path | None = None) -> dict[str, Accelerator]:
     """The built-in catalog, extended/overridden by a YAML mapping NAME -> Accelerator fields."""
-    catalog = dict(BUILTIN_CATALOG)
+    catalog = builtin_catalog()
     if extra_yaml is None:
         return catalog
     path = Path(extra_yaml)

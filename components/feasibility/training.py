@@ -16,8 +16,8 @@ from components.feasibility.estimate import (
 )
 from components.feasibility.flops import Recompute
 from components.feasibility.plan import ParallelPlan, Precision
-from components.feasibility.shapes import ModelShape
-from components.models.factory import ModelConfig
+from components.feasibility.shapes import ModelShape, shape_from_hf_config
+from components.models.factory import ModelConfig, hf_config
 
 SPEC = ComponentSpec(name="estimate_training", version="1")
 
@@ -45,6 +45,12 @@ class TrainingEstimateConfig(StrictConfig):
 
 
 def model_shape(model: ModelConfig, vocab_size: int, seq_len_tokens: int) -> ModelShape:
+    """The shape pretrain will build: Llama's from the config's fields; another family's read
+    from its transformers config (`shapes.shape_from_hf_config`, which checks the parameter
+    count against the instantiated model), so its biases, norms and MLP are counted."""
+    if model.architecture != "llama":
+        no_ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}  # ids do not change the count
+        return shape_from_hf_config(hf_config(model, vocab_size, no_ids), seq_len_tokens)[0]
     return ModelShape(
         num_layers=model.num_layers, d_model=model.hidden_size, num_heads=model.num_heads,
         num_kv_heads=model.num_kv_heads, ffn_dim=model.intermediate_size, vocab_size=vocab_size,

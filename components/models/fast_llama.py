@@ -1,5 +1,8 @@
 """Lean Llama passes for the RL trainers: the rollout sampler, and a training forward that
-runs each prompt once for its whole group of completions.
+runs each prompt once for its whole group of completions. They cover the Llama-like families
+RL starts from: Llama, Mistral (while no sliding window shorter than the sequence applies),
+Qwen2 (q/k/v biases) and Qwen3 (RMSNorm of each query and key head before the rotation;
+Yang et al. 2025, "Qwen3 Technical Report", §2).
 
 Small models decode at a cost set by per-operation overhead, not FLOPs: transformers' forward
 builds a 4-D mask, a cache object and output records on every token. This module runs the
@@ -13,9 +16,11 @@ embeddings, SwiGLU) on the model's own weight tensors, with
 is run once (not G times) and its keys and values are shared by the group's completions, so
 with GRPO's groups the update costs prompt + G completions instead of G (prompt + completion)
 tokens; gradients flow through the shared prompt as through G copies.
-`tests/test_grpo.py` checks the sampler's greedy completions against `generate` and the
-shared-prompt log-probs and gradients against transformers' forward. Models it does not cover (other architectures, dynamic RoPE
-types, attention or MLP biases) are decoded by transformers instead (`supports`).
+`tests/test_grpo.py` and `tests/test_families.py` check the sampler's greedy completions against
+`generate` and the shared-prompt log-probs and gradients against transformers' forward. Models it
+does not cover (other families, dynamic RoPE types, Llama's or Qwen3's optional attention biases,
+MLP biases, a sliding window shorter than the sequence) are decoded by transformers instead
+(`supports`).
 """
 
 from __future__ import annotations
@@ -26,12 +31,52 @@ import torch
 import torch.nn.functional as F
 
 
-def supports(model: Any) -> bool:
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def supports(model: Any, tokens: int | None = None) -> bool:
+    """Whether these passes compute `model`'s own function on sequences of `tokens` positions
+    (default: its whole context)."""
     config = model.config
     rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
-    return (config.model_type == "llama" and rotary is not None and getattr(rotary, "rope_type", "") == "default"
+    window = sliding_window(config)
+    return (config.model_type in FAMILIES and rotary is not None and getattr(rotary, "rope_type", "") == "default"
             and not getattr(config, "attention_bias", False) and not getattr(config, "mlp_bias", False)
-            and config.hidden_act == "silu")
+            and config.hidden_act == "silu"
+            and (window is None or window >= (tokens or config.max_position_embeddings)))
+
+
+def sliding_window(config: Any) -> int | None:
+    """The attention window some layer applies; None when every layer sees the whole sequence.
+    Qwen2/3 name each layer's kind (`layer_types`); Mistral's window, when set, holds in every
+    layer. A window of w keys changes nothing on sequences of at most w positions."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return getattr(config, "sliding_window", None)
+
+
+def _qkv_bias(attention: Any) -> torch.Tensor | None:
+    """Qwen2's q, k and v biases concatenated like their weights; None for the bias-free families."""
+    if attention.q_proj.bias is None:
+        return None
+    return torch.cat([attention.q_proj.bias, attention.k_proj.bias, attention.v_proj.bias]).detach()
+
+
+def _qk_norms(attention: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Qwen3's per-head query and key RMSNorm weights; None for the families without them."""
+    if getattr(attention, "q_norm", None) is None:
+        return None
+    return attention.q_norm.weight, attention.k_norm.weight
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes matmuls in on `device_type` now, or None outside autocast."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def _as(tensor: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    return tensor if tensor is None or dtype is None else tensor.to(dtype)
 
 
 class LlamaSampler:
@@ -50,16 +95,24 @@ class LlamaSampler:
         self.head = model.lm_head.weight.detach()
         self.inv_freq = decoder.rotary_emb.inv_freq.detach().float()
         self.rope_scale = float(decoder.rotary_emb.attention_scaling)
+        # Built under autocast, the matmul operands are stored in its dtype once: autocast would cast
+        # them to it at every call (weights without grad are not in its cast cache), the same values.
+        matmul = _autocast_dtype(self.embed.device.type)
+        self.head = _as(self.head, matmul)
         self.layers = []
         for layer in decoder.layers:
             attention, mlp = layer.self_attn, layer.mlp
+            norms = _qk_norms(attention)
             self.layers.append((
                 layer.input_layernorm.weight.detach(),
-                torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight]).detach(),
-                attention.o_proj.weight.detach(),
+                _as(torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight]).detach(),
+                    matmul),
+                _as(_qkv_bias(attention), matmul),
+                None if norms is None else (norms[0].detach(), norms[1].detach()),
+                _as(attention.o_proj.weight.detach(), matmul),
                 layer.post_attention_layernorm.weight.detach(),
-                torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),
-                mlp.down_proj.weight.detach(),
+                _as(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(), matmul),
+                _as(mlp.down_proj.weight.detach(), matmul),
             ))
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -85,11 +138,13 @@ class LlamaSampler:
         cos, sin = self._rotary(positions)
         q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
         mask = allowed[:, None]
-        for index, (norm1, w_qkv, w_o, norm2, w_gate_up, w_down) in enumerate(self.layers):
-            qkv = F.linear(self._norm(hidden, norm1), w_qkv)
+        for index, (norm1, w_qkv, b_qkv, qk_norms, w_o, norm2, w_gate_up, w_down) in enumerate(self.layers):
+            qkv = F.linear(self._norm(hidden, norm1), w_qkv, b_qkv)
             q = qkv[..., :q_width].view(rows, steps, self.heads, self.head_dim).transpose(1, 2)
             k = qkv[..., q_width:q_width + kv_width].view(rows, steps, self.kv_heads, self.head_dim).transpose(1, 2)
             v = qkv[..., q_width + kv_width:].view(rows, steps, self.kv_heads, self.head_dim).transpose(1, 2)
+            if qk_norms is not None:
+                q, k = self._norm(q, qk_norms[0]), self._norm(k, qk_norms[1])
             keys, values = cache[2 * index], cache[2 * index + 1]
             keys[:, :, start:end] = self._rotate(k, cos, sin)
             values[:, :, start:end] = v
@@ -173,9 +228,12 @@ def _weights(model: Any) -> tuple[Any, list[tuple[torch.Tensor, ...]]]:
     layers = []
     for layer in decoder.layers:
         attention, mlp = layer.self_attn, layer.mlp
-        layers.append((layer.input_layernorm.weight, attention.q_proj.weight, attention.k_proj.weight,
-                       attention.v_proj.weight, attention.o_proj.weight, layer.post_attention_layernorm.weight,
-                       mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight))
+        q_norm, k_norm = _qk_norms(attention) or (None, None)
+        layers.append((layer.input_layernorm.weight, (attention.q_proj.weight, attention.q_proj.bias, q_norm),
+                       (attention.k_proj.weight, attention.k_proj.bias, k_norm),
+                       (attention.v_proj.weight, attention.v_proj.bias, None), attention.o_proj.weight,
+                       layer.post_attention_layernorm.weight, mlp.gate_proj.weight, mlp.up_proj.weight,
+                       mlp.down_proj.weight))
     return decoder, layers
 
 
@@ -194,6 +252,14 @@ def _rotary_cos_sin(positions: torch.Tensor, rotary: Any) -> tuple[torch.Tensor,
 def _split_heads(x: torch.Tensor, count: int, head_dim: int) -> torch.Tensor:
     """[rows, tokens, count * head_dim] -> [rows, count, tokens, head_dim]."""
     return x.view(x.shape[0], x.shape[1], count, head_dim).transpose(1, 2)
+
+
+def _heads(x: torch.Tensor, projection: tuple[Any, ...], count: int, head_dim: int, eps: float) -> torch.Tensor:
+    """x [rows, tokens, d_model] through a (weight, bias or None, per-head norm or None)
+    projection, as `count` heads [rows, count, tokens, head_dim]."""
+    weight, bias, norm = projection
+    heads = _split_heads(F.linear(x, weight, bias), count, head_dim)
+    return heads if norm is None else _rms_norm(heads, norm, eps)
 
 
 def _shared_prompt_masks(valid: torch.Tensor, width: int, rows: int, steps: int, group: int
@@ -250,14 +316,14 @@ def shared_prompt_logprobs(model: Any, prompt_ids: torch.Tensor, prompt_mask: to
     gqa = heads != kv_heads
     prompt_hidden = F.embedding(prompt_ids, decoder.embed_tokens.weight)
     hidden = F.embedding(completion_ids, decoder.embed_tokens.weight)
-    for norm1, w_q, w_k, w_v, w_o, norm2, w_gate, w_up, w_down in layers:
+    for norm1, p_q, p_k, p_v, w_o, norm2, w_gate, w_up, w_down in layers:
         x_p, x_c = _rms_norm(prompt_hidden, norm1, eps), _rms_norm(hidden, norm1, eps)
-        q_p = rotate(_split_heads(F.linear(x_p, w_q), heads, head_dim), p_cos, p_sin)
-        k_p = rotate(_split_heads(F.linear(x_p, w_k), kv_heads, head_dim), p_cos, p_sin)
-        v_p = _split_heads(F.linear(x_p, w_v), kv_heads, head_dim)
-        q_c = rotate(_split_heads(F.linear(x_c, w_q), heads, head_dim), c_cos, c_sin)
-        k_c = rotate(_split_heads(F.linear(x_c, w_k), kv_heads, head_dim), c_cos, c_sin)
-        v_c = _split_heads(F.linear(x_c, w_v), kv_heads, head_dim)
+        q_p = rotate(_heads(x_p, p_q, heads, head_dim, eps), p_cos, p_sin)
+        k_p = rotate(_heads(x_p, p_k, kv_heads, head_dim, eps), p_cos, p_sin)
+        v_p = _heads(x_p, p_v, kv_heads, head_dim, eps)
+        q_c = rotate(_heads(x_c, p_q, heads, head_dim, eps), c_cos, c_sin)
+        k_c = rotate(_heads(x_c, p_k, kv_heads, head_dim, eps), c_cos, c_sin)
+        v_c = _heads(x_c, p_v, kv_heads, head_dim, eps)
         attended_p = F.scaled_dot_product_attention(q_p, k_p, v_p, attn_mask=prompt_allowed, enable_gqa=gqa)
         keys = torch.cat([k_p.repeat_interleave(group, dim=0), k_c], dim=2)
         values = torch.cat([v_p.repeat_interleave(group, dim=0), v_c], dim=2)

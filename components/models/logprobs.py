@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from components.models.chat import IGNORE_INDEX
+from components.models.factory import output_logits
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -29,7 +30,7 @@ def completion_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: tor
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                                  use_cache=False).last_hidden_state
     states = hidden[:, prompt_width - 1:-1]  # the state before each completion token predicts it
-    logits = model.get_output_embeddings()(states).float()
+    logits = output_logits(model, states).float()
     if temperature > 0:
         logits = logits / temperature
     logprobs_all = torch.log_softmax(logits, dim=-1)
@@ -53,7 +54,7 @@ def sequence_logprobs(model: PreTrainedModel, input_ids: torch.Tensor, labels: t
     hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
-    logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    logits = output_logits(model, hidden[:, :-1][keep]).float()
     token_logprobs = -nn.functional.cross_entropy(logits, targets[keep], reduction="none")
     row_of_token = keep.nonzero()[:, 0]
     return torch.zeros(input_ids.shape[0], dtype=token_logprobs.dtype, device=input_ids.device).index_add(

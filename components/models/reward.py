@@ -27,13 +27,13 @@ def rewards(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def load_reward_backbone(model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """The model at `model_dir` with a one-output score head (new, unless it already has one), fp32."""
+    """The model at `model_dir` with a one-output score head (new, unless it already has one), fp32,
+    with transformers' default attention: SDPA where the family has it, else eager (Gemma 2)."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
     with exclusive():
-        model = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, num_labels=1, dtype=torch.float32, attn_implementation="sdpa")
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
 

@@ -15,9 +15,10 @@ and goes on: the model sees the calculator's answer, never its own guess.
 `decode(...)` (the RL trainers' rollouts and held-out scoring) samples with a KV cache: one
 prefill per distinct prompt, the cache repeated for the group's samples, then one token per
 step for every live row; rows that finished are dropped from the batch and the cache, so
-late steps cost only what is still generating. Llama models go through
-`fast_llama.LlamaSampler` (the same mathematics on the model's weights, without
-transformers' per-token overhead); others through their own forward with a `DynamicCache`.
+late steps cost only what is still generating. Llama-like models (Llama, Mistral, Qwen2,
+Qwen3: `fast_llama.supports`) go through `fast_llama.LlamaSampler` (the same mathematics on the
+model's weights, without transformers' per-token overhead); others through their own forward
+with a `DynamicCache`.
 Sampling draws from torch's global RNG, which the checkpoints save, so a resumed run samples
 what the interrupted one would have.
 
@@ -175,7 +176,7 @@ def decode(model: Any, tokenizer: Any, prompts: list[list[int]], repeats: int, m
     width = padded_prompts.shape[1]
     was_training = model.training
     model.eval()
-    if supports(model):
+    if supports(model, width + max_new_tokens):
         tokens, lengths, finished = LlamaSampler(model).decode(padded_prompts, prompt_mask, repeats, max_new_tokens,
                                                                temperature, stops, pad)
     else:
@@ -237,3 +238,32 @@ def _decode_with_transformers(model: Any, padded_prompts: torch.Tensor, prompt_m
                         use_cache=True)
             logits = out.logits[:, -1].float()
     return tokens, lengths, finished
+
+
+def sample_decoded(model: Any, tokenizer: Any, prompts: list[Prompt], n: int, max_new_tokens: int,
+                   temperature: float = 1.0, seed: int = 0, logprob_rows: int = 8) -> list[list[Sample]]:
+    """`sample`'s result through `decode` (the fast path for Llama-like models): `n` samples per
+    prompt, all prompts in one batch; each sample's mean log-prob under softmax(logits /
+    temperature) comes from one forward over the finished rollout (`logprob_rows` rows at a
+    time), as `generate`'s normalised scores give it."""
+    import torch
+
+    from components.models.logprobs import completion_logprobs
+
+    if temperature == 0 and n > 1:
+        raise ConfigError("greedy decoding (temperature 0) gives one sample per prompt; use n=1")
+    torch.manual_seed(seed)
+    rollout = decode(model, tokenizer, [prompt_ids(tokenizer, p) for p in prompts], n, max_new_tokens, temperature)
+    lengths = rollout.completion_mask.sum(-1)
+    sums = []
+    with torch.no_grad():
+        for start in range(0, len(rollout.texts), logprob_rows):
+            rows = slice(start, start + logprob_rows)
+            logprobs, _, _ = completion_logprobs(model, rollout.input_ids[rows], rollout.attention_mask[rows],
+                                                 rollout.prompt_width, temperature)
+            sums.append((logprobs * rollout.completion_mask[rows]).sum(-1))
+    logprob_sums = torch.cat(sums)
+    samples = [Sample(text=text, generated_tokens=int(length), mean_logprob=float(total) / max(1, int(length)),
+                      finished=finished)
+               for text, length, total, finished in zip(rollout.texts, lengths, logprob_sums, rollout.finished, strict=True)]
+    return [samples[i * n:(i + 1) * n] for i in range(len(prompts))]

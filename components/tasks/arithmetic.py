@@ -1,8 +1,10 @@
 """A procedurally generated, seeded arithmetic word-problem task in GSM8K's format.
 
 Tiny models trained from scratch on a CPU cannot solve GSM8K, so RL and test-time compute
-are studied on problems whose difficulty is a parameter: a story of `steps` operations
-(+, -, x) on small numbers, worked in GSM8K style with calculator annotations and a final
+are studied on problems whose difficulty is set by three knobs: the number of steps
+(`min_steps`..`max_steps` operations), which operations (`operations`, from +, - and x) and
+the size of the numbers (`min_operand`..`max_operand`: 10..99 for two digits); a story of
+those operations, worked in GSM8K style with calculator annotations and a final
 `#### N`. The splits are drawn from one seeded stream (test, then train, then validation),
 so the data is reproducible without being stored, and no question occurs in two splits.
 
@@ -17,7 +19,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -36,27 +38,37 @@ class ArithmeticTaskConfig(StrictConfig):
     validation_problems: int = Field(200, gt=0, description="Held-out monitoring and tuning (RL curves).")
     min_steps: int = Field(1, ge=1, description="Fewest operations in a problem.")
     max_steps: int = Field(3, ge=1, description="Most operations in a problem.")
-    max_operand: int = Field(20, ge=2, description="Operands are drawn from 2..max_operand.")
+    min_operand: int = Field(2, ge=2, description="Operands are drawn from min_operand..max_operand.")
+    max_operand: int = Field(20, ge=2, description="Operands are drawn from min_operand..max_operand.")
+    operations: list[Literal["+", "-", "*"]] = Field(
+        ["+", "-", "*"], min_length=1, description="The operations a step draws from (x is skipped while "
+                                                   "total x max_operand exceeds 10,000 unless it is the only one; - on "
+                                                   "a total below 2 becomes +).")
     seed: int = 0
 
     @model_validator(mode="after")
     def _steps_ordered(self) -> "ArithmeticTaskConfig":
         if self.min_steps > self.max_steps:
             raise ValueError(f"min_steps ({self.min_steps}) exceeds max_steps ({self.max_steps})")
+        if self.min_operand > self.max_operand:
+            raise ValueError(f"min_operand ({self.min_operand}) exceeds max_operand ({self.max_operand})")
+        if len(set(self.operations)) != len(self.operations):
+            raise ValueError(f"operations {self.operations} lists one twice")
         return self
 
 
 def make_problem(rng: random.Random, config: ArithmeticTaskConfig) -> dict[str, str]:
     """One problem: {"question", "answer"} with worked steps and `#### N` (never negative)."""
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    total = rng.randint(2, config.max_operand)
+    total = rng.randint(config.min_operand, config.max_operand)
     sentences = [f"{name} has {total} {item}."]
     work = []
     for _ in range(rng.randint(config.min_steps, config.max_steps)):
-        operation = rng.choice(["+", "-", "*"] if total * config.max_operand <= 10_000 else ["+", "-"])
+        small = total * config.max_operand <= 10_000
+        operation = rng.choice([op for op in config.operations if op != "*" or small] or config.operations)
         if operation == "-" and total < 2:
             operation = "+"
-        operand = rng.randint(1, total - 1) if operation == "-" else rng.randint(2, config.max_operand)
+        operand = rng.randint(1, total - 1) if operation == "-" else rng.randint(config.min_operand, config.max_operand)
         new_total = {"+": total + operand, "-": total - operand, "*": total * operand}[operation]
         sentences.append({
             "+": f"Then {name} gets {operand} more.",

@@ -26,14 +26,51 @@ if TYPE_CHECKING:
     from components.train.config import TrainConfig
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
+def choose_precision(requested: str, device_type: str, bf16_support: str | None) -> tuple[str, str]:
+    """(precision, why). `auto` is bf16 autocast with fp32 master weights where the device has
+    bf16 arithmetic (`bf16_support` names it: CUDA's, or a CPU's AMX / AVX512-BF16 units), fp32
+    otherwise; any other request is taken as given."""
+    if requested != "auto":
+        return requested, f"precision: {requested} in the config"
+    if bf16_support:
+        return "bf16", f"auto: {device_type} has bf16 ({bf16_support}); bf16 autocast, fp32 master weights"
+    return "fp32", f"auto: {device_type} has no bf16 matrix unit (AMX, AVX512-BF16 or CUDA bf16)"
+
+
+def bf16_support(device: torch.device) -> str | None:
+    """What gives `device` bf16 arithmetic, or None: CUDA's bf16 (compute capability), or the
+    CPU's bf16 units from /proc/cpuinfo."""
     import torch
 
-    if precision != "auto":
-        return precision
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
+    from components.feasibility.cpu_probe import this_cpu_bf16_units
+
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"CUDA bf16, compute capability {major}.{minor}" if torch.cuda.is_bf16_supported() else None
+    units = this_cpu_bf16_units() if device.type == "cpu" else []
+    return ", ".join(units) or None
+
+
+def precision_for(requested: str, device: torch.device) -> tuple[str, str]:
+    """`choose_precision` for this machine's `device`."""
+    return choose_precision(requested, device.type, bf16_support(device) if requested == "auto" else None)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    return precision_for(precision, device)[0]
+
+
+def local_precision_metrics(config: TrainConfig) -> dict[str, str]:
+    """{"precision", "precision_reason"} of a run in this process (`local_backend`'s choice)."""
+    precision, reason = precision_for(config.precision, local_device())
+    return {"precision": precision, "precision_reason": reason}
+
+
+def local_device() -> torch.device:
+    """This process's best device: the first CUDA device if there is one, else the CPU."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def peak_flops_per_s(config: TrainConfig, device: torch.device, precision: str) -> float | None:
@@ -85,8 +122,9 @@ class TorchBackend:
 
     rank, world_size = 0, 1
 
-    def __init__(self, module: torch.nn.Module, config: TrainConfig, device: torch.device, precision: str) -> None:
-        self.module, self.device, self.precision = module.to(device), device, precision
+    def __init__(self, module: torch.nn.Module, config: TrainConfig, device: torch.device) -> None:
+        self.module, self.device = module.to(device), device
+        self.precision, self.precision_reason = precision_for(config.precision, device)
         self.optimizer = make_optimizer(module, config.optim, fused=True)
         self.grad_clip_norm = config.optim.grad_clip_norm
         self.micro_batch_rows = config.micro_batch_rows or config.batch_size_rows
@@ -146,6 +184,7 @@ class DeepSpeedBackend:
 
     def __init__(self, module: torch.nn.Module, config: TrainConfig, ds_config: dict[str, Any]) -> None:
         import deepspeed
+        import torch
 
         optimizer = make_optimizer(module, config.optim)
         self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
@@ -155,6 +194,8 @@ class DeepSpeedBackend:
         self.micro_batch_rows = ds_config["train_micro_batch_size_per_gpu"]
         self.precision = ("bf16" if ds_config.get("bf16", {}).get("enabled")
                           else "fp16" if ds_config.get("fp16", {}).get("enabled") else "fp32")
+        chosen, reason = precision_for(config.precision, torch.device(self.device))
+        self.precision_reason = reason if chosen == self.precision else f"the DeepSpeed config enables {self.precision}"
 
     def forward_backward(self, batch: dict[str, torch.Tensor], scale: float, last: bool) -> LossAndStats:
         loss_sum, stats = split_output(self.engine(**batch))
@@ -230,11 +271,7 @@ def deepspeed_config_for(config: TrainConfig, estimate_ds_config: dict[str, Any]
     ds["gradient_accumulation_steps"] = config.batch_size_rows // (micro * world_size)
     ds["train_batch_size"] = config.batch_size_rows
     ds["gradient_clipping"] = config.optim.grad_clip_norm or 0.0
-    precision = config.precision
-    if precision == "auto":
-        import torch
-
-        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    precision = resolve_precision(config.precision, local_device())
     if precision == "bf16" and not ds.get("fp16", {}).get("enabled"):
         ds["bf16"] = {**ds.get("bf16", {}), "enabled": True}
     ds.pop("optimizer", None)  # ours (AdamW with decoupled weight decay on matrices) is passed in
@@ -253,11 +290,8 @@ def _gradient_checkpointing(module: torch.nn.Module, config: TrainConfig) -> Non
 
 
 def local_backend(module: torch.nn.Module, config: TrainConfig) -> TorchBackend:
-    """This process on its best device: the first CUDA device if there is one, else the CPU."""
-    import torch
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return TorchBackend(module, config, device, resolve_precision(config.precision, device))
+    """This process on its best device (`local_device`)."""
+    return TorchBackend(module, config, local_device())
 
 
 def backend_for(module: torch.nn.Module, config: TrainConfig, run_dir: Path,

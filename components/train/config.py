@@ -38,7 +38,8 @@ class TrainConfig(StrictConfig):
         None, gt=0, description="Rows per forward pass per rank; default: the DeepSpeed config's, else the whole share.",
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 autocast on a CUDA device that supports it, fp32 otherwise.",
+        "auto", description="auto: bf16 autocast (fp32 master weights) where the device has bf16 arithmetic (CUDA "
+                            "bf16; a CPU with AMX or AVX512-BF16), fp32 otherwise; the run's metrics say which and why.",
     )
     gradient_checkpointing: bool = False
     checkpoint_every_steps: int = Field(100, ge=0, description="0 disables intermediate checkpoints.")

@@ -117,7 +117,7 @@ def _build_reference(config: DPOReferenceConfig, paths: dict[str, Path], out_dir
     from components.models.factory import load_causal_lm
 
     tokenizer = AutoTokenizer.from_pretrained(paths["model"])
-    model = load_causal_lm(paths["model"], attn_implementation="sdpa", dtype=torch.float32)
+    model = load_causal_lm(paths["model"], dtype=torch.float32)
     source = str(pairs_file(paths["pairs"]))
     read = read_pairs(paths["pairs"], strict=config.strict_pairs)
     tokenized = tokenize_pairs(tokenizer, read.pairs, config.max_length_tokens, source)
@@ -183,7 +183,7 @@ def fit(job: Job) -> Trained:
     tokenizer = AutoTokenizer.from_pretrained(paths["model"])
     columns = load_reference(paths["reference"])
     source = str(paths["reference"] / REFERENCE_DATA)
-    model = load_causal_lm(paths["model"], attn_implementation="sdpa", dtype=torch.float32)
+    model = load_causal_lm(paths["model"], dtype=torch.float32)
     width = int(columns["chosen_input_ids"].shape[1])
     if width > model.config.max_position_embeddings:
         raise ConfigError(f"{source}: rows of {width} tokens exceed the policy's context "
@@ -226,7 +226,7 @@ def _pair_metrics(config: DPOConfig, train_rows: dict[str, torch.Tensor], heldou
         "params": sum(p.numel() for p in model.parameters()), "beta": config.beta, "loss_type": config.loss_type,
     }
     if heldout_rows is not None:
-        published = _loss_module(config, load_causal_lm(out_dir, attn_implementation="sdpa", dtype=torch.float32))
+        published = _loss_module(config, load_causal_lm(out_dir, dtype=torch.float32))
         after = evaluate_pairs(published, heldout_rows, config.eval_batch_rows)
         for name, values in (("before", before), ("after", after)):
             metrics[f"heldout_loss_{name}"] = values["loss"]

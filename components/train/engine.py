@@ -46,6 +46,7 @@ class TrainResult:
     world_size: int
     rank: int
     precision: str
+    precision_reason: str  # why `precision` (`backends.choose_precision`); MFU is against its peak
     backend: str
     checkpoints: list[str] = field(default_factory=list)
 
@@ -83,7 +84,7 @@ def train(
     run.finish(final_dir)
     return TrainResult(
         records=records, resumed_from_step=run.resumed_from, world_size=backend.world_size, rank=backend.rank,
-        precision=backend.precision, backend="deepspeed" if isinstance(backend, DeepSpeedBackend) else "torch",
+        precision=backend.precision, precision_reason=backend.precision_reason, backend="deepspeed" if isinstance(backend, DeepSpeedBackend) else "torch",
         checkpoints=run.checkpoints(),
     )
 

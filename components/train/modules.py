@@ -5,19 +5,24 @@ The loop divides by the global batch's token count, so these return sums, never 
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from components.models.chat import IGNORE_INDEX
+from components.models.factory import output_logits
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 
-def next_token_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module) -> torch.Tensor:
-    """Sum of -log p(label[t+1] | prefix up to t) over positions whose label is not ignored.
+def next_token_loss_sum(hidden: torch.Tensor, labels: torch.Tensor,
+                        head: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Sum of -log p(label[t+1] | prefix up to t) over positions whose label is not ignored;
+    `head` maps decoder states to logits (`factory.output_logits`).
 
     The output projection runs only on those positions: with a completion-only SFT loss half
     the positions are prompt, and the [tokens, vocab] logits are the largest activation of a
@@ -50,7 +55,7 @@ class CausalLMLoss(nn.Module):
         hidden = self.model.get_decoder()(
             input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False,
         ).last_hidden_state
-        return next_token_loss_sum(hidden, labels, self.model.get_output_embeddings())
+        return next_token_loss_sum(hidden, labels, functools.partial(output_logits, self.model))
 
 
 class SoftPromptLoss(nn.Module):
@@ -80,4 +85,5 @@ class SoftPromptLoss(nn.Module):
         embeds = torch.cat([prompt, token_embeds], dim=1)
         ignored = torch.full((rows, virtual), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
         hidden = self.model.get_decoder()(inputs_embeds=embeds, use_cache=False).last_hidden_state
-        return next_token_loss_sum(hidden, torch.cat([ignored, labels], dim=1), self.model.get_output_embeddings())
+        return next_token_loss_sum(hidden, torch.cat([ignored, labels], dim=1),
+                                   functools.partial(output_logits, self.model))

@@ -49,6 +49,7 @@ from components.models.logprobs import completion_logprobs
 from components.models.reward import load_reward_model
 from components.models.reward import score as reward_model_score
 from components.models.tokenizers import check_same_tokenizer
+from components.train.backends import local_precision_metrics
 from components.train.config import TrainConfig
 from components.train.launch import Job, Trained, TrainerJob
 from components.train.optim import OptimConfig
@@ -319,7 +320,8 @@ def fit(job: Job) -> Trained:
                      save_model=ModelSaver(tokenizer, model="policy", value_head_file=VALUE_HEAD_FILE),
                      heldout=setup.heldout, heldout_settings=config.heldout, max_new_tokens=config.max_new_tokens,
                      temperature=config.temperature, final_dir=job.out_dir, description="ppo")
-    return Trained(0, lambda: {**summarize_rl(job.run_dir, records), "reward_source": rewards.source})
+    precision = local_precision_metrics(config.train)
+    return Trained(0, lambda: {**summarize_rl(job.run_dir, records), "reward_source": rewards.source, **precision})
 
 
 train_job = TrainerJob(PPOConfig, fit)

@@ -118,7 +118,7 @@ def fit(job: Job) -> Trained:
 
     config, paths = job.config, job.paths
     tokenizer = AutoTokenizer.from_pretrained(paths["model"])
-    model = load_causal_lm(paths["model"], attn_implementation="sdpa", dtype=torch.float32)
+    model = load_causal_lm(paths["model"], dtype=torch.float32)
     train_rows = _rows(paths["dataset"], config, tokenizer, config.max_train_examples)
     heldout_rows = _rows(paths["heldout"], config, tokenizer, config.max_heldout_examples)
     embeddings = model.get_input_embeddings().weight.detach()

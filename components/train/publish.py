@@ -81,5 +81,5 @@ def summarize(result: TrainResult, run_dir: Path) -> dict[str, Any]:
         "peak_memory_gib": round(max(r["peak_memory_gib"] for r in records), 3),
         "world_size": result.world_size,
         "backend": result.backend,
-        "precision": result.precision,
+        "precision": result.precision, "precision_reason": result.precision_reason,
     }

@@ -31,7 +31,7 @@ from components.runlog import (
     PUBLISHED_STEP_CSV_FILE, PUBLISHED_STEP_LOG_FILE, STEP_LOG_FILE, TRAIN_REPORT_FILE, append_record, metrics_table,
     read_metrics, write_csv, write_records,
 )
-from components.models.chat import prompt_ids
+from components.models.chat import check_context, context_tokens, prompt_ids
 from components.models.factory import load_causal_lm
 from components.models.sampling import decode
 from components.tasks.problems import read_problems
@@ -95,7 +95,7 @@ def load_rl_setup(paths: dict[str, Path], config: Any) -> RLSetup:
     tokenizer = AutoTokenizer.from_pretrained(paths["model"])
     if tokenizer.pad_token_id is None:
         raise ConfigError(f"{paths['model']}: the tokenizer has no pad token")
-    policy = load_causal_lm(paths["model"], attn_implementation="sdpa", dtype=torch.float32)
+    policy = load_causal_lm(paths["model"], dtype=torch.float32)
     problems = read_problems(paths["problems"], config.problems_format, config.max_problems)
     heldout = (read_problems(paths["heldout"], config.problems_format, config.heldout.problems)
                if "heldout" in paths and config.heldout.problems else [])
@@ -103,6 +103,7 @@ def load_rl_setup(paths: dict[str, Path], config: Any) -> RLSetup:
         raise DataError(f"{paths['problems']}: {len(problems)} problems, fewer than batch_size_rows "
                         f"({config.train.batch_size_rows})")
     encoded = [prompt_ids(tokenizer, question) for question, _ in problems]
+    check_context(encoded, config.max_new_tokens, context_tokens(policy.config), str(paths["problems"]), str(paths["model"]))
     context = max(len(ids) for ids in encoded) + config.max_new_tokens
     return RLSetup(tokenizer, policy, problems, heldout, encoded, inference_flops_per_token(policy, context),
                    training_flops_per_token(policy, context))

@@ -35,11 +35,35 @@ SPEC = ComponentSpec(name="sft", version="1")
 BLOCK_COLUMNS = ("input_ids", "labels", "position_ids")
 
 
+# Each family's attention and MLP projections, the layers LoRA adapts unless told otherwise
+# (adapting every linear layer of the blocks matches full fine-tuning where attention alone
+# does not: Dettmers et al. 2023, "QLoRA", §4, "Default LoRA hyperparameters do not match
+# 16-bit performance").
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma2", "olmo2"), _PROJECTIONS),
+    "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),  # fused q/k/v and gate/up
+    "gpt2": ("c_attn", "c_proj", "c_fc"),  # fused q/k/v; c_proj is both attention's and the MLP's output
+}
+
+
 class LoraSettings(StrictConfig):
     r: int = Field(8, gt=0, description="Adapter rank.")
     alpha: float = Field(16.0, gt=0, description="Scale alpha / r of the adapter update.")
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    target_modules: list[str] | None = Field(
+        None, description="Module names to adapt; default: the model family's attention and MLP projections "
+                          "(LORA_TARGETS).")
+
+
+def lora_targets(settings: LoraSettings, model_type: str, model_dir: Path) -> list[str]:
+    """The modules to adapt: the configured names, else the family's projections."""
+    if settings.target_modules is not None:
+        return settings.target_modules
+    if model_type not in LORA_TARGETS:
+        raise ConfigError(f"{model_dir}: no default LoRA targets for model_type {model_type!r} (known: "
+                          f"{', '.join(sorted(LORA_TARGETS))}); set lora.target_modules")
+    return list(LORA_TARGETS[model_type])
 
 
 class SFTConfig(StrictConfig):
@@ -72,7 +96,7 @@ def fit(job: Job) -> Trained:
     import torch
 
     # fp32 master weights: transformers 5 loads a checkpoint in its saved dtype by default
-    model = load_causal_lm(paths["model"], attn_implementation="sdpa", dtype=torch.float32)
+    model = load_causal_lm(paths["model"], dtype=torch.float32)
     columns = load_blocks(paths["blocks"])
     width = int(columns["input_ids"].shape[1])
     if width > model.config.max_position_embeddings:
@@ -84,9 +108,10 @@ def fit(job: Job) -> Trained:
     if config.lora is not None:
         from peft import LoraConfig, get_peft_model
 
+        targets = lora_targets(config.lora, model.config.model_type, paths["model"])
         peft_model = get_peft_model(model, LoraConfig(
             r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-            target_modules=config.lora.target_modules, task_type="CAUSAL_LM"))
+            target_modules=targets, task_type="CAUSAL_LM"))
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before ZeRO-3 partitions them
     result = train(CausalLMLoss(model), TrainData(columns, pad_token_id=tokenizer.pad_token_id, source=str(paths["blocks"])),

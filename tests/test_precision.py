@@ -1,0 +1,101 @@
+"""`precision: auto` and the CPU's probed peak: auto picks bf16 autocast where the device has
+bf16 units and fp32 where it has none (the capability injected, not mocked); the matmul probe
+is measured once per machine key and then read from its cache; MFU is against the peak of the
+precision the run used."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from components.feasibility import cpu_probe
+from components.feasibility.hardware import load_catalog
+from components.train.backends import choose_precision, local_backend, peak_flops_per_s
+from components.train.batches import TrainData
+from components.train.config import TrainConfig
+from components.train.engine import train
+from components.train.optim import OptimConfig
+
+CPUINFO_SPR = "processor\t: 0\nmodel name\t: Intel Xeon\nflags\t\t: fpu sse avx512f avx512_bf16 amx_bf16 amx_tile\n"
+CPUINFO_OLD = "processor\t: 0\nmodel name\t: Intel Xeon\nflags\t\t: fpu sse avx2 avx512f\n"
+
+
+def test_auto_picks_bf16_where_the_device_has_bf16_units_and_fp32_where_it_has_none() -> None:
+    units = cpu_probe.bf16_units(cpu_probe.cpu_flags(CPUINFO_SPR))
+    assert units == ["amx_bf16", "avx512_bf16"]
+    assert cpu_probe.bf16_units(cpu_probe.cpu_flags(CPUINFO_OLD)) == []
+    precision, reason = choose_precision("auto", "cpu", ", ".join(units))
+    assert precision == "bf16" and "amx_bf16" in reason and "fp32 master weights" in reason
+    precision, reason = choose_precision("auto", "cpu", None)
+    assert precision == "fp32" and "no bf16" in reason
+    assert choose_precision("auto", "cuda", "CUDA bf16, compute capability 9.0")[0] == "bf16"
+    assert choose_precision("fp32", "cpu", "amx_bf16") == ("fp32", "precision: fp32 in the config")
+
+
+def test_this_process_runs_what_auto_chose_for_this_cpu() -> None:
+    import torch
+
+    backend = local_backend(torch.nn.Linear(2, 2), TrainConfig())
+    units = cpu_probe.this_cpu_bf16_units()
+    assert backend.precision == ("bf16" if units else "fp32")
+    assert all(unit in backend.precision_reason for unit in units)
+    assert local_backend(torch.nn.Linear(2, 2), TrainConfig(precision="fp32")).precision == "fp32"
+
+
+def test_the_probe_measures_once_then_reads_its_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CRUCIBLE_PROBE_CACHE_DIR", str(tmp_path))
+    path = tmp_path / cpu_probe.CACHE_FILE
+    foreign = {"other CPU | 64 threads | torch 0": {"fp32_tflops": 9.0}}
+    path.write_text(json.dumps(foreign), encoding="utf-8")
+    measured = cpu_probe.cpu_peak()
+    assert measured["key"] == cpu_probe.probe_key()
+    assert 0 < measured["fp32_tflops"] and 0 < measured["bf16_tflops"]
+    cached = json.loads(path.read_text(encoding="utf-8"))
+    assert cached == {**foreign, measured["key"]: measured}  # added beside other machines' probes
+    # Reused, not measured again: a figure no matmul would give comes back from the cache.
+    path.write_text(json.dumps({measured["key"]: {**measured, "fp32_tflops": 123.0}}), encoding="utf-8")
+    assert cpu_probe.cpu_peak()["fp32_tflops"] == 123.0
+    assert load_catalog()["CPU"].peak_flops_per_s("fp32") == 123.0e12
+
+
+class SumLoss:
+    """A bigram model whose forward returns its summed next-token cross-entropy."""
+
+    def __new__(cls):
+        import torch
+
+        class Bigram(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.embed, self.head = torch.nn.Embedding(16, 32), torch.nn.Linear(32, 16)
+
+            def forward(self, input_ids, labels):
+                logits = self.head(self.embed(input_ids[:, :-1])).float()
+                return torch.nn.functional.cross_entropy(logits.reshape(-1, 16), labels[:, 1:].reshape(-1),
+                                                         reduction="sum")
+
+        torch.manual_seed(0)
+        return Bigram()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_mfu_is_against_the_peak_of_the_precision_used(precision: str, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setenv("CRUCIBLE_PROBE_CACHE_DIR", str(tmp_path))
+    key = cpu_probe.probe_key()
+    probe = {"key": key, "fp32_tflops": 0.5, "bf16_tflops": 2.0, "bf16_units": [], "measured_at": "then"}
+    (tmp_path / cpu_probe.CACHE_FILE).write_text(json.dumps({key: probe}), encoding="utf-8")
+    config = TrainConfig(max_steps=2, batch_size_rows=4, precision=precision, checkpoint_every_steps=0,
+                         optim=OptimConfig(warmup_steps=1))
+    assert peak_flops_per_s(config, torch.device("cpu"), precision) == {"bf16": 2.0e12, "fp32": 0.5e12}[precision]
+    ids = torch.randint(0, 16, (8, 12), generator=torch.Generator().manual_seed(0))
+    result = train(SumLoss(), TrainData({"input_ids": ids, "labels": ids}), config, tmp_path / "run",
+                   save_model=lambda module, directory: None, flops_per_token=1e6)
+    assert result.precision == precision and result.precision_reason == f"precision: {precision} in the config"
+    peak = {"bf16": 2.0e12, "fp32": 0.5e12}[precision]
+    for record in result.records:
+        assert record["mfu"] == pytest.approx(record["tokens_per_s"] * 1e6 / peak, rel=1e-12)
