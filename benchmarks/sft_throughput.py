@@ -73,7 +73,6 @@ import math
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -107,7 +106,7 @@ CHECKPOINT_WINDOW = 0.1  # loss at a checkpoint = mean over steps in the last 10
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks._load import process_cpu_s, system_busy_s, wait_idle  # noqa: E402
+from benchmarks._load import process_cpu_s, run_child, system_busy_s, wait_idle  # noqa: E402
 from components.artifacts import code_version  # noqa: E402
 
 
@@ -526,19 +525,7 @@ def _run_side_once(args: argparse.Namespace, side: str, work: Path) -> dict[str,
     result = work / f"{side}.json"
     log = work / f"{side}.log"
     result.unlink(missing_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    print(f"[{side}] running ...", flush=True)
-    started = time.perf_counter()
-    with open(log, "w") as sink:
-        try:
-            proc = subprocess.run(_child_args(args, side, result), cwd=ROOT, env=env, stdout=sink,
-                                  stderr=subprocess.STDOUT, timeout=args.timeout)
-            rc = proc.returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
-    wall = time.perf_counter() - started
+    rc, wall = run_child(side, _child_args(args, side, result), log, args.threads, args.timeout)
     if rc == 0 and result.exists():
         out = json.loads(result.read_text())
         out["child_wall_s"] = wall
