@@ -20,12 +20,9 @@ import time
 from pathlib import Path
 
 SETTINGS = {  # name -> ArithmeticTaskConfig fields (validation split drawn as the chain draws it)
-    "1 step, + - x, 2..20": {"min_steps": 1, "max_steps": 1},
-    "1 step, + -, 2..20": {"min_steps": 1, "max_steps": 1, "operations": ["+", "-"]},
+    "1 step, + - x, 2..20 (the chain's)": {"min_steps": 1, "max_steps": 1},
     "1-2 steps, + - x, 2..20": {"min_steps": 1, "max_steps": 2},
     "1-3 steps, + - x, 2..20 (the demo's)": {"min_steps": 1, "max_steps": 3},
-    "1 step, + -, 10..99": {"min_steps": 1, "max_steps": 1, "operations": ["+", "-"], "min_operand": 10,
-                            "max_operand": 99},
 }
 OUT = Path(__file__).resolve().parent / "arithmetic_difficulty"
 

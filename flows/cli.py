@@ -13,7 +13,7 @@ from pathlib import Path
 from components.artifacts import input_ref, lineage_lines, materialize, rebuilding
 from components.errors import CrucibleError
 from flows.params import DEFAULT_PARAMS_FILE, load_params
-from flows.stages import COMPOSITES, COMPOSITES_BY_NAME, STAGES, STAGES_BY_NAME, Stage, run_stage
+from flows.stages import COMPOSITES, COMPOSITES_BY_NAME, STAGES, STAGES_BY_NAME, Stage, default_params_file, run_stage
 
 PREFECT_DEFAULTS = {
     # The temporary local API can take a while to start on a small machine.
@@ -33,7 +33,8 @@ def _build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help=f"Run a Prefect flow: {composites} or one stage.",
                               description="Run a Prefect flow on the local (or configured) Prefect API.")
     run.add_argument("flow", choices=[*COMPOSITES_BY_NAME, *STAGES_BY_NAME], help="Flow to run.")
-    run.add_argument("--config", default=DEFAULT_PARAMS_FILE, help="Params file (default: %(default)s).")
+    run.add_argument("--config", default=None, help=f"Params file (default: the flow's own, {DEFAULT_PARAMS_FILE}; "
+                                                     "real/params.yaml for `real` and its stages).")
 
     lineage = commands.add_parser("lineage", help="Print an artifact's chain back to the raw data.",
                                   description="Walk manifests from an artifact back to its raw inputs.")
@@ -67,7 +68,7 @@ def _add_stage_command(commands: argparse._SubParsersAction, stage: Stage) -> No
         sub = commands.add_parser(stage.name, help=help_text, description=stage.help)
     if variant is not None:
         variant.add_arguments(sub)
-    sub.add_argument("--config", default=DEFAULT_PARAMS_FILE, help="Params file (default: %(default)s).")
+    sub.add_argument("--config", default=stage.params_file, help="Params file (default: %(default)s).")
     for keyword, source in stage.inputs.items():
         sub.add_argument(f"--{keyword}", metavar="URI",
                          help=f"Input '{keyword}' (default when no input is named: the params file's "
@@ -123,7 +124,7 @@ def _stack(args: argparse.Namespace) -> None:
 
 def _dispatch(args: argparse.Namespace) -> None:
     if args.command == "run":
-        _run_flow(args.flow, args.config)
+        _run_flow(args.flow, args.config or default_params_file(args.flow))
     elif args.command == "stack":
         _stack(args)
     elif args.command == "lineage":
@@ -137,7 +138,7 @@ def _dispatch(args: argparse.Namespace) -> None:
 
 
 def _run_stage(stage: Stage, args: argparse.Namespace) -> None:
-    params = load_params(args.config or DEFAULT_PARAMS_FILE)
+    params = load_params(args.config or stage.params_file)
     overrides = {k: getattr(args, k) for k in stage.inputs if getattr(args, k) is not None}
     manifest = run_stage(stage, params, overrides, dest=args.output, overwrite=args.overwrite,
                          layout_defaults=args.layout_defaults)

@@ -190,7 +190,7 @@ def make_stage_flow(stage: Stage):
     """A flow running a single stage on the artifacts its upstream stages already published."""
 
     @flow(name=flow_name(stage.name), description=stage.help, validate_parameters=True)
-    def stage_flow(params_file: str = DEFAULT_PARAMS_FILE, params: PipelineParams | None = None) -> dict[str, Any]:
+    def stage_flow(params_file: str = stage.params_file, params: PipelineParams | None = None) -> dict[str, Any]:
         manifest, cached = submit_stage(stage, _flow_params(params_file, params), upstream={})
         publish_stage_artifacts(stage, manifest, cached)
         return {"uri": manifest.output.uri, "content_hash": manifest.output.content_hash, "cached": cached}
@@ -220,7 +220,7 @@ def make_composite_flow(composite: Composite):
     stages, key = members(composite.name), flow_name(composite.name)
 
     @flow(name=key, description=f"{composite.description}: {' -> '.join(stage.name for stage in stages)}.")
-    def composite_flow(params_file: str = DEFAULT_PARAMS_FILE, params: PipelineParams | None = None) -> dict[str, Any]:
+    def composite_flow(params_file: str = composite.params_file, params: PipelineParams | None = None) -> dict[str, Any]:
         upstream, summary = _run_stages(stages, _flow_params(params_file, params), f"{key}-stages")
         if composite.report_stage:
             create_table_artifact(key=f"{key}-metrics", table=_metrics_rows(upstream[composite.report_stage]))

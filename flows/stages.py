@@ -25,7 +25,7 @@ from components.train.backends import local_device, resolve_precision
 from components.runlog import TRAIN_REPORT_FILE
 from flows import estimate_cli, report_cli
 from flows.inputs import ResolvedInput, resolve_inputs
-from flows.params import PipelineParams
+from flows.params import DEFAULT_PARAMS_FILE, PipelineParams
 
 RAW_PREFIX = "data."
 
@@ -104,18 +104,26 @@ class Composite:
     name: str
     description: str
     report_stage: str | None = None  # its metrics are the flow's metrics table; `crucible run` prints its report
+    params_file: str = DEFAULT_PARAMS_FILE  # the params file its flow and command read by default
 
 
 COMPOSITES = (
     Composite("pipeline", "The whole chain", report_stage="report"),
     Composite("rl_studies", "The RL studies, after `pipeline`"),
-    Composite("real", "A real pretrained model end to end (SmolLM2-135M-Instruct by default)", report_stage="real_report"),
+    Composite("real", "A real pretrained model end to end (SmolLM2-135M-Instruct by default)", report_stage="real_report",
+              params_file="real/params.yaml"),
 )
 COMPOSITES_BY_NAME = {composite.name: composite for composite in COMPOSITES}
 ESTIMATE_CLI = CliVariant(estimate_cli.add_arguments, estimate_cli.wants_adhoc, estimate_cli.run_adhoc,
                           description=estimate_cli.__doc__,
                           defaults={"config": None})  # so an explicit --config can be told from the default
 REPORT_CLI = CliVariant(report_cli.add_arguments, report_cli.names_artifact, report_cli.print_report)
+
+
+def default_params_file(flow: str) -> str:
+    """The params file a flow or stage command reads when none is named."""
+    found = COMPOSITES_BY_NAME.get(flow) or STAGES_BY_NAME.get(flow)
+    return found.params_file if found else DEFAULT_PARAMS_FILE
 
 
 def flow_name(name: str) -> str:
@@ -138,6 +146,7 @@ class Stage:
     composite: str | None = "pipeline"  # the composite flow that runs it (None: its own flow and DVC stage only)
     cli: CliVariant | None = None  # another mode of its `crucible` command
     dvc_file: str = "dvc.yaml"  # the DVC pipeline that holds its stage (real/dvc.yaml: `dvc repro real/dvc.yaml`)
+    params_file: str = DEFAULT_PARAMS_FILE  # the params file its flow, command and DVC stage read by default
 
     def config(self, params: PipelineParams) -> StrictConfig:
         return self.build_config(params) if self.build_config else getattr(params, self.section)
@@ -256,14 +265,15 @@ DEMO_STAGES: tuple[Stage, ...] = (
           fan_out=PROMPT_TUNING_FAN_OUT, markdown_file=prompt_tuning.STUDY_REPORT, composite=None),
 )
 REAL_DVC = "real/dvc.yaml"
+REAL_PARAMS = "real/params.yaml"  # the real chain's settings, apart from the demo's params.yaml
 REAL_GRPO_MODEL = "real_grpo_study.seeds/seed0"  # the chain goes on from the study's seed 0
 
 
 def _real(name: str, section: str, spec: ComponentSpec, entry: Callable[..., Manifest], inputs: Mapping[str, str],
           help: str, **options: Any) -> Stage:
-    """A stage of the real-model chain: composite `real`, DVC pipeline real/dvc.yaml."""
+    """A stage of the real-model chain: composite `real`, DVC pipeline real/dvc.yaml, params real/params.yaml."""
     return Stage(name, section, spec, entry, inputs, help, composite=options.pop("composite", "real"),
-                 dvc_file=REAL_DVC, **options)
+                 dvc_file=REAL_DVC, params_file=REAL_PARAMS, **options)
 
 
 def _real_evaluations(model: str, source: str, label: str) -> tuple[Stage, ...]:

@@ -71,8 +71,10 @@ def test_every_stage_is_in_the_dvc_pipeline_its_table_entry_names() -> None:
     listed = {name: dvc_file for dvc_file in DVC_FILES for name in dvc_stages(dvc_file)}
     assert listed == {name: stage.dvc_file for name, stage in STAGES_BY_NAME.items()}
     real = dvc_stages("real/dvc.yaml")
-    assert all(entry["wdir"] == ".." and entry["cmd"] == f"crucible {name} --config params.yaml"
-               for name, entry in real.items())  # run from the root, on the root params.yaml
+    assert all(entry["wdir"] == ".." and entry["cmd"] == f"crucible {name} --config real/params.yaml"
+               and list(entry["params"][0]) == ["real/params.yaml"] for name, entry in real.items())
+    sections = {key.split(".")[0] for entry in real.values() for key in entry["params"][0]["real/params.yaml"]}
+    assert sections <= yaml.safe_load((ROOT / "real/params.yaml").read_text(encoding="utf-8")).keys()
 
 
 def test_the_check_finds_code_missing_from_the_deps() -> None:

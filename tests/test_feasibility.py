@@ -235,7 +235,8 @@ def test_training_stage_refuses_a_run_that_does_not_fit(tmp_path: Path) -> None:
     assert refused.returncode == 1
     assert "run does not fit 1 x Tiny" in refused.stderr and "recommendation:" in refused.stderr
     assert not (tmp_path / "artifacts/pretrain").exists()
-    changed = write_params(tmp_path / "q.yaml", str(tmp_path / "artifacts"), pretrain={"train": {"batch_size_rows": 4, "max_steps": 9, "optim": {"warmup_steps": 9}}},
+    changed = write_params(tmp_path / "q.yaml", str(tmp_path / "artifacts"), pretrain={"train": {"precision": "fp32", "batch_size_rows": 4, "max_steps": 9,
+                                                         "optim": {"warmup_steps": 9}}},
                            estimate={"gpu": "Tiny", "hardware_catalog": str(tmp_path / "hw.yaml")})
     stale = run_cli("pretrain", "--config", str(changed))
     assert "the estimate is for a different run (max_steps differ)" in stale.stderr
