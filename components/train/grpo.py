@@ -90,10 +90,9 @@ class GRPOConfig(StrictConfig):
     max_problems: int = Field(100_000, gt=0)
     heldout: HeldoutSettings = HeldoutSettings()
     rollout_precision: Literal["fp32", "bf16", "train"] = Field("fp32", description=(
-        "The sampler's arithmetic: fp32; bf16: autocast; train: the update's (train.precision as resolved). fp32 by "
-        "measurement (benchmarks/rollout_precision.md, SmolLM2-135M on a 2-core AVX512-BF16 CPU): 3x faster than "
-        "bf16 autocast, whose per-step weight casts dominate decoding, and its log-probs match an fp32 forward to "
-        "3e-6 (bf16 on either side: 3e-2 mean). The update recomputes the old log-probs itself either way."))
+        "The sampler's arithmetic: fp32; bf16: autocast; train: the update's (train.precision as resolved). fp32 "
+        "keeps the sampler's log-probs equal to an fp32 forward's (bf16 on either side differs by ~3e-2 per token); "
+        "benchmarks/rollout_precision.py measures both. The update recomputes the old log-probs itself either way."))
 
     hash_omits_at_default: ClassVar[tuple[str, ...]] = (
         "max_reward_error_fraction", "advantage_estimator", "rollout_precision")
