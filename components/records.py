@@ -117,6 +117,12 @@ def write_shards(out_dir: Path, columns: dict[str, Sequence[Any]], rows_per_shar
     return num_shards
 
 
+def column_names(artifact_dir: Path) -> set[str]:
+    """The columns of a dataset artifact (its first shard's schema); empty without shards."""
+    shards = sorted((artifact_dir / DATA_DIR).glob("part-*.parquet"))
+    return set(pq.read_schema(shards[0]).names) if shards else set()
+
+
 def read_column(artifact_dir: Path, column: str) -> list[Any]:
     """One column of a dataset artifact, all shards in order; a missing column is named."""
     shards = sorted((artifact_dir / DATA_DIR).glob("part-*.parquet"))

@@ -22,7 +22,7 @@ from components.artifacts import ComponentSpec, Manifest, produce
 from components.config import StrictConfig
 from components.errors import DataError
 from components.models.tokenizers import FINGERPRINT_KEY, check_blocks_tokenizer
-from components.records import read_column
+from components.records import column_names, read_column
 
 SPEC = ComponentSpec(name="answer_loss", version="1")
 METRICS_FILE = "metrics.json"
@@ -56,7 +56,7 @@ def _build(config: AnswerLossConfig, paths: dict[str, Path], out_dir: Path) -> d
     from components.models.factory import load_causal_lm
 
     fingerprint = check_blocks_tokenizer("examples", paths["examples"], "model", paths["model"])
-    if "position_ids" in pq_columns(paths["examples"]):
+    if "position_ids" in column_names(paths["examples"]):
         raise DataError(f"examples {paths['examples']}: packed rows; build them with sft_data `packing: false`")
     model = load_causal_lm(paths["model"], dtype=torch.float32).eval()
     input_ids = torch.tensor(read_column(paths["examples"], "input_ids"), dtype=torch.long)
@@ -72,16 +72,6 @@ def _build(config: AnswerLossConfig, paths: dict[str, Path], out_dir: Path) -> d
                "example_mean_nll_ci95_low": low, "example_mean_nll_ci95_high": high, FINGERPRINT_KEY: fingerprint}
     (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     return metrics
-
-
-def pq_columns(directory: Path) -> set[str]:
-    """The column names of a parquet-backed artifact."""
-    import pyarrow.parquet as pq
-
-    from components.records import DATA_DIR
-
-    shards = sorted((directory / DATA_DIR).glob("part-*.parquet"))
-    return set(pq.read_schema(shards[0]).names) if shards else set()
 
 
 def answer_loss(config: AnswerLossConfig, model: str, examples: str, dest: str, overwrite: bool = False) -> Manifest:

@@ -21,7 +21,7 @@ from pydantic import Field
 
 from components.artifacts import ComponentSpec, Manifest
 from components.config import StrictConfig
-from components.records import DATA_DIR, read_column
+from components.records import column_names, read_column
 from components.errors import ConfigError
 from components.models.tokenizers import FINGERPRINT_KEY, check_blocks_tokenizer
 from components.train.batches import TrainData
@@ -75,11 +75,9 @@ class SFTConfig(StrictConfig):
 def load_blocks(blocks_dir: Path) -> dict[str, Any]:
     """The columns of an `sft_data` artifact as tensors: input_ids and labels (a missing one
     is named), and position_ids where the rows are packed."""
-    import pyarrow.parquet as pq
     import torch
 
-    shards = sorted((blocks_dir / DATA_DIR).glob("part-*.parquet"))
-    present = set(pq.read_schema(shards[0]).names) if shards else set()
+    present = column_names(blocks_dir)
     names = [name for name in BLOCK_COLUMNS if name != "position_ids" or name in present]
     return {name: torch.tensor(read_column(blocks_dir, name), dtype=torch.long) for name in names}
 
