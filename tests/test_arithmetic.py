@@ -51,6 +51,9 @@ def test_bad_task_configs_are_refused() -> None:
         generate(ArithmeticTaskConfig(train_problems=5000, test_problems=10, max_steps=1, max_operand=3))
 
 
+SPLIT_ARTIFACTS = {"arithmetic_task", "real_arithmetic_task", "real_splits"}  # artifacts whose files are splits
+
+
 def test_only_the_final_evaluations_read_test_and_dvc_tracks_the_files_each_stage_reads() -> None:
     """Held-out monitoring (the RL trainers' curves, which their settings were chosen by) reads
     validation; test is read only by the evaluations whose numbers are reported. dvc.yaml
@@ -68,12 +71,30 @@ def test_only_the_final_evaluations_read_test_and_dvc_tracks_the_files_each_stag
     assert readers["validation"] == {"grpo", "grpo_study", "ppo"}
     assert all(stage.inputs["heldout"] == "arithmetic_task/validation.jsonl"
                for stage in STAGES if stage.name in readers["validation"])
-    dvc_stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
-    for stage in STAGES:
-        named = {source for source in stage.inputs.values() if source.startswith("arithmetic_task/")}
-        deps = {dep.removeprefix("${artifacts_root}/") for dep in dvc_stages[stage.name].get("deps", [])
-                if dep.startswith("${artifacts_root}/arithmetic_task")}
-        assert deps == named, stage.name
+    dvc_stages = {dvc_file: yaml.safe_load((REPO_ROOT / dvc_file).read_text())["stages"]
+                  for dvc_file in {stage.dvc_file for stage in STAGES}}
+    for stage in STAGES:  # each stage against the DVC file that holds it (dvc.yaml, real/dvc.yaml)
+        split_files = {source for source in stage.inputs.values() if source.split("/")[0] in SPLIT_ARTIFACTS}
+        deps = {dep.removeprefix("${artifacts_root}/") for dep in dvc_stages[stage.dvc_file][stage.name].get("deps", [])
+                if dep.removeprefix("${artifacts_root}/").split("/")[0] in SPLIT_ARTIFACTS}
+        assert deps == split_files, stage.name
+
+
+def test_in_the_real_chain_test_splits_are_read_only_by_the_reported_evaluations() -> None:
+    """The real chain's GSM8K split (`real_splits`) and arithmetic task: training and GRPO's
+    held-out curve read train and validation; test is read only by the evaluations in the report
+    and the test-time-compute pools."""
+    from flows.stages import REAL_STAGES
+
+    readers = {source: {stage.name for stage in REAL_STAGES if source in stage.inputs.values()}
+               for source in ("real_splits/test.jsonl", "real_arithmetic_task/test.jsonl",
+                              "real_splits/validation.jsonl", "real_arithmetic_task/validation.jsonl")}
+    evaluations = {f"real_{model}_{task}" for model in ("base", "sft", "grpo", "dpo") for task in ("gsm8k", "arithmetic")}
+    assert readers["real_splits/test.jsonl"] == {name for name in evaluations if name.endswith("gsm8k")}
+    assert readers["real_arithmetic_task/test.jsonl"] == (
+        {name for name in evaluations if name.endswith("arithmetic")} | {"real_sft_pools", "real_grpo_pools"})
+    assert readers["real_splits/validation.jsonl"] == {"real_heldout_data"}
+    assert readers["real_arithmetic_task/validation.jsonl"] == {"real_grpo_study"}
 
 
 @pytest.mark.parametrize("operations,symbols", [(["+"], {"+"}), (["-", "*"], {"-", "*"}), (["*"], {"*"})])

@@ -105,6 +105,13 @@ def test_every_flow_has_a_deployment_on_the_process_pool(stack: Stack) -> None:
     assert not missing, f"flows with no deployment in infra/prefect.yaml (give each a module-level name): {missing}"
     assert deployed == everything and len(entrypoints) == len(everything)
     expected = set(entrypoints)
+    # each deployment reads the params file its flow's command reads (the real chain: real/params.yaml)
+    from flows.stages import default_params_file
+
+    for d in yaml.safe_load(PREFECT_FILE.read_text())["deployments"]:
+        flow = getattr(pipeline_module, d["entrypoint"].split(":")[1])
+        if flow is not pipeline_module.feasibility_flow:
+            assert d["parameters"]["params_file"] == default_params_file(flow.name.replace("-", "_")), d["entrypoint"]
 
     with client(stack) as api:
         deployed = api.read_deployments()
