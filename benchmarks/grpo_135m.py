@@ -105,6 +105,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
         rewards=[RewardSpec(function="correctness")], advantage_normalization="group_std",
         loss_aggregation="token_mean", eps_low=EPS_LOW, eps_high=EPS_HIGH, iterations=1, kl_coef=0.0,
         dynamic_sampling=False, problems_format="gsm8k", max_problems=args.problems,
+        rollout_precision="train",  # sample in the run's precision, as TRL generates under its autocast
         heldout=HeldoutSettings(problems=0))
     with tempfile.TemporaryDirectory(prefix="grpo-135m-ours-") as tmp:
         out_dir, run_dir = Path(tmp) / "out", Path(tmp) / "run"

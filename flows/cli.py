@@ -12,6 +12,7 @@ from pathlib import Path
 
 from components.artifacts import input_ref, lineage_lines, materialize, rebuilding
 from components.errors import CrucibleError
+from flows import agent_cli
 from flows.params import DEFAULT_PARAMS_FILE, load_params
 from flows.stages import COMPOSITES, COMPOSITES_BY_NAME, STAGES, STAGES_BY_NAME, Stage, default_params_file, run_stage
 
@@ -51,6 +52,10 @@ def _build_parser() -> argparse.ArgumentParser:
     stack.add_argument("--port", type=int, default=4200, help="Server port, 0 for a free one (default: %(default)s).")
     stack.add_argument("--pool", default="crucible", help="Process work pool (default: %(default)s).")
     stack.add_argument("--deploy", action="store_true", help="Also deploy every flow of infra/prefect.yaml.")
+
+    agent = commands.add_parser("agent", help="Run a model as an agent on an environment's task (`agent run`).",
+                                description="Agents: tools, memory and reflection over the environments.")
+    agent_cli.add_arguments(agent)
 
     for stage in STAGES:
         _add_stage_command(commands, stage)
@@ -127,6 +132,8 @@ def _dispatch(args: argparse.Namespace) -> None:
         _run_flow(args.flow, args.config or default_params_file(args.flow))
     elif args.command == "stack":
         _stack(args)
+    elif args.command == "agent":
+        agent_cli.run(args)
     elif args.command == "lineage":
         print("\n".join(lineage_lines(args.uri)))
     else:

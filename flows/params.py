@@ -12,7 +12,10 @@ from components.config import StrictConfig, load_yaml_config
 from components.data.curate import CurateConfig
 from components.data.pack import PackConfig
 from components.data.tokenizer import TokenizerConfig
+from components.agents.envs import EnvConfig
+from components.agents.traces import AgentTracesConfig
 from components.eval.accuracy import AccuracyConfig
+from components.eval.agents import AgentEvalConfig
 from components.eval.answer_loss import AnswerLossConfig
 from components.eval.chain_report import ChainReportConfig
 from components.models.gguf_export import ExportModelConfig
@@ -25,6 +28,7 @@ from components.eval.report import ReportConfig
 from components.tasks.arithmetic import ArithmeticTaskConfig
 from components.data.sft_data import SFTDataConfig
 from components.data.preferences import PreferencePairsConfig
+from components.train.agent_grpo import AgentGRPOStudyConfig
 from components.train.dpo import DPOConfig, DPOReferenceConfig
 from components.train.grpo import GRPOConfig
 from components.train.grpo_study import GRPOStudyConfig
@@ -62,6 +66,14 @@ class TaskRunnerConfig(StrictConfig):
     max_workers: int | None = Field(None, ge=1, description="Threads, or local Dask worker processes.")
     dask_address: str | None = Field(None, description="A running Dask scheduler (tcp://host:8786); else a LocalCluster.")
     ray_address: str | None = Field(None, description="A running Ray cluster (ray://host:10001); else a local one.")
+
+
+ENVIRONMENTS = ("arithmetic", "lookup", "gsm8k")  # the agent environments, as components.agents.envs names them
+
+
+def agent_evaluation(env: str, methods: list[str] | None = None) -> AgentEvalConfig:
+    """An agent evaluation section's default: `env`, every method unless `methods` says."""
+    return AgentEvalConfig.model_validate({"env": {"name": env}, **({"methods": methods} if methods else {})})
 
 
 class PipelineParams(StrictConfig):
@@ -110,6 +122,23 @@ class PipelineParams(StrictConfig):
     real_evaluate_pools: AccuracyConfig = AccuracyConfig()
     real_compare_test_time_compute: CompareConfig = CompareConfig()
     real_report: ChainReportConfig = ChainReportConfig()
+    # the agents chain (`crucible run agents`; agents/params.yaml holds the settings `make agents-demo` uses)
+    agent_traces: AgentTracesConfig = Field(default_factory=lambda: AgentTracesConfig(
+        envs=[EnvConfig(name=name) for name in ENVIRONMENTS]))
+    agent_sft_data: SFTDataConfig = SFTDataConfig(format="messages")
+    agent_sft: SFTConfig = SFTConfig()
+    agent_grpo: AgentGRPOStudyConfig = AgentGRPOStudyConfig()
+    agent_grpo_no_tools: AgentGRPOStudyConfig = Field(default_factory=lambda: AgentGRPOStudyConfig.model_validate(
+        {"base": {"env": {"name": "arithmetic", "tools": []}}}))
+    evaluate_agent_arithmetic: AgentEvalConfig = Field(default_factory=lambda: agent_evaluation("arithmetic"))
+    evaluate_agent_lookup: AgentEvalConfig = Field(default_factory=lambda: agent_evaluation("lookup"))
+    evaluate_agent_gsm8k: AgentEvalConfig = Field(default_factory=lambda: agent_evaluation("gsm8k"))
+    evaluate_agent_rl: AgentEvalConfig = Field(default_factory=lambda: agent_evaluation("arithmetic", ["tools"]),
+                                               description="The agent trained by GRPO with tools.")
+    evaluate_agent_rl_no_tools: AgentEvalConfig = Field(
+        default_factory=lambda: agent_evaluation("arithmetic", ["no_tools"]),
+        description="The agent trained by GRPO without tools.")
+    compare_agent_compute: CompareConfig = CompareConfig()
     export_model: ExportModelConfig = ExportModelConfig()
 
 

@@ -14,13 +14,15 @@ from typing import Any
 
 from components.artifacts import ArtifactRef, ComponentSpec, Manifest, input_origins, stage_rerun
 from components.config import StrictConfig
+from components.agents import traces as agent_traces
 from components.tasks import arithmetic, splits
 from components.data import curate, pack, preferences, sft_data, tokenizer
 from components.eval import accuracy, answer_loss, chain_report, compare, perplexity, report
+from components.eval import agents as agent_eval
 from components.models import gguf_export, importer
 from components.feasibility import training as feasibility
 from components.feasibility.estimate import REPORT_FILE as ESTIMATE_REPORT
-from components.train import dpo, grpo, grpo_study, ppo, prompt_tuning, pretrain, reward_model, sft
+from components.train import agent_grpo, dpo, grpo, grpo_study, ppo, prompt_tuning, pretrain, reward_model, sft
 from components.train.backends import local_device, resolve_precision
 from components.runlog import TRAIN_REPORT_FILE
 from flows import estimate_cli, report_cli
@@ -112,6 +114,8 @@ COMPOSITES = (
     Composite("rl_studies", "The RL studies, after `pipeline`"),
     Composite("real", "A real pretrained model end to end (SmolLM2-135M-Instruct by default)", report_stage="real_report",
               params_file="real/params.yaml"),
+    Composite("agents", "Agents with tools, memory and reflection, and agentic RL, on the imported model",
+              params_file="agents/params.yaml"),
 )
 COMPOSITES_BY_NAME = {composite.name: composite for composite in COMPOSITES}
 ESTIMATE_CLI = CliVariant(estimate_cli.add_arguments, estimate_cli.wants_adhoc, estimate_cli.run_adhoc,
@@ -353,7 +357,53 @@ REAL_STAGES: tuple[Stage, ...] = (
           "Export a Llama model artifact to GGUF (F32, F16 or Q8_0) for llama.cpp and Ollama.", composite=None),
 )
 
-STAGES = DEMO_STAGES + REAL_STAGES
+AGENTS_DVC = "agents/dvc.yaml"
+AGENTS_PARAMS = "agents/params.yaml"
+AGENT_GRPO_MODEL = "agent_grpo.seeds/seed0"  # the agents evaluated after RL: each study's seed 0
+AGENT_GRPO_NO_TOOLS_MODEL = "agent_grpo_no_tools.seeds/seed0"
+
+
+def _agent(name: str, section: str, spec: ComponentSpec, entry: Callable[..., Manifest], inputs: Mapping[str, str],
+           help: str, **options: Any) -> Stage:
+    """A stage of the agents chain: composite `agents`, DVC pipeline agents/dvc.yaml, params agents/params.yaml."""
+    return Stage(name, section, spec, entry, inputs, help, composite="agents", dvc_file=AGENTS_DVC,
+                 params_file=AGENTS_PARAMS, **options)
+
+
+def _agent_evaluation(name: str, section: str, model: str, label: str) -> Stage:
+    return _agent(name, section, agent_eval.SPEC, agent_eval.evaluate_agent, {"model": model},
+                  f"The {label} on the environment's test tasks: success [95 % CI], turns, tool calls, tokens and FLOPs "
+                  "per solved task, by method (no tools, tools, tools + reflection over trials).",
+                  markdown_file=agent_eval.REPORT_FILE)
+
+
+AGENT_STAGES: tuple[Stage, ...] = (
+    _agent("agent_traces", "agent_traces", agent_traces.SPEC, agent_traces.agent_traces, {"tokenizer": "import_model"},
+           "Tool-use demonstrations: an expert's verified episodes of each environment's train tasks, as chats."),
+    _agent("agent_sft_data", "agent_sft_data", sft_data.SPEC, sft_data.sft_data,
+           {"dataset": "agent_traces/train.jsonl", "tokenizer": "import_model"},
+           "Chat-template the demonstrations; labels on the assistant turns only (tool outputs masked)."),
+    _agent("agent_sft", "agent_sft", sft.SPEC, sft.sft, {"blocks": "agent_sft_data", "model": "import_model"},
+           "SFT of the imported model on the demonstrations: an agent that has seen tool use.",
+           markdown_file=TRAIN_REPORT_FILE),
+    _agent("agent_grpo", "agent_grpo", agent_grpo.STUDY_SPEC, agent_grpo.agent_grpo_study, {"model": "agent_sft"},
+           "Multi-turn GRPO with tools from the SFT agent, one run per seed: held-out success before and after.",
+           markdown_file=grpo_study.REPORT_FILE),
+    _agent("agent_grpo_no_tools", "agent_grpo_no_tools", agent_grpo.STUDY_SPEC, agent_grpo.agent_grpo_study,
+           {"model": "agent_sft"}, "The same GRPO study without tools (the agent must answer directly): the baseline.",
+           markdown_file=grpo_study.REPORT_FILE),
+    *(_agent_evaluation(f"evaluate_agent_{model}_{env}", f"evaluate_agent_{env}", source, f"{label} ({env})")
+      for model, source, label in (("base", "import_model", "imported model"), ("sft", "agent_sft", "SFT agent"))
+      for env in ("arithmetic", "lookup", "gsm8k")),
+    _agent_evaluation("evaluate_agent_grpo", "evaluate_agent_rl", AGENT_GRPO_MODEL, "agent after GRPO with tools"),
+    _agent_evaluation("evaluate_agent_grpo_no_tools", "evaluate_agent_rl_no_tools", AGENT_GRPO_NO_TOOLS_MODEL,
+                      "agent after GRPO without tools"),
+    _agent("compare_agent_compute", "compare_agent_compute", compare.SPEC, compare.compare_test_time_compute,
+           {"evaluation": "evaluate_agent_sft_arithmetic", "rl_evaluation": "evaluate_agent_grpo"},
+           "When does RL beat more attempts? The SFT agent's tools and reflection trials vs the GRPO agent, its "
+           "training compute amortised over query volumes.", markdown_file=compare.REPORT_FILE),
+)
+STAGES = DEMO_STAGES + REAL_STAGES + AGENT_STAGES
 STAGES_BY_NAME = {stage.name: stage for stage in STAGES}
 # Every component a flow task can run, by component name.
 COMPONENT_ENTRIES: dict[str, tuple[ComponentSpec, Callable[..., Manifest]]] = {

@@ -53,7 +53,7 @@ def uncovered(files: set[Path], deps: list[str]) -> list[str]:
     return sorted(str(f) for f in files if not any(f == Path(d) or Path(d) in f.parents for d in deps))
 
 
-DVC_FILES = ("dvc.yaml", "real/dvc.yaml")
+DVC_FILES = ("dvc.yaml", "real/dvc.yaml", "agents/dvc.yaml")
 
 
 def dvc_stages(dvc_file: str = "dvc.yaml") -> dict:
@@ -70,11 +70,12 @@ def test_a_stage_depends_on_all_the_code_it_runs(dvc_file: str, name: str) -> No
 def test_every_stage_is_in_the_dvc_pipeline_its_table_entry_names() -> None:
     listed = {name: dvc_file for dvc_file in DVC_FILES for name in dvc_stages(dvc_file)}
     assert listed == {name: stage.dvc_file for name, stage in STAGES_BY_NAME.items()}
-    real = dvc_stages("real/dvc.yaml")
-    assert all(entry["wdir"] == ".." and entry["cmd"] == f"crucible {name} --config real/params.yaml"
-               and list(entry["params"][0]) == ["real/params.yaml"] for name, entry in real.items())
-    sections = {key.split(".")[0] for entry in real.values() for key in entry["params"][0]["real/params.yaml"]}
-    assert sections <= yaml.safe_load((ROOT / "real/params.yaml").read_text(encoding="utf-8")).keys()
+    for chain in ("real", "agents"):  # each chain's stages run from the root on the chain's own params file
+        stages, params_file = dvc_stages(f"{chain}/dvc.yaml"), f"{chain}/params.yaml"
+        assert all(entry["wdir"] == ".." and entry["cmd"] == f"crucible {name} --config {params_file}"
+                   and list(entry["params"][0]) == [params_file] for name, entry in stages.items())
+        sections = {key.split(".")[0] for entry in stages.values() for key in entry["params"][0][params_file]}
+        assert sections <= yaml.safe_load((ROOT / params_file).read_text(encoding="utf-8")).keys()
 
 
 def test_the_check_finds_code_missing_from_the_deps() -> None:

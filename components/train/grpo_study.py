@@ -149,8 +149,10 @@ def _summarize(config: GRPOStudyConfig, curves: dict[int, list[dict[str, Any]]],
     return metrics
 
 
-def summarize_study(config: GRPOStudyConfig, dest: str, overwrite: bool = False, **seeds: str | ArtifactRef) -> Manifest:
-    """Aggregate the published seed runs (`seed_<k>=URI`) into the study artifact."""
+def summarize_study(config: GRPOStudyConfig, dest: str, overwrite: bool = False, spec: ComponentSpec = SPEC,
+                    **seeds: str | ArtifactRef) -> Manifest:
+    """Aggregate the published seed runs (`seed_<k>=URI`) into the study artifact (`spec`:
+    this study's, or another GRPO variant's, e.g. agentic GRPO's)."""
     def build(out_dir: Path, paths: dict[str, Path]) -> dict[str, Any]:
         curves = {}
         for name in seeds:
@@ -158,7 +160,7 @@ def summarize_study(config: GRPOStudyConfig, dest: str, overwrite: bool = False,
             curves[int(name.removeprefix("seed_"))] = read_metrics(paths[name] / HELDOUT_FILE)
         return _summarize(config, curves, out_dir)
 
-    return produce(SPEC, config, dict(seeds), dest, build, overwrite=overwrite)
+    return produce(spec, config, dict(seeds), dest, build, overwrite=overwrite)
 
 
 def grpo_study(config: GRPOStudyConfig, model: str, problems: str, heldout: str, dest: str, overwrite: bool = False,

@@ -43,6 +43,7 @@ TRAINERS = {
     "ppo": "components.train.ppo:train_job",
     "reward_model": "components.train.reward_model:train_job",
     "dpo": "components.train.dpo:train_job",
+    "agent_grpo": "components.train.agent_grpo:train_job",
 }
 USER_CODE_KEY = "reward_code"  # the metric recording the user functions a config names, by source hash
 RESULT_FILE = "result.json"

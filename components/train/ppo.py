@@ -59,7 +59,7 @@ from components.train.losses import (
 )
 from components.train.rewards import RewardSpec, check_errors, score
 from components.train.rl import (
-    HeldoutSettings, RLSetup, load_rl_setup, produce_rl, run_rl, step_grad_norm, summarize_rl,
+    HeldoutSettings, RLSetup, heldout_scorer, load_rl_setup, produce_rl, run_rl, step_grad_norm, summarize_rl,
 )
 
 SPEC = ComponentSpec(name="ppo", version="1")
@@ -318,8 +318,8 @@ def fit(job: Job) -> Trained:
     records = run_rl(module, policy, tokenizer, config.train, len(setup.problems), job.run_dir,
                      make_step=functools.partial(PPOStep, config, setup, module, reference, rewards),
                      save_model=ModelSaver(tokenizer, model="policy", value_head_file=VALUE_HEAD_FILE),
-                     heldout=setup.heldout, heldout_settings=config.heldout, max_new_tokens=config.max_new_tokens,
-                     temperature=config.temperature, final_dir=job.out_dir, description="ppo")
+                     scorer=heldout_scorer(setup, config, job.run_dir), score_every_steps=config.heldout.every_steps,
+                     final_dir=job.out_dir, description="ppo")
     precision = local_precision_metrics(config.train)
     return Trained(0, lambda: {**summarize_rl(job.run_dir, records), "reward_source": rewards.source, **precision})
 

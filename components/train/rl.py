@@ -156,6 +156,13 @@ class HeldoutScorer:
         append_record(self.path, record)
 
 
+def heldout_scorer(setup: RLSetup, config: Any, run_dir: Path) -> HeldoutScorer:
+    """The single-turn RL trainers' held-out scorer: `config.heldout` on the setup's held-out
+    problems, sampled as the rollouts are (`max_new_tokens`, `temperature`)."""
+    return HeldoutScorer(setup.policy, setup.tokenizer, setup.heldout, config.heldout, config.max_new_tokens,
+                         config.temperature, config.train.seed, run_dir / HELDOUT_FILE)
+
+
 @exclusive()
 def run_rl(
     backend_module: torch.nn.Module,
@@ -167,25 +174,21 @@ def run_rl(
     *,
     make_step: Callable[[TorchBackend, EpochSampler], StepFunction],
     save_model: Callable[[torch.nn.Module, Path], None],
-    heldout: list[tuple[str, str]],
-    heldout_settings: HeldoutSettings,
-    max_new_tokens: int,
-    temperature: float,
+    scorer: Callable[[int], None],
+    score_every_steps: int,
     final_dir: Path,
     description: str,
 ) -> list[dict[str, Any]]:
     """`config.max_steps` RL steps of `batch_size_rows` prompts each; returns the step records.
 
     `backend_module` holds every trainable parameter (the policy, and a value head for PPO);
-    `make_step(backend, sampler)` returns the algorithm's step. Held-out accuracy (greedy, and
-    pass@1 of samples at the rollout temperature) is logged to `heldout_accuracy.jsonl` before
-    training, every `heldout_settings.every_steps` and at the end (`HeldoutScorer`).
+    `make_step(backend, sampler)` returns the algorithm's step. `scorer(step)` appends the
+    held-out score of that step to `run_dir / HELDOUT_FILE` (`HeldoutScorer` for single-turn
+    problems); it runs before training, every `score_every_steps` and at the end.
     """
-    scorer = HeldoutScorer(policy, tokenizer, heldout, heldout_settings, max_new_tokens, temperature, config.seed,
-                           run_dir / HELDOUT_FILE)
     run = Run.start(config, run_dir, description, save_model=save_model, num_rows=num_prompts,
                     build_backend=functools.partial(local_backend, backend_module, config),
-                    evaluation=Evaluation(scorer, HELDOUT_FILE, heldout_settings.every_steps))
+                    evaluation=Evaluation(scorer, HELDOUT_FILE, score_every_steps))
     step_function = make_step(run.backend, run.sampler)
     records = run.loop(functools.partial(rl_step, run, step_function))
     run.finish(final_dir)
