@@ -82,6 +82,8 @@ CURATE_FAN_OUT = FanOut(curate.SHARD_SPEC, curate.curate_shard, _curate_parts, (
                         curate.SPEC, curate.merge_shards, ("input", "decontaminate_against"))
 PROMPT_TUNING_FAN_OUT = FanOut(prompt_tuning.SPEC, prompt_tuning.prompt_tuning, _prompt_tuning_parts,
                                ("model", "dataset", "heldout"), prompt_tuning.STUDY_SPEC, prompt_tuning.summarize_study, ())
+AGENT_GRPO_STUDY_FAN_OUT = FanOut(agent_grpo.SPEC, agent_grpo.agent_grpo, _grpo_study_parts, ("model",),
+                                  agent_grpo.STUDY_SPEC, agent_grpo.summarize_agent_study, ())
 GRPO_STUDY_FAN_OUT = FanOut(grpo.SPEC, grpo.grpo, _grpo_study_parts, ("model", "problems", "heldout"),
                             grpo_study.SPEC, grpo_study.summarize_study, ())
 
@@ -388,10 +390,10 @@ AGENT_STAGES: tuple[Stage, ...] = (
            markdown_file=TRAIN_REPORT_FILE),
     _agent("agent_grpo", "agent_grpo", agent_grpo.STUDY_SPEC, agent_grpo.agent_grpo_study, {"model": "agent_sft"},
            "Multi-turn GRPO with tools from the SFT agent, one run per seed: held-out success before and after.",
-           markdown_file=grpo_study.REPORT_FILE),
+           fan_out=AGENT_GRPO_STUDY_FAN_OUT, markdown_file=grpo_study.REPORT_FILE),
     _agent("agent_grpo_no_tools", "agent_grpo_no_tools", agent_grpo.STUDY_SPEC, agent_grpo.agent_grpo_study,
            {"model": "agent_sft"}, "The same GRPO study without tools (the agent must answer directly): the baseline.",
-           markdown_file=grpo_study.REPORT_FILE),
+           fan_out=AGENT_GRPO_STUDY_FAN_OUT, markdown_file=grpo_study.REPORT_FILE),
     *(_agent_evaluation(f"evaluate_agent_{model}_{env}", f"evaluate_agent_{env}", source, f"{label} ({env})")
       for model, source, label in (("base", "import_model", "imported model"), ("sft", "agent_sft", "SFT agent"))
       for env in ("arithmetic", "lookup", "gsm8k")),

@@ -69,12 +69,13 @@ def test_agents_flow_runs_on_the_users_model_and_files(prefect_api, tmp_path: Pa
 
     root = tmp_path / "artifacts"
     traces = [json.loads(line) for line in (root / "agent_traces/train.jsonl").read_text().splitlines()]
-    gsm8k_questions = [t["messages"][1]["content"] for t in traces if t["env"] == "gsm8k"]
+    sources = [json.loads(line) for line in (root / "agent_traces/sources.jsonl").read_text().splitlines()]
+    gsm8k_questions = [t["messages"][1]["content"] for t, s in zip(traces, sources) if s["env"] == "gsm8k"]
     assert gsm8k_questions and all(q.startswith("train ") for q in gsm8k_questions)  # the user's file, train rows only
     assert read_manifest(str(root / "agent_sft")).inputs["model"].uri == str(root / "import_model")
     for name in ("evaluate_agent_sft_gsm8k", "evaluate_agent_base_gsm8k"):
         transcripts = [json.loads(line) for line in (root / name / "transcripts.jsonl").read_text().splitlines()]
-        assert transcripts and all(t["seed"] >= 2_000_000 for t in transcripts)  # test seeds only
+        assert transcripts and all(t["trajectory"]["seed"] >= 2_000_000 for t in transcripts)  # test seeds only
     study = read_manifest(str(root / "agent_grpo"))
     assert study.metrics["seeds"] == 1 and (root / "agent_grpo.seeds/seed0/model.safetensors").is_file()
     no_tools = read_manifest(str(root / "agent_grpo_no_tools.seeds/seed0"))

@@ -6,8 +6,9 @@ otherwise), opened exactly as the agent loop opens an episode for the same token
 render `tools=`), so SFT teaches the format the agent is later run and trained in.
 
 Traces come from the environment's `train` seeds only; `train.jsonl` holds one chat per line
-in TRL's conversational format (`{"messages": [...]}`), which `components.data.sft_data`
-(format `messages`) tokenizes with the assistant turns as the only labels.
+in TRL's conversational format (`{"messages": [...]}`, tool outputs as role `tool`), which
+`components.data.sft_data` (format `messages`) tokenizes with the assistant turns as the only
+labels; `sources.jsonl` names each line's environment and seed.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from components.errors import ConfigError
 
 SPEC = ComponentSpec(name="agent_traces", version="1")
 TRACES_FILE = "train.jsonl"
+SOURCES_FILE = "sources.jsonl"  # line i: the environment and seed of train.jsonl's line i
 
 
 class AgentTracesConfig(StrictConfig):
@@ -43,7 +45,7 @@ def _demonstrations(tokenizer: Any, config: EnvConfig, examples: int) -> tuple[l
     for seed in SPLIT_SEEDS["train"][:examples]:
         messages = demonstration(env, seed)  # messages[0] is the instructions alone; `opening` adds the tools
         calls += sum(1 for m in messages if m["role"] == "tool")
-        records.append({"messages": opening + messages[1:], "env": env.name, "seed": seed})
+        records.append({"messages": opening + messages[1:], "source": {"env": env.name, "seed": seed}})
     return records, calls
 
 
@@ -52,10 +54,12 @@ def _build(config: AgentTracesConfig, paths: dict[str, Path], out_dir: Path) -> 
 
     tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"])
     metrics: dict[str, Any] = {"examples": 0}
-    with open(out_dir / TRACES_FILE, "w", encoding="utf-8") as handle:
+    with open(out_dir / TRACES_FILE, "w", encoding="utf-8") as traces, \
+            open(out_dir / SOURCES_FILE, "w", encoding="utf-8") as sources:
         for env_config in config.envs:
             records, calls = _demonstrations(tokenizer, env_config, config.examples_per_env)
-            handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+            traces.writelines(json.dumps({"messages": r["messages"]}, ensure_ascii=False) + "\n" for r in records)
+            sources.writelines(json.dumps(r["source"]) + "\n" for r in records)
             metrics["examples"] += len(records)
             metrics[f"{env_config.name}_tool_calls_per_example"] = calls / len(records)
     return metrics

@@ -51,7 +51,7 @@ class SFTPromptCompletion(Record):
 
 
 class ChatMessage(Record):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]  # tool: a tool's output (agent traces), never trained on
     content: Text
 
 

@@ -202,11 +202,16 @@ class AgentGRPOStudyConfig(GRPOStudyConfig):
     base: AgentGRPOConfig = AgentGRPOConfig()
 
 
+def summarize_agent_study(config: AgentGRPOStudyConfig, dest: str, overwrite: bool = False,
+                          **seeds: Any) -> Manifest:
+    """The seeds' held-out success curves, mean +- std (`grpo_study`'s report, this study's spec)."""
+    return summarize_study(config, dest, overwrite=overwrite, spec=STUDY_SPEC, **seeds)
+
+
 def agent_grpo_study(config: AgentGRPOStudyConfig, model: str, dest: str, overwrite: bool = False,
                      map_runs: Any = map) -> Manifest:
-    """Agentic GRPO once per seed (published as `DEST.seeds/seed<k>`), then the held-out success
-    curves' mean +- std over the seeds (`grpo_study`'s report)."""
+    """Agentic GRPO once per seed (published as `DEST.seeds/seed<k>`), then the report."""
     plan = plan_seeds(config, dest)
     manifests = list(map_runs(lambda planned: agent_grpo(planned[1], model, planned[2], overwrite=overwrite), plan))
-    return summarize_study(config, dest, overwrite=overwrite, spec=STUDY_SPEC,
-                           **{name: manifest.output for (name, _, _), manifest in zip(plan, manifests)})
+    return summarize_agent_study(config, dest, overwrite=overwrite,
+                                 **{name: manifest.output for (name, _, _), manifest in zip(plan, manifests)})
