@@ -239,7 +239,7 @@ def test_flows_and_commands_come_from_the_stage_table() -> None:
 
     composites = [composite.name for composite in table.COMPOSITES]
     stage_names = [stage.name for stage in table.STAGES]
-    assert set(composites) == {stage.composite for stage in table.STAGES} - {None} == {"pipeline", "rl_studies", "real"}
+    assert set(composites) == {stage.composite for stage in table.STAGES} - {None} == {"pipeline", "rl_studies", "real", "agents"}
     assert set(pipeline_module.FLOWS) == {*composites, *stage_names}
     for name in composites:
         assert table.members(name) and getattr(pipeline_module, name) is pipeline_module.FLOWS[name]
@@ -251,7 +251,7 @@ def test_flows_and_commands_come_from_the_stage_table() -> None:
 
     parser = _build_parser()
     commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction)).choices
-    assert list(commands) == ["run", "lineage", "stack", *stage_names]
+    assert list(commands) == ["run", "lineage", "stack", "agent", *stage_names]
     flow_argument = next(action for action in commands["run"]._actions if action.dest == "flow")
     assert list(flow_argument.choices) == [*composites, *stage_names]
 
