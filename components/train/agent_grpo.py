@@ -18,10 +18,11 @@ errors and limit hits.
 
 from __future__ import annotations
 
+import copy
 import functools
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,18 +84,17 @@ def episode_metrics(trajectories: list[Trajectory]) -> dict[str, Any]:
 
 @dataclass
 class AgentSetup:
-    """The policy, the environment factory and the train / validation task seeds."""
+    """The policy, the environment and the train / validation task seeds."""
 
     rl: RLSetup
-    make_env: Any
+    env: Any  # built once (the lookup knowledge base, GSM8K's files); episodes run on shallow copies
     train_seeds: list[int]
     validation_seeds: list[int]
-    pool: list[Any] = field(default_factory=list)
 
     def envs(self, count: int) -> list[Any]:
-        """`count` distinct environments, reused across calls (each episode resets its own)."""
-        self.pool += [self.make_env() for _ in range(count - len(self.pool))]
-        return self.pool[:count]
+        """`count` distinct environments: copies share the task generator and tools, and each
+        episode's `reset` gives its copy its own task."""
+        return [copy.copy(self.env) for _ in range(count)]
 
 
 class AgentGRPOStep(GRPOStep):
@@ -151,21 +151,20 @@ class EpisodeScorer:
 
 
 def load_agent_setup(paths: dict[str, Path], config: AgentGRPOConfig) -> AgentSetup:
-    """The policy from `paths["model"]`, an environment factory and the task seeds."""
+    """The policy from `paths["model"]`, the environment and the task seeds."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(paths["model"])
     if tokenizer.pad_token_id is None:
         raise ConfigError(f"{paths['model']}: the tokenizer has no pad token")
     policy = load_causal_lm(paths["model"], dtype=torch.float32)
-    factory = functools.partial(make_env, config.env.name, config.env)
-    factory()  # a bad environment setting fails here, before any training
+    env = make_env(config.env.name, config.env)  # a bad environment setting fails here, before any training
     train = list(SPLIT_SEEDS["train"][:config.max_problems])
     validation = list(SPLIT_SEEDS["validation"][:config.heldout.problems])
     context = config.limits.max_episode_tokens
     rl = RLSetup(tokenizer, policy, [], [], [], inference_flops_per_token(policy, context),
                  training_flops_per_token(policy, context))
-    return AgentSetup(rl, factory, train, validation)
+    return AgentSetup(rl, env, train, validation)
 
 
 def fit(job: Job) -> Trained:
@@ -181,7 +180,7 @@ def fit(job: Job) -> Trained:
                      score_every_steps=config.heldout.every_steps, final_dir=job.out_dir, description="agent_grpo")
     precision = local_precision_metrics(config.train)
     return Trained(0, lambda: {**summarize_rl(job.run_dir, records), **precision, "env": config.env.name,
-                               "tools": list(setup.make_env().tools)})
+                               "tools": list(setup.env.tools)})
 
 
 train_job = TrainerJob(AgentGRPOConfig, fit)
