@@ -50,8 +50,9 @@ waiting for an idle machine).
 Peak memory: the child's ru_maxrss (lifetime high-water mark) and its RSS right before the model
 loads (the interpreter and libraries). Estimate: `components.feasibility.estimate` for the model's
 config (exact parameter count), seq len --max-length, micro-batch --batch-size, 1 x CPU, ZeRO 0, no
-recomputation, the run's precision, no flash attention (SDPA with a mask on a CPU); compared with
-our peak RSS, and with our peak RSS above the pre-model baseline.
+recomputation, the run's precision (bf16: torch.autocast over fp32 weights), fused attention (SDPA
+keeps no s x s scores on a CPU either); compared with our peak RSS, and with our peak RSS above the
+pre-model baseline. sft_135m_memory.py compares it with the peak of tensor memory instead.
 
 Busy machines: as in sft_throughput.py, each side records other processes' CPU use during its timed
 steps ("other load", cores); the parent waits up to --max-wait-idle s for an idle machine before
@@ -127,8 +128,11 @@ def memory_estimate(model_path: Path, args: argparse.Namespace) -> dict[str, Any
     from components.feasibility.estimate import FeasibilityConfig, ModelSource, estimate
     from components.feasibility.plan import ParallelPlan
 
+    # SDPA on a CPU keeps no s x s scores (autograd saves q, k, v, the output and the log-sum-exp:
+    # benchmarks/sft_135m_memory.py), so flash_attention; bf16 here is autocast over fp32 weights.
     plan = ParallelPlan(zero_stage=0, micro_batch_size=args.batch_size, precision=args.precision,
-                        activation_checkpointing="none", flash_attention=False, gpus_per_node=1)
+                        activation_checkpointing="none", flash_attention=True, gpus_per_node=1,
+                        autocast=args.precision == "bf16")
     result = estimate(FeasibilityConfig(
         model=ModelSource(config_path=str(model_path), seq_len=args.max_length), gpu="CPU", num_gpus=1, plan=plan,
         tokens=float(args.batch_size * args.max_length * (args.warmup + args.steps))))

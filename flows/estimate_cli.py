@@ -77,6 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="default bf16; fp8: time at the fp8 peak, needs NVIDIA Transformer Engine (DeepSpeed runs bf16)")
     plan.add_argument("--no-flash-attention", action="store_true", default=None, help="attention that stores s x s scores")
     plan.add_argument("--dropout", action="store_true", default=None)
+    plan.add_argument("--autocast", action="store_true", default=None,
+                      help="bf16/fp16 by torch.autocast over fp32 weights on one process (crucible's trainer without "
+                           "DeepSpeed): fp32 weights and gradients, fp32 norms")
     out = parser.add_argument_group("output")
     out.add_argument("--sweep", help="what-if sweep, e.g. num-gpus=64,128,256")
     out.add_argument("--json", action="store_true", default=None, help="print one JSON object")
@@ -89,7 +92,7 @@ PLAN_FLAGS = {"zero_stage": "zero_stage", "offload_optimizer": "offload_optimize
               "tp": "tensor_parallel", "pp": "pipeline_parallel", "sequence_parallel": "sequence_parallel",
               "activation_checkpointing": "activation_checkpointing", "micro_batch": "micro_batch_size",
               "grad_accum": "gradient_accumulation_steps", "precision": "precision", "dropout": "dropout",
-              "gpus_per_node": "gpus_per_node"}
+              "gpus_per_node": "gpus_per_node", "autocast": "autocast"}
 ADHOC_ONLY = [*SHAPE_FLAGS, "model_config", "params", "mlp", "tie_embeddings", *RUN_FLAGS, *PLAN_FLAGS,
               "no_flash_attention", "sweep", "json", "aspect_ratio"]
 # Flags that describe a model; --vocab and --seq-len alone (with --compute-budget) only set

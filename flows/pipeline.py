@@ -231,10 +231,11 @@ def make_composite_flow(composite: Composite):
 
 STAGE_FLOWS = {stage.name: make_stage_flow(stage) for stage in STAGES}
 FLOWS = {**{composite.name: make_composite_flow(composite) for composite in COMPOSITES}, **STAGE_FLOWS}
-# Module-level names from the table, so deployments can point at `flows/pipeline.py:<name>`:
-# each composite by its name (`pipeline`, `rl_studies`), each stage as `<stage>_flow`.
-globals().update({composite.name: FLOWS[composite.name] for composite in COMPOSITES})
-globals().update({stage.flow_attribute: STAGE_FLOWS[stage.name] for stage in STAGES})
+# Module-level names from the table: each composite by its name (`pipeline`, `rl_studies`),
+# each stage as `<stage>_flow`; deployments name them in flows/entrypoints.py.
+ENTRYPOINT_FLOWS = {**{composite.name: FLOWS[composite.name] for composite in COMPOSITES},
+                    **{stage.flow_attribute: STAGE_FLOWS[stage.name] for stage in STAGES}}
+globals().update(ENTRYPOINT_FLOWS)
 
 
 @task(name="estimate")
@@ -255,6 +256,9 @@ def feasibility_flow(config: FeasibilityConfig, output: str | None = None) -> di
     result = estimate_task(config, output)
     create_markdown_artifact(key="feasibility-estimate", markdown=render_markdown(result))
     return result
+
+
+ENTRYPOINT_FLOWS["feasibility_flow"] = feasibility_flow
 
 
 def make_task_runner(config: TaskRunnerConfig) -> TaskRunner:

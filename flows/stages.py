@@ -159,7 +159,7 @@ class Stage:
 
     @property
     def flow_attribute(self) -> str:
-        """Its flow's module-level name in flows/pipeline.py, which deployments name as entrypoint."""
+        """Its flow's module-level name in flows/pipeline.py and flows/entrypoints.py (deployments' entrypoint)."""
         return f"{self.name}_flow"
 
     def task_components(self) -> tuple[tuple[ComponentSpec, Callable[..., Manifest]], ...]:

@@ -35,6 +35,51 @@ LLAMA_MHA = ("llama", dict(vocab_size=1000, hidden_size=64, intermediate_size=17
                            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128))
 
 
+def _saved_activation_bytes(layers: int, autocast: bool) -> int:
+    """Bytes of the distinct tensors autograd saves in one forward of a small Llama under CPU
+    autocast (or fp32), leaving out the weights and autocast's 16-bit copies of them."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_type, kwargs = LLAMA_GQA
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_config(model_type, {**kwargs, "num_hidden_layers": layers}),
+                                             attn_implementation="sdpa")
+    weight_shapes = {tuple(p.shape) for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.dim() and tuple(tensor.shape) not in weight_shapes:
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    ids = torch.randint(0, kwargs["vocab_size"], (2, 48))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        model.model(input_ids=ids, use_cache=False)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize(("autocast", "activation_bytes"), [(True, 2), (False, 4)])
+def test_a_llama_layer_saves_what_the_activation_count_says(autocast: bool, activation_bytes: int) -> None:
+    """Per layer (two layers minus one), what autograd keeps for backward against the count for
+    the same shape; under autocast the fp32 norms and each projection's own bf16 input copy
+    are what the plain 16-bit count misses, so that count fails the same check. Within 5 %:
+    SDPA's own copy of its output and its log-sum-exp are not counted."""
+    per_layer = _saved_activation_bytes(2, autocast) - _saved_activation_bytes(1, autocast)
+    model_type, kwargs = LLAMA_GQA
+    shape, _ = shape_from_hf_config(_config(model_type, kwargs), seq_len=48)
+    count = activation_bytes_per_layer(shape, 2, activation_bytes, "none", flash_attention=True, autocast=autocast)
+    if autocast:
+        assert per_layer == pytest.approx(count, rel=0.05)
+        plain_16_bit = activation_bytes_per_layer(shape, 2, 2, "none", flash_attention=True)
+        assert per_layer > 1.3 * plain_16_bit
+    else:
+        # fp32: each RMSNorm also keeps its normalised input beside the projections' shared input
+        norms = shape.norms_per_layer * 2 * 48 * shape.d_model * 4
+        assert per_layer == pytest.approx(count + norms, rel=0.05)
+
+
 @pytest.mark.parametrize("params", [50e6, 1.3e9, 7e9, 70e9])
 @pytest.mark.parametrize(("gpus_per_node", "nodes"), [(1, 1), (8, 1), (8, 4)])
 @pytest.mark.parametrize("offload", [False, True])
@@ -214,6 +259,8 @@ def test_model_config_path_and_custom_hardware(tmp_path: Path) -> None:
     (["--params", "1e9", "--num-gpus", "6", "--tp", "4"], "--num-gpus (6) must be a positive multiple"),
     (["--layers", "-2", "--d-model", "64", "--heads", "4", "--ffn", "8", "--vocab", "9", "--seq-len", "8"],
      "--layers: Input should be greater than 0"),
+    (["--params", "1e9", "--autocast", "--zero-stage", "2"], "autocast is one process's bf16/fp16: it needs"),
+    (["--params", "1e9", "--autocast", "--zero-stage", "0", "--precision", "fp32"], "autocast is one process's"),
 ])
 def test_bad_flags_are_named(args: list[str], expected: str) -> None:
     result = run_cli("estimate", "--tokens", "1e9", *args)

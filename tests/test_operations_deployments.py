@@ -94,7 +94,7 @@ def deployment_entrypoints() -> dict[str, str]:
 
 
 def test_every_flow_has_a_deployment_on_the_process_pool(stack: Stack) -> None:
-    import flows.pipeline as pipeline_module
+    import flows.entrypoints as pipeline_module
     from flows.pipeline import FLOWS
 
     entrypoints = deployment_entrypoints()

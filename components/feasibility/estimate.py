@@ -86,12 +86,13 @@ def _memory(shape: ModelShape | None, params: int, plan: ParallelPlan, gpus: int
     states = model_state_bytes(
         params / model_parallel, largest, plan.zero_stage, data_parallel, min(plan.gpus_per_node, gpus),
         -(-gpus // plan.gpus_per_node), plan.mixed_precision, plan.offload_optimizer, plan.offload_params,
+        autocast=plan.autocast,
     )
     activations = None
     if shape is not None:
         per_layer = activation_bytes_per_layer(
             shape, plan.micro_batch_size, plan.activation_bytes, plan.activation_checkpointing,
-            plan.tensor_parallel, plan.sequence_parallel, plan.dropout, plan.flash_attention,
+            plan.tensor_parallel, plan.sequence_parallel, plan.dropout, plan.flash_attention, plan.autocast,
         )
         activations = shape.num_layers * per_layer + output_layer_bytes(
             shape, plan.micro_batch_size, plan.activation_bytes, plan.tensor_parallel)

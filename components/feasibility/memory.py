@@ -14,6 +14,8 @@ implement Rajbhandari et al. 2020, "ZeRO", Sec. 3 and 5, for mixed-precision Ada
   (DeepSpeed: 2P for stage 1-2; 4·largest + 2P/N for stage 3); parameter offload
   (stage 3 only): parameters on CPU too (DeepSpeed: 4·largest).
 fp32 training (no mixed precision, e.g. on a CPU) holds params 4, grads 4, Adam 8.
+torch.autocast over fp32 weights (one process, no DeepSpeed) holds params 4 and the 16-bit copy
+of each weight autocast keeps for the step 2, fp32 grads 4, Adam 8: 18 bytes/param.
 
 Activations follow Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
 Transformer Models", Sec. 4, which counts every tensor a layer keeps for its backward:
@@ -23,7 +25,11 @@ with sequence parallelism too (eq. 4), selective recomputation drops the 5as/h t
 (Sec. 5), full recomputation keeps only the layer input, 2sbh (/t with sequence
 parallelism). We count the same tensors element by element so the formula also covers
 GQA, SwiGLU, no dropout, fp32 and fused (flash) attention, which keeps no s x s scores;
-for a GPT-3 layer in 16 bits with dropout it reduces to eq. 1 (tested). Under pipeline
+for a GPT-3 layer in 16 bits with dropout it reduces to eq. 1 (tested). Under torch.autocast the
+residual stream stays fp32: each norm keeps its fp32 input and fp32 normalised output, and each
+linear layer keeps its own 16-bit copy of its input (q, k and v three, gate and up two; one
+where the projections are fused), which is what autograd saves (tested against
+saved_tensors_hooks on a Llama layer). Under pipeline
 parallelism with 1F1B the first stage holds L layers' worth in total (Sec. 4.2.3), so
 pipeline degree does not divide activation memory.
 """
@@ -63,6 +69,7 @@ def model_state_bytes(
     offload_optimizer: bool,
     offload_params: bool,
     buffer_factor: float = 1.5,
+    autocast: bool = False,
 ) -> ModelStateBytes:
     """Bytes per GPU for weights, gradients and optimizer states (see the module docstring).
 
@@ -70,6 +77,8 @@ def model_state_bytes(
     `num_shards` is the data-parallel degree ZeRO partitions across.
     """
     P, N, LL = float(params), float(num_shards), float(largest_layer_params)
+    if autocast:  # fp32 weights + their 16-bit copies, fp32 grads, Adam m and v; one process, nothing partitioned
+        return ModelStateBytes(6 * P, 4 * P, 8 * P, cpu_per_node=0.0)
     if not mixed_precision:  # fp32 params, grads and Adam m, v; ZeRO partitions as usual
         weights = 4 * P / (N if zero_stage >= 3 else 1)
         gradients = 4 * P / (N if zero_stage >= 2 else 1)
@@ -102,6 +111,7 @@ def activation_bytes_per_layer(
     sequence_parallel: bool = False,
     dropout: bool = False,
     flash_attention: bool = True,
+    autocast: bool = False,
 ) -> float:
     """Bytes one layer keeps for backward for one micro-batch (Korthikanti et al. 2022, Sec. 4)."""
     s, b, h, t = shape.seq_len, micro_batch, shape.d_model, tensor_parallel
@@ -112,6 +122,9 @@ def activation_bytes_per_layer(
     # inputs of QKV and of the MLP (the pre-norms' outputs; OLMo 2's post-norm layers feed
     # them the residual stream instead), and the two dropout masks.
     replicated = (shape.norms_per_layer + 2) * h * activation_bytes + (2 * h * MASK_BYTES if dropout else 0)
+    if autocast:  # fp32 norm input and output; each projection's own 16-bit copy of its input
+        input_copies = 2 if shape.fused_projections else 3 + (2 if shape.mlp != "gelu" else 1)
+        replicated += shape.norms_per_layer * h * (2 * 4 - activation_bytes) + (input_copies - 2) * h * activation_bytes
     # Split by tensor parallelism: Q, K, V (after projection; q/k norms keep their inputs too),
     # the attention output (input of the output projection) and the MLP hidden activations.
     mlp_hidden = 4 * shape.ffn_dim if shape.gated else 2 * shape.ffn_dim

@@ -27,6 +27,10 @@ class ParallelPlan(StrictConfig):
     precision: Precision = "bf16"
     flash_attention: bool = Field(True, description="Fused attention that keeps no s x s scores.")
     dropout: bool = Field(False, description="Dropout layers (they store byte masks).")
+    autocast: bool = Field(False, description=(
+        "16-bit by torch.autocast over fp32 weights on one process (crucible's trainer without DeepSpeed, "
+        "accelerate): fp32 weights and gradients plus a 16-bit copy of each weight, norms keep fp32 tensors. "
+        "False: DeepSpeed's bf16/fp16 (16-bit weights, fp32 master copy)."))
     gpus_per_node: int = Field(8, ge=1)
 
     @model_validator(mode="after")
@@ -35,6 +39,9 @@ class ParallelPlan(StrictConfig):
             raise ValueError("--offload-params needs --zero-stage 3")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("--offload-optimizer needs --zero-stage 1, 2 or 3")
+        if self.autocast and (self.precision not in ("bf16", "fp16") or self.zero_stage or self.tensor_parallel > 1):
+            raise ValueError("autocast is one process's bf16/fp16: it needs --precision bf16 or fp16, ZeRO stage 0 "
+                             "and no tensor parallelism")
         return self
 
     @property
