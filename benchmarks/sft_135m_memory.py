@@ -114,7 +114,8 @@ def render(report: dict[str, Any]) -> str:
               f"{e['optimizer_states']:.3f} + activations {e['activations']:.3f} | {e['total']:.3f} |",
               f"| measured tensor peak (live at start {m['live_at_start_gib']:.3f} + highest allocation sum "
               f"{m['peak_allocation_delta_gib']:.3f}) | {m['tensor_peak_gib']:.3f} |",
-              f"| tensors live after the last step (weights, gradients freed, AdamW states) | {m['live_at_end_gib']:.3f} |",
+              f"| tensors live after the run (weights and data; train() has freed gradients and AdamW states) "
+              f"| {m['live_at_end_gib']:.3f} |",
               f"| peak RSS (not compared; RSS before the model loaded {m['rss_before_model_gib']:.3f}) "
               f"| {m['peak_rss_gib']:.3f} |",
               "", f"Estimate / measured tensor peak: **{ratio:.3f}** ({(ratio - 1) * 100:+.1f} %); "
