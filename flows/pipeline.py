@@ -231,11 +231,6 @@ def make_composite_flow(composite: Composite):
 
 STAGE_FLOWS = {stage.name: make_stage_flow(stage) for stage in STAGES}
 FLOWS = {**{composite.name: make_composite_flow(composite) for composite in COMPOSITES}, **STAGE_FLOWS}
-# Module-level names from the table: each composite by its name (`pipeline`, `rl_studies`),
-# each stage as `<stage>_flow`; deployments name them in flows/entrypoints.py.
-ENTRYPOINT_FLOWS = {**{composite.name: FLOWS[composite.name] for composite in COMPOSITES},
-                    **{stage.flow_attribute: STAGE_FLOWS[stage.name] for stage in STAGES}}
-globals().update(ENTRYPOINT_FLOWS)
 
 
 @task(name="estimate")
@@ -258,7 +253,12 @@ def feasibility_flow(config: FeasibilityConfig, output: str | None = None) -> di
     return result
 
 
-ENTRYPOINT_FLOWS["feasibility_flow"] = feasibility_flow
+# Module-level names: each composite by its name (`pipeline`, `rl_studies`), each stage as
+# `<stage>_flow`, and `feasibility_flow`; deployments name them through flows/entrypoints.py.
+ENTRYPOINT_FLOWS = {**{composite.name: FLOWS[composite.name] for composite in COMPOSITES},
+                    **{stage.flow_attribute: STAGE_FLOWS[stage.name] for stage in STAGES},
+                    "feasibility_flow": feasibility_flow}
+globals().update(ENTRYPOINT_FLOWS)
 
 
 def make_task_runner(config: TaskRunnerConfig) -> TaskRunner:

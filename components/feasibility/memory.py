@@ -121,10 +121,12 @@ def activation_bytes_per_layer(
     # Replicated across tensor-parallel ranks unless sequence parallel: each norm's input, the
     # inputs of QKV and of the MLP (the pre-norms' outputs; OLMo 2's post-norm layers feed
     # them the residual stream instead), and the two dropout masks.
-    replicated = (shape.norms_per_layer + 2) * h * activation_bytes + (2 * h * MASK_BYTES if dropout else 0)
-    if autocast:  # fp32 norm input and output; each projection's own 16-bit copy of its input
-        input_copies = 2 if shape.fused_projections else 3 + (2 if shape.mlp != "gelu" else 1)
-        replicated += shape.norms_per_layer * h * (2 * 4 - activation_bytes) + (input_copies - 2) * h * activation_bytes
+    masks = 2 * h * MASK_BYTES if dropout else 0
+    if autocast:  # each norm's fp32 input and output; each projection's own 16-bit copy of its input
+        input_copies = 2 if shape.fused_projections else 3 + (2 if shape.gated else 1)
+        replicated = shape.norms_per_layer * h * 2 * 4 + input_copies * h * activation_bytes + masks
+    else:
+        replicated = (shape.norms_per_layer + 2) * h * activation_bytes + masks
     # Split by tensor parallelism: Q, K, V (after projection; q/k norms keep their inputs too),
     # the attention output (input of the output projection) and the MLP hidden activations.
     mlp_hidden = 4 * shape.ffn_dim if shape.gated else 2 * shape.ffn_dim
