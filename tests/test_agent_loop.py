@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from components.agents.envs import EnvConfig, demonstration, make_env
 from components.agents.loop import (AgentLimits, observation_ids, opening_messages, reflection_prompt_ids, run_episodes,
-                                   run_trials)
+                                   run_trials, run_trials_batched)
 from components.agents.memory import EpisodicMemory
 from components.agents.tools import render_prompt_ids
 from components.agents.trajectory import Trajectory, replay, rollout_of
@@ -210,6 +210,29 @@ def test_trials_carry_reflections_and_stop_at_success(expert_policy):
     reflection_prompt = tokenizer.decode(cut)
     assert len(cut) <= 1024 - 12
     assert failed[0].turns[-1].text in reflection_prompt and "# Tools" not in reflection_prompt
+
+
+def test_trials_of_many_tasks_run_together_as_each_alone(expert_policy):
+    """`run_trials_batched` decodes the tasks' episodes and reflections together: each task's
+    trials are those it has alone (greedy, fp32), and each reflection's sampled count is what
+    decoding its prompt alone samples (the evaluation charges that count, not the cap)."""
+    from components.models.sampling import decode
+
+    policy, tokenizer, *_ = expert_policy
+    env = make_env("arithmetic", EASY)
+    seeds = [TRAINED_SEED, 7, 8]
+    together = run_trials_batched(policy, tokenizer, [copy.copy(env) for _ in seeds], seeds, 2, LIMITS, 0.0,
+                                  reflection_tokens=12)
+    for seed, (trials, reflections) in zip(seeds, together):
+        alone = run_trials(policy, tokenizer, env, seed, 2, LIMITS, 0.0, reflection_tokens=12)
+        assert [t.to_json() for t in trials] == [t.to_json() for t in alone]
+        assert len(reflections) == len(trials) - 1  # after each failed trial but the last
+        for failed, reflection in zip(trials, reflections):
+            prompt = reflection_prompt_ids(tokenizer, failed, 1024 - 12)
+            direct = decode(policy, tokenizer, [prompt], 1, 12, 0.0)
+            assert (reflection.prompt_tokens, reflection.text) == (len(prompt), direct.texts[0].strip())
+            assert reflection.sampled_tokens == int(direct.completion_mask.sum())
+    assert [len(trials) for trials, _ in together] == [1, 2, 2]  # the memorized task is solved at once
 
 
 @pytest.mark.slow

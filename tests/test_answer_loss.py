@@ -54,3 +54,24 @@ def test_packed_rows_are_refused(tiny_llama_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(DataError, match="packed rows; build them with sft_data `packing: false`"):
         answer_loss(AnswerLossConfig(), str(tiny_llama_dir), str(tmp_path / "packed"), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_each_row_scores_as_it_does_alone(tiny_llama_dir: Path, examples: Path) -> None:
+    """Rows are batched shortest first and cut after their last label: each row's NLL must still
+    be its own, the value transformers gives that row scored alone (a row given another's score,
+    or cut before a label, fails)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from components.eval.answer_loss import example_nll
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    ids = torch.tensor(read_column(examples, "input_ids"))
+    labels = torch.tensor(read_column(examples, "labels"))
+    labels[::2, -1] = ids[::2, -1]  # every other row also scores its last (padding) column: widths differ
+    sums, counts = example_nll(model, ids, labels, batch_rows=3)
+    with torch.no_grad():
+        alone = [float(model(input_ids=ids[i:i + 1], labels=labels[i:i + 1]).loss) for i in range(len(ids))]
+    assert counts == (labels[:, 1:] != -100).sum(-1).tolist()
+    assert [s / c for s, c in zip(sums, counts)] == pytest.approx(alone, rel=1e-5)
+    assert len(set(round(a, 4) for a in alone)) > 1

@@ -79,6 +79,20 @@ def test_decode_equals_transformers_generate_and_groups_share_their_prompt(setup
     assert again.texts == grouped.texts  # sampling draws from the (checkpointed) global RNG
 
 
+def test_samples_without_log_probs_are_the_same_samples(setup: Path) -> None:
+    """`with_logprobs=False` skips only the scoring forward: the same texts, no mean log-prob."""
+    from components.models.sampling import sample, sample_decoded
+
+    model, tokenizer = load(setup / "model")
+    questions = [json.loads(line)["question"] for line in (setup / "test.jsonl").read_text().splitlines()][:3]
+    for draw in (sample, sample_decoded):
+        scored = draw(model, tokenizer, questions, 2, 12, temperature=1.0, seed=5)
+        unscored = draw(model, tokenizer, questions, 2, 12, temperature=1.0, seed=5, with_logprobs=False)
+        assert [[s.text for s in pool] for pool in unscored] == [[s.text for s in pool] for pool in scored]
+        assert all(s.mean_logprob is None for pool in unscored for s in pool)
+        assert all(isinstance(s.mean_logprob, float) for pool in scored for s in pool)
+
+
 def test_completion_logprobs_equal_a_plain_forward(setup: Path) -> None:
     import torch
 

@@ -192,41 +192,78 @@ def reflection_prompt_ids(tokenizer: Any, trajectory: Trajectory, room_tokens: i
     return prompt_ids(tokenizer, REFLECTION_PROMPT.format(why=why, transcript=transcript))
 
 
-def reflect(policy: Any, tokenizer: Any, trajectory: Trajectory, max_new_tokens: int = 64,
-            temperature: float = 0.0) -> str:
+@dataclass(frozen=True)
+class Reflection:
+    """A reflection the policy wrote: its text, and the tokens its decode read and sampled."""
+
+    text: str
+    prompt_tokens: int
+    sampled_tokens: int
+
+
+def reflect_all(policy: Any, tokenizer: Any, trajectories: list[Trajectory], max_new_tokens: int = 64,
+                temperature: float = 0.0) -> list[Reflection]:
     """Reflexion's self-reflection (Shinn et al. 2023, §3: the self-reflection model turns a
     failed trajectory and its sparse reward into verbal feedback for the next trial), asked of
-    the policy itself, on as much of the transcript as its context holds."""
+    the policy itself on as much of each transcript as its context holds, all in one batch."""
     from components.models.sampling import decode
 
     context = context_tokens(policy.config)
-    prompt = reflection_prompt_ids(tokenizer, trajectory, context - max_new_tokens)
-    check_context([prompt], max_new_tokens, context, f"reflection on {trajectory.env} seed {trajectory.seed}",
-                  tokenizer.name_or_path)  # re-encoding the cut transcript may take a few more ids
-    return decode(policy, tokenizer, [prompt], repeats=1, max_new_tokens=max_new_tokens,
-                  temperature=temperature).texts[0].strip()
+    prompts = [reflection_prompt_ids(tokenizer, t, context - max_new_tokens) for t in trajectories]
+    for trajectory, prompt in zip(trajectories, prompts, strict=True):  # re-encoding the cut transcript may add ids
+        check_context([prompt], max_new_tokens, context, f"reflection on {trajectory.env} seed {trajectory.seed}",
+                      tokenizer.name_or_path)
+    rollout = decode(policy, tokenizer, prompts, repeats=1, max_new_tokens=max_new_tokens, temperature=temperature)
+    sampled = rollout.completion_mask.sum(-1).long().tolist()
+    return [Reflection(text.strip(), len(prompt), count)
+            for text, prompt, count in zip(rollout.texts, prompts, sampled, strict=True)]
+
+
+def reflect(policy: Any, tokenizer: Any, trajectory: Trajectory, max_new_tokens: int = 64,
+            temperature: float = 0.0) -> str:
+    """The policy's reflection on one failed trajectory (`reflect_all` of one)."""
+    return reflect_all(policy, tokenizer, [trajectory], max_new_tokens, temperature)[0].text
+
+
+def run_trials_batched(policy: Any, tokenizer: Any, envs: list[Any], seeds: list[int], trials: int,
+                       limits: AgentLimits, temperature: float, memory: EpisodicMemory | None = None,
+                       reflection_tokens: int = 64, reflections_k: int = 3
+                       ) -> list[tuple[list[Trajectory], list[Reflection]]]:
+    """Up to `trials` trials of each task (Reflexion §3), the tasks run together: each trial's
+    episodes of the tasks not yet solved are decoded in one batch, then the reflections on its
+    failures. Each trial's outcome and reflection go into episodic `memory` (a fresh one by
+    default) under the task's id, and the next trial's prompt carries the task's last
+    `reflections_k` reflections; a task stops at its first success. Per task: its trajectories
+    and the reflections written after each failed trial but the last."""
+    if trials < 1:
+        raise ConfigError(f"run_trials: trials must be at least 1, got {trials}")
+    memory = EpisodicMemory() if memory is None else memory
+    keys = [env.reset(seed)[1]["task_id"] for env, seed in zip(envs, seeds, strict=True)]
+    results: list[tuple[list[Trajectory], list[Reflection]]] = [([], []) for _ in seeds]
+    pending = list(range(len(seeds)))
+    for trial in range(1, trials + 1):
+        for task, trajectory in zip(pending, run_episodes(policy, tokenizer, [envs[i] for i in pending],
+                                                          [seeds[i] for i in pending], limits, temperature,
+                                                          episodic=memory, reflections_k=reflections_k)):
+            results[task][0].append(trajectory)
+        failed = [task for task in pending if results[task][0][-1].final_reward <= 0]
+        reflections = reflect_all(policy, tokenizer, [results[task][0][-1] for task in failed], reflection_tokens,
+                                  temperature) if failed and trial < trials else []
+        written = dict(zip(failed, reflections))
+        for task in pending:
+            reflection = written.get(task)
+            memory.add(keys[task], len(memory.trials(keys[task])) + 1, task not in failed,
+                       reflection.text if reflection else "")
+            results[task][1].extend([reflection] if reflection else [])
+        pending = failed
+        if not reflections:
+            break
+    return results
 
 
 def run_trials(policy: Any, tokenizer: Any, env: Any, seed: int, trials: int, limits: AgentLimits,
                temperature: float, memory: EpisodicMemory | None = None, reflection_tokens: int = 64,
                reflections_k: int = 3) -> list[Trajectory]:
-    """Up to `trials` trials of one task (Reflexion §3): each trial's outcome, and after a
-    failure the policy's reflection on it, go into episodic `memory` (a fresh one by default)
-    under the task's id, and the next trial's prompt carries the task's last `reflections_k`
-    reflections; stops at the first success."""
-    if trials < 1:
-        raise ConfigError(f"run_trials: trials must be at least 1, got {trials}")
-    memory = EpisodicMemory() if memory is None else memory
-    key = env.reset(seed)[1]["task_id"]
-    results: list[Trajectory] = []
-    for _ in range(trials):
-        trajectory = run_episodes(policy, tokenizer, [env], [seed], limits, temperature, episodic=memory,
-                                  reflections_k=reflections_k)[0]
-        results.append(trajectory)
-        success = trajectory.final_reward > 0
-        last = success or len(results) == trials
-        reflection = "" if last else reflect(policy, tokenizer, trajectory, reflection_tokens, temperature)
-        memory.add(key, len(memory.trials(key)) + 1, success, reflection)
-        if last:
-            break
-    return results
+    """`run_trials_batched` on one task: its trajectories, the last a success or the last trial."""
+    return run_trials_batched(policy, tokenizer, [env], [seed], trials, limits, temperature, memory,
+                              reflection_tokens, reflections_k)[0][0]

@@ -41,7 +41,7 @@ import random
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
@@ -74,6 +74,10 @@ class PreferencePairsConfig(StrictConfig):
     reference_when_all_wrong: bool = Field(
         False, description="When no sample of a problem is correct, pair its reference solution (chosen) with a "
                            "wrong sample (rejected) instead of skipping the problem.")
+    sampler: Literal["generate", "decode"] = Field(
+        "generate", description="generate: transformers' generate; decode: the batched KV-cache sampler "
+                                "(`models.sampling.decode`, fast for Llama-like models). The pairs use only the texts.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: sample under bf16 autocast (weights stay fp32).")
     seed: int = 0
 
 
@@ -261,7 +265,7 @@ def _build(config: PreferencePairsConfig, paths: dict[str, Path], out_dir: Path)
     from transformers import AutoTokenizer
 
     from components.tasks.problems import read_problems
-    from components.models.sampling import sample
+    from components.models.sampling import sample, sample_decoded
     from components.tasks.verifiers import is_correct
     from components.models.factory import load_causal_lm
 
@@ -273,12 +277,14 @@ def _build(config: PreferencePairsConfig, paths: dict[str, Path], out_dir: Path)
     counts = {"samples": 0, "correct_samples": 0, "blank_samples": 0, "unfinished_samples": 0,
               "prompts_with_pairs": 0, "prompts_all_correct": 0, "prompts_all_wrong": 0, "reference_pairs": 0,
               "pairs": 0}
-    with open(out_dir / PAIRS_FILE, "w", encoding="utf-8") as sink:
+    draw = sample_decoded if config.sampler == "decode" else sample
+    with (open(out_dir / PAIRS_FILE, "w", encoding="utf-8") as sink,
+          torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bf16")):
         for start in range(0, len(problems), config.batch_prompts):
             batch = problems[start:start + config.batch_prompts]
-            pools = sample(model, tokenizer, [question for question, _ in batch], n=config.samples_per_prompt,
-                           max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                           seed=config.seed + start)
+            pools = draw(model, tokenizer, [question for question, _ in batch], n=config.samples_per_prompt,
+                         max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                         seed=config.seed + start, with_logprobs=False)
             for (question, reference), pool in zip(batch, pools, strict=True):
                 verdicts = [is_correct(s.text, reference) for s in pool]
                 counts["samples"] += len(pool)

@@ -146,7 +146,7 @@ def _sample_pools(model: Any, tokenizer: Any, questions: list[str], config: Accu
                                max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                seed=config.seed + start) if config.samples_per_problem else [[] for _ in batch]
             batch_greedy = [s[0] for s in draw(model, tokenizer, batch, n=1, max_new_tokens=config.max_new_tokens,
-                                               temperature=0.0)]
+                                               temperature=0.0, with_logprobs=False)]  # only its text is read
         except Exception as error:  # a failed batch is counted, the evaluation goes on
             log.warning("generation failed for problems %d-%d: %s", start, start + len(batch) - 1, error)
             failed += len(batch)

@@ -15,8 +15,9 @@ validation ones. Methods (CoALA's action spaces, Sumers et al. 2023, §4):
   tools       one ReAct trial (Yao et al. 2022) with the environment's tools;
   reflection  up to `trials` trials with tools; after each failed one the policy's reflection
               goes to episodic memory and opens the next (Reflexion, Shinn et al. 2023, §3;
-              `components.agents.loop.run_trials`). Solved after k trials: any of the first
-              k succeeded; the curve over k = 1..trials says whether trials help.
+              `components.agents.loop.run_trials_batched`, `batch_tasks` tasks at a time).
+              Solved after k trials: any of the first k succeeded; the curve over k = 1..trials
+              says whether trials help.
 
 Cost. The loop decodes each turn from the episode's whole context without a cache across
 turns (`components.models.sampling.decode`: one prefill of the context, then one forward per
@@ -27,8 +28,8 @@ F(T) = 2N + 4·L·H·Q·T (PaLM, Chowdhery et al. 2022, App. B;
 
     FLOPs(task) = sum over its trials' turns and its reflections of (C + g - 1) · F(C + g)
 
-A reflection is one such decode (C: its prompt, `loop.reflection_prompt_ids`; g: its cap,
-`reflection_max_new_tokens`, an upper bound: `loop.reflect` returns its text, not its ids). Left padding of a batch is not
+A reflection is one such decode (C: its prompt, `loop.reflection_prompt_ids`; g: the ids it
+sampled, `loop.Reflection`). Left padding of a batch is not
 counted (it is the batch's overhead, not the task's). Per solved task: the method's
 total over all tasks divided by the tasks it solved (None when it solved none).
 
@@ -185,26 +186,13 @@ def run_batched(model: Any, tokenizer: Any, env: TextEnv, seeds: list[int], limi
     return runs
 
 
-def reflection_decode(tokenizer: Any, failed: Trajectory, room_tokens: int, max_new_tokens: int) -> tuple[int, int]:
-    """(prompt tokens, sampled tokens) of the reflection `loop.reflect` wrote on `failed`: its
-    prompt within `room_tokens`, rebuilt by the same `reflection_prompt_ids`, and its cap
-    `max_new_tokens` (an upper bound: reflect returns its text only, and the ids a text
-    re-encodes to can be far fewer than those sampled)."""
-    from components.agents.loop import reflection_prompt_ids
-
-    return len(reflection_prompt_ids(tokenizer, failed, room_tokens)), max_new_tokens
-
-
 def run_methods(model: Any, tokenizer: Any, env: TextEnv, seeds: list[int], config: AgentEvalConfig
                 ) -> dict[str, list[TaskRun]]:
     """Every configured method on every seed, torch's RNG seeded before each."""
     import torch
 
-    from components.agents.loop import run_trials
-    from components.models.chat import context_tokens
+    from components.agents.loop import run_trials_batched
 
-    reflection_tokens = config.reflection_max_new_tokens
-    room_tokens = context_tokens(model.config) - reflection_tokens  # as loop.reflect leaves it
     runs: dict[str, list[TaskRun]] = {}
     for method in config.methods:
         torch.manual_seed(config.seed)
@@ -215,11 +203,13 @@ def run_methods(model: Any, tokenizer: Any, env: TextEnv, seeds: list[int], conf
             runs[method] = run_batched(model, tokenizer, env, seeds, config.limits, config)
         else:
             runs[method] = []
-            for seed in seeds:
-                trials = run_trials(model, tokenizer, env, seed, config.trials, config.limits, config.temperature,
-                                    reflection_tokens=reflection_tokens, reflections_k=config.trials)
-                runs[method].append(TaskRun(trials, [
-                    reflection_decode(tokenizer, failed, room_tokens, reflection_tokens) for failed in trials[:-1]]))
+            for start in range(0, len(seeds), config.batch_tasks):
+                chunk = seeds[start:start + config.batch_tasks]
+                runs[method] += [TaskRun(trials, [(r.prompt_tokens, r.sampled_tokens) for r in reflections])
+                                 for trials, reflections in run_trials_batched(
+                                     model, tokenizer, [copy.copy(env) for _ in chunk], chunk, config.trials,
+                                     config.limits, config.temperature,
+                                     reflection_tokens=config.reflection_max_new_tokens, reflections_k=config.trials)]
     return runs
 
 

@@ -24,7 +24,7 @@ from components.errors import DataError
 from components.models.tokenizers import FINGERPRINT_KEY, check_blocks_tokenizer
 from components.records import column_names, read_column
 
-SPEC = ComponentSpec(name="answer_loss", version="1")
+SPEC = ComponentSpec(name="answer_loss", version="2")  # 2: batches cut at their last label (same quantity)
 METRICS_FILE = "metrics.json"
 
 
@@ -34,18 +34,26 @@ class AnswerLossConfig(StrictConfig):
 
 
 def example_nll(model: Any, input_ids: Any, labels: Any, batch_rows: int) -> tuple[list[float], list[int]]:
-    """Each row's summed NLL of its labelled tokens (nats) and its number of labelled tokens."""
+    """Each row's summed NLL of its labelled tokens (nats) and its number of labelled tokens.
+
+    Rows are scored shortest first, each batch cut after its last labelled token: with causal
+    attention nothing after a row's last label changes its scores, so padding costs nothing
+    (GSM8K validation chats: mean 219 of 468 columns)."""
     import torch
 
     from components.models.chat import IGNORE_INDEX
     from components.models.logprobs import sequence_logprobs
 
-    sums, counts = [], []
+    columns = torch.arange(1, labels.shape[1] + 1)
+    ends = ((labels != IGNORE_INDEX) * columns).amax(-1).clamp(min=2)  # one past each row's last label
+    sums, counts = [0.0] * len(labels), [0] * len(labels)
     with torch.no_grad():
-        for start in range(0, input_ids.shape[0], batch_rows):
-            ids, labs = input_ids[start:start + batch_rows], labels[start:start + batch_rows]
-            sums += (-sequence_logprobs(model, ids, labs)).tolist()
-            counts += (labs[:, 1:] != IGNORE_INDEX).sum(-1).tolist()
+        for batch in ends.argsort().split(batch_rows):
+            width = int(ends[batch].max())
+            ids, labs = input_ids[batch, :width], labels[batch, :width]
+            for row, total, count in zip(batch.tolist(), (-sequence_logprobs(model, ids, labs)).tolist(),
+                                         (labs[:, 1:] != IGNORE_INDEX).sum(-1).tolist(), strict=True):
+                sums[row], counts[row] = total, count
     return sums, counts
 
 
