@@ -158,6 +158,33 @@ def test_shared_prompt_forward_equals_the_model_on_every_row(setup: Path, kv_hea
         assert torch.allclose(a, b, atol=1e-5 * max(1.0, float(a.abs().max())))
 
 
+@pytest.mark.parametrize("kv_heads", [1, 3])
+def test_completion_attention_by_matmuls_equals_sdpa(kv_heads: int) -> None:
+    """The update's two-matmul attention (small score tensors) computes what SDPA computes, with
+    grouped-query heads and a prompt with padding keys; its gradients too."""
+    import torch
+
+    from components.models.fast_llama import _completion_attention
+
+    torch.manual_seed(0)
+    rows, heads, steps, prompt, dim = 4, 6, 5, 3, 8
+    q = torch.randn(rows, heads, steps, dim, requires_grad=True)
+    keys = torch.randn(rows, kv_heads, prompt + steps, dim, requires_grad=True)
+    values = torch.randn(rows, kv_heads, prompt + steps, dim, requires_grad=True)
+    valid = torch.ones(rows, prompt, dtype=torch.bool)
+    valid[1, 0] = valid[3, :2] = False  # left padding
+    allowed = torch.cat([valid[:, None].expand(rows, steps, prompt),
+                         torch.ones(steps, steps, dtype=torch.bool).tril()[None].expand(rows, -1, -1)], -1)[:, None]
+    results = []
+    for max_scores in (0, 1 << 20):  # 0: always SDPA
+        out = _completion_attention(q, keys, values, allowed, kv_heads != heads, max_scores)
+        grads = torch.autograd.grad((out * torch.linspace(-1, 1, steps)[:, None]).sum(), (q, keys, values))
+        results.append((out.detach(), grads))
+    (sdpa, sdpa_grads), (matmuls, matmul_grads) = results
+    assert torch.allclose(matmuls, sdpa, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(matmul_grads, sdpa_grads))
+
+
 def test_reward_functions_and_their_failures_are_counted_or_stop() -> None:
     assert correctness("3 + 4 = 7\n#### 7", "#### 7") == 1.0 and correctness("#### 8", "7") == 0.0
     assert answer_format("so\n#### 12", "") == 1.0

@@ -233,8 +233,9 @@ def run_trials_batched(policy: Any, tokenizer: Any, envs: list[Any], seeds: list
     episodes of the tasks not yet solved are decoded in one batch, then the reflections on its
     failures. Each trial's outcome and reflection go into episodic `memory` (a fresh one by
     default) under the task's id, and the next trial's prompt carries the task's last
-    `reflections_k` reflections; a task stops at its first success. Per task: its trajectories
-    and the reflections written after each failed trial but the last."""
+    `reflections_k` reflections; a task stops at its first success. `envs`: one environment
+    object per task (an episode keeps its environment's state). Per task: its trajectories and
+    the reflections written after each failed trial but the last."""
     if trials < 1:
         raise ConfigError(f"run_trials: trials must be at least 1, got {trials}")
     memory = EpisodicMemory() if memory is None else memory

@@ -62,7 +62,7 @@ from components.artifacts import ComponentSpec, Manifest, produce
 from components.config import StrictConfig
 from components.eval.accuracy import CURVE_FILE
 
-SPEC = ComponentSpec(name="evaluate_agent", version="1")
+SPEC = ComponentSpec(name="evaluate_agent", version="2")  # 2: reflection trials batched, charged their sampled ids
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
 TRANSCRIPTS_FILE = "transcripts.jsonl"
