@@ -36,3 +36,13 @@ def test_best_of_n_wins_where_rl_is_less_accurate_than_what_the_budget_buys() ->
     # RL costs 100 + 500 = 600 per query; within 600 the SFT model's majority@4 gives 0.40 > 0.30
     assert "majority@4 = 0.4000" in lines[-1] and "best-of-n / majority wins" in lines[-1]
     assert metrics["breakeven_queries"] == pytest.approx(1_000_000.0 / 300.0)  # majority@4 (400) vs RL (100)
+
+
+def test_no_break_even_where_the_sft_model_matches_rl_for_less_inference() -> None:
+    """An SFT method as accurate as the RL model at no more FLOPs per query than the RL model's
+    own inference: RL's training is never paid back (this once read "cheaper above 0 queries")."""
+    rl = [point("oracle", 1, 0.20, 150.0)]
+    lines, metrics = rl_versus_best_of_n(SFT, rl, training_flops=30_000.0, volumes=[1_000_000])
+    assert metrics["breakeven_queries"] is None
+    assert "oracle@1 at 100 FLOPs per query" in lines[-2] and "**RL is cheaper at no query volume**" in lines[-2]
+    assert "**best-of-n / majority wins**" in lines[-1]  # even at a million queries

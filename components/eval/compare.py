@@ -22,7 +22,7 @@ from components.artifacts import ComponentSpec, Manifest, produce, read_manifest
 from components.config import StrictConfig
 from components.eval.accuracy import CURVE_FILE
 
-SPEC = ComponentSpec(name="compare_test_time_compute", version="3")
+SPEC = ComponentSpec(name="compare_test_time_compute", version="4")  # 4: no break-even where RL never pays back
 REPORT_FILE = "report.md"
 PLOT_FILE = "accuracy_vs_compute.png"
 TABLE_FILE = "accuracy_vs_compute.csv"
@@ -71,10 +71,12 @@ def rl_versus_best_of_n(sft_points: list[dict[str, Any]], rl_points: list[dict[s
     if matching:
         cheapest = matching[0]
         extra = cheapest["flops_per_query"] - rl_single["flops_per_query"]
-        breakeven = training_flops / extra if extra > 0 else 0.0
+        breakeven = training_flops / extra if extra > 0 else None  # None: RL never pays for its training
         lines.append(f"The SFT model matches it with {cheapest['method']}@{cheapest['n']} at "
-                     f"{cheapest['flops_per_query']:.3g} FLOPs per query: RL is cheaper above "
-                     f"**{breakeven:,.0f} queries** (break-even).")
+                     f"{cheapest['flops_per_query']:.3g} FLOPs per query: " + (
+                         f"RL is cheaper above **{breakeven:,.0f} queries** (break-even)." if breakeven is not None
+                         else "no more than the RL model's own inference, so **RL is cheaper at no query volume** "
+                              "(no break-even)."))
     else:
         extra = best["flops_per_query"] - rl_single["flops_per_query"]
         breakeven = training_flops / extra if extra > 0 else None
