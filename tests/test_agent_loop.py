@@ -233,6 +233,8 @@ def test_trials_of_many_tasks_run_together_as_each_alone(expert_policy):
             assert (reflection.prompt_tokens, reflection.text) == (len(prompt), direct.texts[0].strip())
             assert reflection.sampled_tokens == int(direct.completion_mask.sum())
     assert [len(trials) for trials, _ in together] == [1, 2, 2]  # the memorized task is solved at once
+    with pytest.raises(ConfigError, match=r"give the same task more than once \(arithmetic:7\)"):
+        run_trials_batched(policy, tokenizer, [copy.copy(env) for _ in range(2)], [7, 7], 2, LIMITS, 0.0)
 
 
 @pytest.mark.slow

@@ -97,6 +97,7 @@ def test_pairs_pair_a_verified_correct_sample_with_an_incorrect_one(base: Path, 
     asked = Counter(json.loads(line)["question"] for line in (tmp_path / "problems.jsonl").read_text().splitlines()[:12])
     for prompt, pairs in per_prompt.items():  # at most pairs_per_prompt per problem (a question may repeat)
         assert len(pairs) <= 2 * asked[prompt]
+        assert asked[prompt] > 1 or len(set(pairs)) == len(pairs)  # one problem's pairs are distinct
     assert read_pairs(tmp_path / "pairs").pairs[0].chosen == rows[0]["chosen"]  # the artifact reads back
 
     again = preference_pairs(config, str(policy), str(tmp_path / "problems.jsonl"), str(tmp_path / "pairs2")).metrics

@@ -240,6 +240,10 @@ def run_trials_batched(policy: Any, tokenizer: Any, envs: list[Any], seeds: list
         raise ConfigError(f"run_trials: trials must be at least 1, got {trials}")
     memory = EpisodicMemory() if memory is None else memory
     keys = [env.reset(seed)[1]["task_id"] for env, seed in zip(envs, seeds, strict=True)]
+    if len(set(keys)) != len(keys):  # one memory holds every task's trials, keyed by task id
+        repeated = sorted({key for key in keys if keys.count(key) > 1})
+        raise ConfigError(f"run_trials: seeds {seeds} give the same task more than once ({', '.join(repeated)}); "
+                          "run each task once per batch")
     results: list[tuple[list[Trajectory], list[Reflection]]] = [([], []) for _ in seeds]
     pending = list(range(len(seeds)))
     for trial in range(1, trials + 1):

@@ -83,7 +83,8 @@ class AgentEvalConfig(StrictConfig):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: decode under bf16 autocast.")
     reflection_max_new_tokens: int = Field(64, gt=0, description="reflection: tokens a reflection may sample.")
     batch_tasks: int = Field(16, gt=0, description=(
-        "Episodes decoded together (no_tools, tools); limits.max_wall_seconds bounds each such batch."))
+        "Tasks decoded together (each method; reflection: each trial's unsolved tasks and their reflections); "
+        "limits.max_wall_seconds bounds each such batch."))
     seed: int = Field(0, description="Seeds torch's RNG before each method (sampling at temperature > 0).")
 
     @model_validator(mode="after")

@@ -37,7 +37,7 @@ def example_nll(model: Any, input_ids: Any, labels: Any, batch_rows: int) -> tup
     """Each row's summed NLL of its labelled tokens (nats) and its number of labelled tokens.
 
     Rows are scored shortest first, each batch cut after its last labelled token: with causal
-    attention nothing after a row's last label changes its scores, so padding costs nothing
+    attention nothing after a row's last label changes its scores, so padding costs little
     (GSM8K validation chats: mean 219 of 468 columns)."""
     import torch
 

@@ -74,7 +74,7 @@ def sample(model: Any, tokenizer: Any, prompts: list[Prompt], n: int, max_new_to
             out = model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                 do_sample=temperature > 0, temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
-                num_return_sequences=n, eos_token_id=stops, pad_token_id=pad, output_scores=True,
+                num_return_sequences=n, eos_token_id=stops, pad_token_id=pad, output_scores=with_logprobs,
                 return_dict_in_generate=True, use_cache=True,
             )
         generated = out.sequences[:, width:]
