@@ -259,7 +259,8 @@ def run_trials_batched(policy: Any, tokenizer: Any, envs: list[Any], seeds: list
             reflection = written.get(task)
             memory.add(keys[task], len(memory.trials(keys[task])) + 1, task not in failed,
                        reflection.text if reflection else "")
-            results[task][1].extend([reflection] if reflection else [])
+            if reflection:
+                results[task][1].append(reflection)
         pending = failed
         if not reflections:
             break

@@ -165,18 +165,13 @@ class LlamaSampler:
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """softmax(q k^T / sqrt(d) + mask) v (Vaswani et al. 2017, eq. 1), the cache held in fp32.
-        One query token per row (a decode step) is two small batched matmuls, done in fp32: SDPA's
-        kernel costs more than the work there, and on a CPU without AMX small bf16 batched matmuls
-        have no fast kernel (the decode's tokens and log-probs are unchanged by it)."""
+        One query token per row (a decode step) is `_matmul_attention` (SDPA's kernel costs more
+        than the work there), its query in fp32; under autocast the two matmuls still run in bf16
+        (autocast casts matmul), the softmax in fp32."""
         if q.shape[2] > 1:
             return F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
                                                   enable_gqa=self.heads != self.kv_heads)
-        rows, group = q.shape[0], self.heads // self.kv_heads
-        q = q.view(rows, self.kv_heads, group, self.head_dim).float()  # query heads sharing a key/value head
-        scores = torch.matmul(q, keys.transpose(-1, -2)) * self.head_dim ** -0.5  # [rows, kv, group, length]
-        scores = scores.masked_fill(~mask, float("-inf"))
-        attended = torch.matmul(torch.softmax(scores, dim=-1), values)
-        return attended.view(rows, self.heads, 1, self.head_dim).to(self.embed.dtype)
+        return _matmul_attention(q.float(), keys, values, mask).to(self.embed.dtype)
 
     @staticmethod
     def _sample(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -296,10 +291,17 @@ def _completion_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Ten
     attention does; the scores are rounded to bf16 first, which SDPA's kernel does not do. Measured
     (`benchmarks/rollout_precision.md`): a bf16 sampler's log-probs against this bf16 update's
     differ by 1.8e-2 per token (mean |ratio - 1|), 2.9e-2 with SDPA."""
+    rows, heads, steps, _ = q.shape
+    if rows * heads * steps * keys.shape[2] > max_scores:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, enable_gqa=gqa)
+    return _matmul_attention(q, keys, values, allowed)
+
+
+def _matmul_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v as two batched matmuls, softmax in fp32; shapes as in
+    `_completion_attention` (grouped-query heads without repeating keys and values)."""
     rows, heads, steps, head_dim = q.shape
     kv_heads, length = keys.shape[1], keys.shape[2]
-    if rows * heads * steps * length > max_scores:
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, enable_gqa=gqa)
     group = heads // kv_heads  # query heads sharing a key/value head, consecutive as in SDPA's enable_gqa
     scores = torch.matmul(q.reshape(rows, kv_heads, group * steps, head_dim), keys.transpose(-1, -2))
     scores = (scores * head_dim ** -0.5).view(rows, kv_heads, group, steps, length)
