@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from components.errors import ConfigError
+from components.models.precision import precision_autocast
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> None:
     policy = load_causal_lm(model_dir, dtype=torch.float32)
     env = make_env(args.env, EnvConfig(name=args.env, tools=None if args.tools is None else tuple(args.tools)))
     limits = AgentLimits(max_turns=args.max_turns, max_new_tokens_per_turn=args.max_new_tokens)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+    with precision_autocast("cpu", args.precision):
         trials = run_trials(policy, tokenizer, env, args.seed, args.trials, limits, args.temperature)
     for index, trajectory in enumerate(trials, start=1):
         print("\n".join(transcript_lines(trajectory, index, tokenizer)))

@@ -12,6 +12,7 @@ import pytest
 
 from components.feasibility import cpu_probe
 from components.feasibility.hardware import load_catalog
+from components.models.precision import bf16_units, cpu_flags, precision_autocast, this_cpu_bf16_units
 from components.train.backends import choose_precision, local_backend, peak_flops_per_s
 from components.train.batches import TrainData
 from components.train.config import TrainConfig
@@ -23,9 +24,9 @@ CPUINFO_OLD = "processor\t: 0\nmodel name\t: Intel Xeon\nflags\t\t: fpu sse avx2
 
 
 def test_auto_picks_bf16_where_the_device_has_bf16_units_and_fp32_where_it_has_none() -> None:
-    units = cpu_probe.bf16_units(cpu_probe.cpu_flags(CPUINFO_SPR))
+    units = bf16_units(cpu_flags(CPUINFO_SPR))
     assert units == ["amx_bf16", "avx512_bf16"]
-    assert cpu_probe.bf16_units(cpu_probe.cpu_flags(CPUINFO_OLD)) == []
+    assert bf16_units(cpu_flags(CPUINFO_OLD)) == []
     precision, reason = choose_precision("auto", "cpu", ", ".join(units))
     assert precision == "bf16" and "amx_bf16" in reason and "fp32 master weights" in reason
     precision, reason = choose_precision("auto", "cpu", None)
@@ -34,11 +35,33 @@ def test_auto_picks_bf16_where_the_device_has_bf16_units_and_fp32_where_it_has_n
     assert choose_precision("fp32", "cpu", "amx_bf16") == ("fp32", "precision: fp32 in the config")
 
 
+def test_explicit_bf16_runs_bf16_everywhere_and_says_so_where_the_cpu_emulates_it() -> None:
+    import warnings
+
+    import torch
+
+    precision, reason = choose_precision("bf16", "cpu", None)
+    assert precision == "bf16" and "emulated" in reason and "precision: auto or fp32" in reason
+    assert choose_precision("bf16", "cpu", "amx_bf16") == ("bf16", "precision: bf16 in the config")
+    assert choose_precision("bf16", "cuda", "CUDA bf16, compute capability 9.0")[1] == "precision: bf16 in the config"
+    a = torch.ones(4, 4)
+    with pytest.warns(RuntimeWarning, match="emulated"), precision_autocast("cpu", "bf16", units=[]):
+        assert (a @ a).dtype == torch.bfloat16  # the config's numbers, on every machine
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning where the CPU has bf16 units, or for fp32
+        with precision_autocast("cpu", "bf16", units=["avx512_bf16"]):
+            assert (a @ a).dtype == torch.bfloat16
+        with precision_autocast("cpu", "fp32", units=[]):
+            assert (a @ a).dtype == torch.float32
+        with precision_autocast("cpu", "bf16", units=["amx_bf16"]), precision_autocast("cpu", "fp32"):
+            assert (a @ a).dtype == torch.float32  # fp32 inside bf16 turns autocast off, as torch's does
+
+
 def test_this_process_runs_what_auto_chose_for_this_cpu() -> None:
     import torch
 
     backend = local_backend(torch.nn.Linear(2, 2), TrainConfig())
-    units = cpu_probe.this_cpu_bf16_units()
+    units = this_cpu_bf16_units()
     assert backend.precision == ("bf16" if units else "fp32")
     assert all(unit in backend.precision_reason for unit in units)
     assert local_backend(torch.nn.Linear(2, 2), TrainConfig(precision="fp32")).precision == "fp32"
@@ -52,6 +75,8 @@ def test_the_probe_measures_once_then_reads_its_cache(tmp_path: Path, monkeypatc
     measured = cpu_probe.cpu_peak()
     assert measured["key"] == cpu_probe.probe_key()
     assert 0 < measured["fp32_tflops"] and 0 < measured["bf16_tflops"]
+    emulated = not this_cpu_bf16_units()  # an emulated bf16 matmul is probed smaller: seconds, not minutes
+    assert measured["bf16_matmul_size"] == (cpu_probe.EMULATED_BF16_MATMUL_SIZE if emulated else cpu_probe.MATMUL_SIZE)
     cached = json.loads(path.read_text(encoding="utf-8"))
     assert cached == {**foreign, measured["key"]: measured}  # added beside other machines' probes
     # Reused, not measured again: a figure no matmul would give comes back from the cache.
@@ -95,7 +120,7 @@ def test_mfu_is_against_the_peak_of_the_precision_used(precision: str, tmp_path:
     ids = torch.randint(0, 16, (8, 12), generator=torch.Generator().manual_seed(0))
     result = train(SumLoss(), TrainData({"input_ids": ids, "labels": ids}), config, tmp_path / "run",
                    save_model=lambda module, directory: None, flops_per_token=1e6)
-    assert result.precision == precision and result.precision_reason == f"precision: {precision} in the config"
+    assert result.precision == precision and result.precision_reason.startswith(f"precision: {precision} in the config")
     peak = {"bf16": 2.0e12, "fp32": 0.5e12}[precision]
     for record in result.records:
         assert record["mfu"] == pytest.approx(record["tokens_per_s"] * 1e6 / peak, rel=1e-12)

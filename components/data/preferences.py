@@ -50,6 +50,7 @@ from components.config import StrictConfig
 from components.data.formats import (
     ChatPreferencePair, ImplicitChatPreferencePair, PreferencePair, split_implicit_prompt, validate_record,
 )
+from components.models.precision import precision_autocast
 from components.records import iter_records
 from components.models.chat import IGNORE_INDEX, Messages, TokenizedExample, reply_example
 from components.errors import DataError
@@ -279,7 +280,7 @@ def _build(config: PreferencePairsConfig, paths: dict[str, Path], out_dir: Path)
               "pairs": 0}
     draw = sample_decoded if config.sampler == "decode" else sample
     with (open(out_dir / PAIRS_FILE, "w", encoding="utf-8") as sink,
-          torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bf16")):
+          precision_autocast("cpu", config.precision)):
         for start in range(0, len(problems), config.batch_prompts):
             batch = problems[start:start + config.batch_prompts]
             pools = draw(model, tokenizer, [question for question, _ in batch], n=config.samples_per_prompt,

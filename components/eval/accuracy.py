@@ -30,6 +30,7 @@ from pydantic import Field, model_validator
 from components.artifacts import ComponentSpec, Manifest, produce
 from components.config import StrictConfig
 from components.errors import DataError
+from components.models.precision import precision_autocast
 from components.records import count_records
 
 SPEC = ComponentSpec(name="verifiable_accuracy", version="3")  # 3: 95 % intervals, greedy-only, decode sampler, bf16
@@ -350,9 +351,7 @@ def evaluate_accuracy(config: AccuracyConfig, model: str, dataset: str, dest: st
     from components.locks import exclusive  # sampling seeds the process-wide RNG, as training does
 
     def build(out_dir: Path, paths: dict[str, Path]) -> dict[str, Any]:
-        import torch
-
-        with exclusive(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+        with exclusive(), precision_autocast("cpu", config.precision):
             return _build(config, paths, out_dir)
 
     inputs = {"model": model, "dataset": dataset, **({"reward_model": reward_model} if reward_model else {})}

@@ -61,6 +61,7 @@ from components.agents.trajectory import LIMITS, Trajectory
 from components.artifacts import ComponentSpec, Manifest, produce
 from components.config import StrictConfig
 from components.eval.accuracy import CURVE_FILE
+from components.models.precision import precision_autocast
 
 SPEC = ComponentSpec(name="evaluate_agent", version="2")  # 2: reflection trials batched, charged their sampled ids
 METRICS_FILE = "metrics.json"
@@ -292,9 +293,7 @@ def evaluate_agent(config: AgentEvalConfig, model: str, dest: str, overwrite: bo
     from components.locks import exclusive  # sampling seeds the process-wide RNG, as training does
 
     def build(out_dir: Path, paths: dict[str, Path]) -> dict[str, Any]:
-        import torch
-
-        with exclusive(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+        with exclusive(), precision_autocast("cpu", config.precision):
             return _build(config, paths, out_dir)
 
     return produce(SPEC, config, {"model": model}, dest, build, overwrite=overwrite)

@@ -21,6 +21,7 @@ from pydantic import Field
 from components.artifacts import ComponentSpec, Manifest, produce
 from components.config import StrictConfig
 from components.errors import DataError
+from components.models.precision import precision_autocast
 from components.models.tokenizers import FINGERPRINT_KEY, check_blocks_tokenizer
 from components.records import column_names, read_column
 
@@ -69,7 +70,7 @@ def _build(config: AnswerLossConfig, paths: dict[str, Path], out_dir: Path) -> d
     model = load_causal_lm(paths["model"], dtype=torch.float32).eval()
     input_ids = torch.tensor(read_column(paths["examples"], "input_ids"), dtype=torch.long)
     labels = torch.tensor(read_column(paths["examples"], "labels"), dtype=torch.long)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+    with precision_autocast("cpu", config.precision):
         sums, counts = example_nll(model, input_ids, labels, config.batch_rows)
     scored = [(s, c) for s, c in zip(sums, counts, strict=True) if c]
     per_example = [s / c for s, c in scored]

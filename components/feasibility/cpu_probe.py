@@ -1,4 +1,4 @@
-"""What this machine's CPU can do: its bf16 matrix units (from /proc/cpuinfo flags) and its
+"""What this machine's CPU can do: its bf16 matrix units (components.models.precision) and its
 measured matmul throughput in fp32 and under bf16 autocast, for the hardware catalog's `CPU`
 entry (MFU and time estimates against the machine the code runs on, not a constant for one box).
 
@@ -15,40 +15,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-CPUINFO = Path("/proc/cpuinfo")
+from components.models.precision import cpuinfo_text, this_cpu_bf16_units
+
 CACHE_FILE = "cpu_peak.json"
-# x86 flags of units that run bf16 matmuls natively (Intel AMX; AVX512-BF16 on Cooper Lake,
-# Sapphire Rapids and AMD Zen 4+); without them oneDNN emulates bf16 through fp32.
-BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 MATMUL_SIZE = 2048
+# Without bf16 units the bf16 matmul is emulated, and its rate falls with size (measured on an
+# AVX2-only AMD EPYC, TFLOP/s: 0.0014 at 256, 0.0009 at 1024, 0.0003 at 2048). It is probed at
+# 1024: 14 s instead of 6 minutes, a peak that overstates larger matmuls' (still 200x below fp32).
+EMULATED_BF16_MATMUL_SIZE = 1024
 REPEATS = 5
 
 
-def cpu_flags(cpuinfo_text: str) -> set[str]:
-    """The `flags` of the first processor in /proc/cpuinfo's text (empty set if none)."""
-    for line in cpuinfo_text.splitlines():
-        name, _, value = line.partition(":")
-        if name.strip() == "flags":
-            return set(value.split())
-    return set()
-
-
-def bf16_units(flags: set[str]) -> list[str]:
-    """The bf16 matrix units among `flags`, in `BF16_FLAGS` order."""
-    return [flag for flag in BF16_FLAGS if flag in flags]
-
-
-def _cpuinfo_text() -> str:
-    return CPUINFO.read_text(encoding="utf-8", errors="replace") if CPUINFO.is_file() else ""
-
-
-def this_cpu_bf16_units() -> list[str]:
-    """This machine's bf16 units (none where /proc/cpuinfo is missing: not Linux)."""
-    return bf16_units(cpu_flags(_cpuinfo_text()))
-
-
 def cpu_model_name() -> str:
-    for line in _cpuinfo_text().splitlines():
+    for line in cpuinfo_text().splitlines():
         name, _, value = line.partition(":")
         if name.strip() == "model name":
             return value.strip()
@@ -72,25 +51,29 @@ def cache_path() -> Path:
     return Path(root) / CACHE_FILE
 
 
-def matmul_tflops(size: int = MATMUL_SIZE, repeats: int = REPEATS) -> dict[str, float]:
-    """Peak TFLOP/s of a [size, size] @ [size, size] fp32 matmul (2 size^3 FLOP), plain and under
-    bf16 autocast (its casts included, as a training step pays them): the fastest of `repeats`
-    after one warm-up (a peak; another process sharing the cores only slows some repeats)."""
+def matmul_seconds(size: int, precision: str, repeats: int = REPEATS) -> list[float]:
+    """Seconds of each of `repeats` seeded [size, size] @ [size, size] fp32 matmuls (2 size^3 FLOP),
+    plain (fp32) or under bf16 autocast (its casts included, as a training step pays them), after one
+    warm-up."""
     import torch
 
     generator = torch.Generator().manual_seed(0)
     a, b = (torch.randn(size, size, generator=generator) for _ in range(2))
-    measured = {}
-    for precision in ("fp32", "bf16"):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        torch.matmul(a, b)
+        times_s = []
+        for _ in range(repeats):
+            started = time.perf_counter()
             torch.matmul(a, b)
-            times_s = []
-            for _ in range(repeats):
-                started = time.perf_counter()
-                torch.matmul(a, b)
-                times_s.append(time.perf_counter() - started)
-        measured[precision] = 2 * size**3 / min(times_s) / 1e12
-    return measured
+            times_s.append(time.perf_counter() - started)
+    return times_s
+
+
+def matmul_tflops(size: int = MATMUL_SIZE, repeats: int = REPEATS, bf16_size: int | None = None) -> dict[str, float]:
+    """Peak TFLOP/s in fp32 (n = `size`) and under bf16 autocast (n = `bf16_size`, default `size`):
+    the fastest of `matmul_seconds` (a peak; another process sharing the cores only slows some repeats)."""
+    return {precision: 2 * n**3 / min(matmul_seconds(n, precision, repeats)) / 1e12
+            for precision, n in (("fp32", size), ("bf16", bf16_size or size))}
 
 
 def cpu_peak(path: Path | None = None) -> dict[str, Any]:
@@ -107,9 +90,11 @@ def cpu_peak(path: Path | None = None) -> dict[str, Any]:
         cached = {}
     if isinstance(cached.get(key), dict):
         return cached[key]
-    tflops = matmul_tflops()
+    units = this_cpu_bf16_units()
+    bf16_size = MATMUL_SIZE if units else EMULATED_BF16_MATMUL_SIZE
+    tflops = matmul_tflops(bf16_size=bf16_size)
     entry = {"key": key, "fp32_tflops": round(tflops["fp32"], 4), "bf16_tflops": round(tflops["bf16"], 4),
-             "bf16_units": this_cpu_bf16_units(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+             "bf16_matmul_size": bf16_size, "bf16_units": units, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              "load_average_1min": round(os.getloadavg()[0], 2)}  # above the thread count: measured while shared
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.{os.getpid()}")

@@ -36,13 +36,14 @@ from components.artifacts import ComponentSpec, Manifest
 from components.errors import ConfigError
 from components.feasibility.model_flops import inference_flops_per_token, training_flops_per_token
 from components.models.factory import load_causal_lm
+from components.models.precision import precision_autocast
 from components.runlog import append_record, read_metrics
 from components.train.backends import local_precision_metrics
 from components.train.grpo import GRPOConfig, GRPOStep, Round
 from components.train.grpo_study import GRPOStudyConfig, plan_seeds, summarize_study
 from components.train.launch import Job, Trained, TrainerJob
 from components.train.publish import ModelSaver
-from components.train.rewards import RewardSpec, Scores
+from components.train.rewards import Scores
 from components.train.rl import HELDOUT_FILE, RLSetup, produce_rl, run_rl, summarize_rl
 
 SPEC = ComponentSpec(name="agent_grpo", version="1")
@@ -115,7 +116,7 @@ class AgentGRPOStep(GRPOStep):
         """`group_size` episodes of each task of `indices`, rewarded by the environment."""
         config, group = self.config, self.config.group_size
         seeds = [self.agent.train_seeds[i] for i in indices for _ in range(group)]
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.rollout_precision == "bf16"):
+        with precision_autocast(self.device.type, self.rollout_precision):
             episodes = run_episodes(self.setup.policy, self.setup.tokenizer, self.agent.envs(len(seeds)),
                                     seeds, config.limits, config.temperature)
         self.episodes += episodes

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from components.errors import ConfigError, CrucibleError
+from components.models.precision import emulated_bf16_warning, precision_autocast, this_cpu_bf16_units
 from components.train.checkpoints import MODEL_DIR, load_module_state
 from components.train.optim import make_optimizer
 
@@ -29,7 +30,10 @@ if TYPE_CHECKING:
 def choose_precision(requested: str, device_type: str, bf16_support: str | None) -> tuple[str, str]:
     """(precision, why). `auto` is bf16 autocast with fp32 master weights where the device has
     bf16 arithmetic (`bf16_support` names it: CUDA's, or a CPU's AMX / AVX512-BF16 units), fp32
-    otherwise; any other request is taken as given."""
+    otherwise; any other request is taken as given, and bf16 on a CPU without bf16 units says
+    that its bf16 is emulated (components.models.precision)."""
+    if requested == "bf16" and device_type == "cpu" and not bf16_support:
+        return "bf16", "precision: bf16 in the config; " + emulated_bf16_warning([])
     if requested != "auto":
         return requested, f"precision: {requested} in the config"
     if bf16_support:
@@ -42,8 +46,6 @@ def bf16_support(device: torch.device) -> str | None:
     CPU's bf16 units from /proc/cpuinfo."""
     import torch
 
-    from components.feasibility.cpu_probe import this_cpu_bf16_units
-
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         return f"CUDA bf16, compute capability {major}.{minor}" if torch.cuda.is_bf16_supported() else None
@@ -53,7 +55,7 @@ def bf16_support(device: torch.device) -> str | None:
 
 def precision_for(requested: str, device: torch.device) -> tuple[str, str]:
     """`choose_precision` for this machine's `device`."""
-    return choose_precision(requested, device.type, bf16_support(device) if requested == "auto" else None)
+    return choose_precision(requested, device.type, bf16_support(device) if requested != "fp32" else None)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -130,9 +132,7 @@ class TorchBackend:
         self.micro_batch_rows = config.micro_batch_rows or config.batch_size_rows
 
     def forward_backward(self, batch: dict[str, torch.Tensor], scale: float, last: bool) -> LossAndStats:
-        import torch
-
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        with precision_autocast(self.device.type, self.precision):
             loss_sum, stats = split_output(self.module(**batch))
         (loss_sum * scale).backward()
         return loss_sum.detach().float(), stats

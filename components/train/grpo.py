@@ -42,6 +42,7 @@ from components.config import StrictConfig
 from components.models import sampling
 from components.models.fast_llama import shared_prompt_logprobs, supports
 from components.models.logprobs import completion_logprobs
+from components.models.precision import precision_autocast
 from components.train.backends import local_precision_metrics
 from components.train.config import TrainConfig
 from components.train.launch import Job, Trained, TrainerJob
@@ -235,7 +236,7 @@ class GRPOStep:
     def rollout(self, indices: list[int]) -> Round:
         """Sample `group_size` completions for each prompt of `indices` and score them."""
         config, setup, group = self.config, self.setup, self.config.group_size
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.rollout_precision == "bf16"):
+        with precision_autocast(self.device.type, self.rollout_precision):
             rollout = sampling.decode(setup.policy, setup.tokenizer, [setup.encoded[i] for i in indices], group,
                                       config.max_new_tokens, config.temperature)
         references = [setup.problems[i][1] for i in indices for _ in range(group)]
@@ -290,7 +291,7 @@ class GRPOStep:
         mask = chunk.completion_mask[rows].to(self.device)
         tokens = float(mask.sum())
         weight = aggregation_weight(config.loss_aggregation, tokens, mask.shape[0], size.tokens, size.rows)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.backend.precision == "bf16"):
+        with precision_autocast(self.device.type, self.backend.precision):
             logprobs, entropies = self.group_logprobs(chunk, rows, old is None)
         old = logprobs.detach() if old is None else old
         advantages = chunk.advantages[rows].to(self.device)[:, None].expand_as(logprobs)

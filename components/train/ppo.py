@@ -46,6 +46,7 @@ from components.config import StrictConfig
 from components.errors import ConfigError
 from components.models import sampling
 from components.models.logprobs import completion_logprobs
+from components.models.precision import precision_autocast
 from components.models.reward import load_reward_model
 from components.models.reward import score as reward_model_score
 from components.models.tokenizers import check_same_tokenizer
@@ -283,7 +284,7 @@ class PPOStep:
         """The loss of the rows `pick`: clipped surrogate + value_coef x clipped value loss (+ the
         k3 KL term in `kl_mode: loss`), and the terms logged."""
         config, mask = self.config, batch.mask[pick]
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.backend.precision == "bf16"):
+        with precision_autocast(self.device.type, self.backend.precision):
             logprobs, entropies, values = completion_logprobs(
                 self.setup.policy, batch.ids[pick], batch.attention[pick], batch.rollout.prompt_width,
                 config.temperature, entropy=True, values_head=self.module.value_head)
