@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._load import other_cores, wait_idle  # noqa: E402
+from benchmarks._load import wait_idle  # noqa: E402
 from components.artifacts import code_version  # noqa: E402
 from components.feasibility.cpu_probe import cpu_model_name, matmul_seconds  # noqa: E402
 from components.models.precision import this_cpu_bf16_units  # noqa: E402
@@ -60,11 +60,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    wait_idle(600)
     report: dict[str, Any] = {
         "code": code_version().model_dump(), "torch": torch.__version__, "threads": args.threads,
         "device": f"{cpu_model_name()} (bf16 units: {', '.join(this_cpu_bf16_units()) or 'none'})",
-        "repeats": args.repeats, "other_cores_before": other_cores(), "sizes": []}
+        "repeats": args.repeats, "other_cores_before": wait_idle(600), "sizes": []}
     for n in args.sizes:
         row: dict[str, Any] = {"n": n}
         for precision in ("fp32", "bf16"):

@@ -168,7 +168,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from components.feasibility.cpu_probe import cpu_model_name, this_cpu_bf16_units
+    from components.feasibility.cpu_probe import cpu_model_name
+    from components.models.precision import this_cpu_bf16_units
 
     with tempfile.TemporaryDirectory() as scratch:
         model, tokenizer, source = load(args.model, Path(scratch))

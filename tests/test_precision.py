@@ -12,7 +12,10 @@ import pytest
 
 from components.feasibility import cpu_probe
 from components.feasibility.hardware import load_catalog
-from components.models.precision import bf16_units, cpu_flags, precision_autocast, this_cpu_bf16_units
+from components.models import precision as precision_module
+from components.models.precision import (
+    bf16_units, cpu_flags, emulated_bf16_warning, precision_autocast, this_cpu_bf16_units,
+)
 from components.train.backends import choose_precision, local_backend, peak_flops_per_s
 from components.train.batches import TrainData
 from components.train.config import TrainConfig
@@ -35,26 +38,53 @@ def test_auto_picks_bf16_where_the_device_has_bf16_units_and_fp32_where_it_has_n
     assert choose_precision("fp32", "cpu", "amx_bf16") == ("fp32", "precision: fp32 in the config")
 
 
+AVX2_ONLY = {"fpu", "sse", "avx2", "fma"}
+
+
 def test_explicit_bf16_runs_bf16_everywhere_and_says_so_where_the_cpu_emulates_it() -> None:
     import warnings
 
     import torch
 
-    precision, reason = choose_precision("bf16", "cpu", None)
-    assert precision == "bf16" and "emulated" in reason and "precision: auto or fp32" in reason
-    assert choose_precision("bf16", "cpu", "amx_bf16") == ("bf16", "precision: bf16 in the config")
-    assert choose_precision("bf16", "cuda", "CUDA bf16, compute capability 9.0")[1] == "precision: bf16 in the config"
+    note = emulated_bf16_warning(AVX2_ONLY)
+    assert "emulated" in note and "precision: auto or fp32" in note
+    assert emulated_bf16_warning(AVX2_ONLY | {"avx512_bf16"}) == ""
+    assert emulated_bf16_warning(set()) == ""  # flags unknown (an ARM CPU, macOS): nothing claimed
+    assert choose_precision("bf16", "cpu", None, note) == ("bf16", f"precision: bf16 in the config; {note}")
+    assert choose_precision("bf16", "cpu", None) == ("bf16", "precision: bf16 in the config")
+    assert choose_precision("fp32", "cpu", None, note) == ("fp32", "precision: fp32 in the config")
     a = torch.ones(4, 4)
-    with pytest.warns(RuntimeWarning, match="emulated"), precision_autocast("cpu", "bf16", units=[]):
+    with pytest.warns(RuntimeWarning, match="emulated"), precision_autocast("cpu", "bf16", flags=AVX2_ONLY):
         assert (a @ a).dtype == torch.bfloat16  # the config's numbers, on every machine
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no warning where the CPU has bf16 units, or for fp32
-        with precision_autocast("cpu", "bf16", units=["avx512_bf16"]):
+        warnings.simplefilter("error")  # no warning with a bf16 unit, with flags unknown, or for fp32
+        with precision_autocast("cpu", "bf16", flags=AVX2_ONLY | {"amx_bf16"}):
             assert (a @ a).dtype == torch.bfloat16
-        with precision_autocast("cpu", "fp32", units=[]):
+        with precision_autocast("cpu", "bf16", flags=set()):
+            assert (a @ a).dtype == torch.bfloat16
+        with precision_autocast("cpu", "fp32", flags=AVX2_ONLY):
             assert (a @ a).dtype == torch.float32
-        with precision_autocast("cpu", "bf16", units=["amx_bf16"]), precision_autocast("cpu", "fp32"):
+        with precision_autocast("cpu", "bf16", flags={"amx_bf16"}), precision_autocast("cpu", "fp32"):
             assert (a @ a).dtype == torch.float32  # fp32 inside bf16 turns autocast off, as torch's does
+
+
+def test_a_trainer_on_a_cpu_that_emulates_bf16_warns_and_records_why(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU is described by a /proc/cpuinfo of an AVX2-only machine (the hardware injected)."""
+    import torch
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(CPUINFO_OLD.replace("avx512f", "fma"), encoding="utf-8")
+    monkeypatch.setattr(precision_module, "CPUINFO", cpuinfo)
+    precision_module.this_cpu_flags.cache_clear()
+    try:
+        backend = local_backend(SumLoss(), TrainConfig(precision="bf16"))
+        assert backend.precision == "bf16" and "emulated" in backend.precision_reason
+        ids = torch.randint(0, 16, (2, 6), generator=torch.Generator().manual_seed(0))
+        with pytest.warns(RuntimeWarning, match="emulated"):
+            backend.forward_backward({"input_ids": ids, "labels": ids}, 1.0, last=True)
+    finally:
+        precision_module.this_cpu_flags.cache_clear()
 
 
 def test_this_process_runs_what_auto_chose_for_this_cpu() -> None:
@@ -75,7 +105,7 @@ def test_the_probe_measures_once_then_reads_its_cache(tmp_path: Path, monkeypatc
     measured = cpu_probe.cpu_peak()
     assert measured["key"] == cpu_probe.probe_key()
     assert 0 < measured["fp32_tflops"] and 0 < measured["bf16_tflops"]
-    emulated = not this_cpu_bf16_units()  # an emulated bf16 matmul is probed smaller: seconds, not minutes
+    emulated = emulated_bf16_warning(precision_module.this_cpu_flags())  # probed smaller: seconds, not minutes
     assert measured["bf16_matmul_size"] == (cpu_probe.EMULATED_BF16_MATMUL_SIZE if emulated else cpu_probe.MATMUL_SIZE)
     cached = json.loads(path.read_text(encoding="utf-8"))
     assert cached == {**foreign, measured["key"]: measured}  # added beside other machines' probes
@@ -120,7 +150,9 @@ def test_mfu_is_against_the_peak_of_the_precision_used(precision: str, tmp_path:
     ids = torch.randint(0, 16, (8, 12), generator=torch.Generator().manual_seed(0))
     result = train(SumLoss(), TrainData({"input_ids": ids, "labels": ids}), config, tmp_path / "run",
                    save_model=lambda module, directory: None, flops_per_token=1e6)
-    assert result.precision == precision and result.precision_reason.startswith(f"precision: {precision} in the config")
+    note = emulated_bf16_warning(precision_module.this_cpu_flags()) if precision == "bf16" else ""
+    assert result.precision == precision
+    assert result.precision_reason == f"precision: {precision} in the config" + (f"; {note}" if note else "")
     peak = {"bf16": 2.0e12, "fp32": 0.5e12}[precision]
     for record in result.records:
         assert record["mfu"] == pytest.approx(record["tokens_per_s"] * 1e6 / peak, rel=1e-12)

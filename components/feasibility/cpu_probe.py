@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from components.models.precision import cpuinfo_text, this_cpu_bf16_units
+from components.models.precision import cpuinfo_text, emulated_bf16_warning, this_cpu_bf16_units, this_cpu_flags
 
 CACHE_FILE = "cpu_peak.json"
 MATMUL_SIZE = 2048
@@ -91,10 +91,11 @@ def cpu_peak(path: Path | None = None) -> dict[str, Any]:
     if isinstance(cached.get(key), dict):
         return cached[key]
     units = this_cpu_bf16_units()
-    bf16_size = MATMUL_SIZE if units else EMULATED_BF16_MATMUL_SIZE
+    bf16_size = EMULATED_BF16_MATMUL_SIZE if emulated_bf16_warning(this_cpu_flags()) else MATMUL_SIZE
     tflops = matmul_tflops(bf16_size=bf16_size)
     entry = {"key": key, "fp32_tflops": round(tflops["fp32"], 4), "bf16_tflops": round(tflops["bf16"], 4),
-             "bf16_matmul_size": bf16_size, "bf16_units": units, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+             "bf16_matmul_size": bf16_size, "bf16_units": units,
+             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              "load_average_1min": round(os.getloadavg()[0], 2)}  # above the thread count: measured while shared
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.{os.getpid()}")

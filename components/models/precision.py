@@ -1,8 +1,8 @@
 """bf16 autocast, and whether this machine's bf16 arithmetic is real.
 
 Invariant: a computation asked to run in bf16 runs in bf16 (the numbers are the config's, on
-every machine); where the CPU has no bf16 matrix unit (Intel AMX, AVX512-BF16) oneDNN emulates
-bf16 through fp32, and `autocast` says so in a warning instead of leaving the user to find out
+every machine); where an x86 CPU has no bf16 matrix unit (Intel AMX, AVX512-BF16) oneDNN emulates
+bf16 through fp32, and `precision_autocast` says so in a warning instead of leaving the user to find out
 from the clock. Measured on an AVX2-only AMD EPYC (2 threads, torch 2.13): 0.0003 TFLOP/s under
 bf16 autocast against 0.18 in fp32, 600x slower; one SFT step of SmolLM2-135M took 657 s.
 `precision: auto` (components.train.backends.choose_precision) picks fp32 there.
@@ -10,6 +10,7 @@ bf16 autocast against 0.18 in fp32, 600x slower; one SFT step of SmolLM2-135M to
 
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
 from typing import Any
@@ -38,25 +39,36 @@ def cpuinfo_text() -> str:
     return CPUINFO.read_text(encoding="utf-8", errors="replace") if CPUINFO.is_file() else ""
 
 
+@functools.cache
+def this_cpu_flags() -> frozenset[str]:
+    """This machine's x86 CPU flags, read once (empty where there is no x86 `flags` line: not
+    Linux, or an ARM CPU, which lists `Features` instead)."""
+    return frozenset(cpu_flags(cpuinfo_text()))
+
+
 def this_cpu_bf16_units() -> list[str]:
-    """This machine's bf16 units (none where /proc/cpuinfo is missing: not Linux)."""
-    return bf16_units(cpu_flags(cpuinfo_text()))
+    """This machine's bf16 units (none where its flags are unknown)."""
+    return bf16_units(set(this_cpu_flags()))
 
 
-def emulated_bf16_warning(units: list[str]) -> str:
+def emulated_bf16_warning(flags: set[str] | frozenset[str]) -> str:
+    """Why bf16 is slow on the x86 CPU with these `flags`, or "" where it has a bf16 unit or the
+    flags are unknown (no x86 flags line: nothing is claimed)."""
+    if not flags or bf16_units(set(flags)):
+        return ""
     return ("precision bf16 on a CPU with no bf16 matrix unit (" + ", ".join(BF16_FLAGS) + " absent from "
             "/proc/cpuinfo): its bf16 matmuls are emulated, hundreds of times slower than fp32 "
-            "(components/models/precision.py); precision: auto or fp32 runs in fp32 here" if not units else "")
+            "(components/models/precision.py); precision: auto or fp32 runs in fp32 here")
 
 
-def precision_autocast(device_type: str, precision: str, units: list[str] | None = None) -> Any:
+def precision_autocast(device_type: str, precision: str, flags: set[str] | frozenset[str] | None = None) -> Any:
     """`torch.autocast(device_type, bfloat16, enabled=precision == "bf16")` (so fp32 inside an
     outer bf16 autocast turns it off, as torch's does), warning first when bf16 is asked of a CPU
-    whose bf16 is emulated. `units`: the CPU's bf16 units (default: read from /proc/cpuinfo)."""
+    whose bf16 is emulated. `flags`: the CPU's x86 flags (default: this machine's)."""
     import torch
 
     if precision == "bf16" and device_type == "cpu":
-        message = emulated_bf16_warning(this_cpu_bf16_units() if units is None else units)
+        message = emulated_bf16_warning(this_cpu_flags() if flags is None else flags)
         if message:
             warnings.warn(message, RuntimeWarning, stacklevel=2)
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")

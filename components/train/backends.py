@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from components.errors import ConfigError, CrucibleError
-from components.models.precision import emulated_bf16_warning, precision_autocast, this_cpu_bf16_units
+from components.models.precision import emulated_bf16_warning, precision_autocast, this_cpu_bf16_units, this_cpu_flags
 from components.train.checkpoints import MODEL_DIR, load_module_state
 from components.train.optim import make_optimizer
 
@@ -27,13 +27,14 @@ if TYPE_CHECKING:
     from components.train.config import TrainConfig
 
 
-def choose_precision(requested: str, device_type: str, bf16_support: str | None) -> tuple[str, str]:
+def choose_precision(requested: str, device_type: str, bf16_support: str | None,
+                     emulated_bf16: str = "") -> tuple[str, str]:
     """(precision, why). `auto` is bf16 autocast with fp32 master weights where the device has
     bf16 arithmetic (`bf16_support` names it: CUDA's, or a CPU's AMX / AVX512-BF16 units), fp32
-    otherwise; any other request is taken as given, and bf16 on a CPU without bf16 units says
-    that its bf16 is emulated (components.models.precision)."""
-    if requested == "bf16" and device_type == "cpu" and not bf16_support:
-        return "bf16", "precision: bf16 in the config; " + emulated_bf16_warning([])
+    otherwise; any other request is taken as given, and an explicit bf16 on a CPU that emulates it
+    says so (`emulated_bf16`: components.models.precision.emulated_bf16_warning's text)."""
+    if requested == "bf16" and emulated_bf16:
+        return "bf16", f"precision: bf16 in the config; {emulated_bf16}"
     if requested != "auto":
         return requested, f"precision: {requested} in the config"
     if bf16_support:
@@ -55,7 +56,8 @@ def bf16_support(device: torch.device) -> str | None:
 
 def precision_for(requested: str, device: torch.device) -> tuple[str, str]:
     """`choose_precision` for this machine's `device`."""
-    return choose_precision(requested, device.type, bf16_support(device) if requested != "fp32" else None)
+    emulated = emulated_bf16_warning(this_cpu_flags()) if device.type == "cpu" else ""
+    return choose_precision(requested, device.type, bf16_support(device) if requested == "auto" else None, emulated)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
