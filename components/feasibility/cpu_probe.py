@@ -19,9 +19,9 @@ from components.models.precision import cpuinfo_text, emulated_bf16_warning, thi
 
 CACHE_FILE = "cpu_peak.json"
 MATMUL_SIZE = 2048
-# Without bf16 units the bf16 matmul is emulated, and its rate falls with size (measured on an
-# AVX2-only AMD EPYC, TFLOP/s: 0.0014 at 256, 0.0009 at 1024, 0.0003 at 2048). It is probed at
-# 1024: 14 s instead of 6 minutes, a peak that overstates larger matmuls' (still 200x below fp32).
+# Without bf16 units the bf16 matmul is emulated, and its rate falls with size (an AVX2-only AMD
+# EPYC, TFLOP/s: 0.0014 at 256, 0.0010 at 1024, 0.0003 at 2048; benchmarks/bf16_emulation.md). It
+# is probed at 1024: about 13 s instead of 6 minutes, a peak that overstates larger matmuls'.
 EMULATED_BF16_MATMUL_SIZE = 1024
 REPEATS = 5
 

@@ -3,8 +3,9 @@
 Invariant: a computation asked to run in bf16 runs in bf16 (the numbers are the config's, on
 every machine); where an x86 CPU has no bf16 matrix unit (Intel AMX, AVX512-BF16) oneDNN emulates
 bf16 through fp32, and `precision_autocast` says so in a warning instead of leaving the user to find out
-from the clock. Measured on an AVX2-only AMD EPYC (2 threads, torch 2.13): 0.0003 TFLOP/s under
-bf16 autocast against 0.18 in fp32, 600x slower; one SFT step of SmolLM2-135M took 657 s.
+from the clock. Measured on an AVX2-only AMD EPYC (2 threads, torch 2.13; benchmarks/bf16_emulation.md):
+a 2048^3 matmul at 0.0003 TFLOP/s under bf16 autocast against 0.16 in fp32, 540x slower; one LoRA
+SFT step of SmolLM2-135M (4 x 1,024 tokens) took 657 s.
 `precision: auto` (components.train.backends.choose_precision) picks fp32 there.
 """
 
