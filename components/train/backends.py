@@ -56,7 +56,7 @@ def bf16_support(device: torch.device) -> str | None:
 
 def precision_for(requested: str, device: torch.device) -> tuple[str, str]:
     """`choose_precision` for this machine's `device`."""
-    emulated = emulated_bf16_warning(this_cpu_flags()) if device.type == "cpu" else ""
+    emulated = emulated_bf16_warning(this_cpu_flags()) if (requested, device.type) == ("bf16", "cpu") else ""
     return choose_precision(requested, device.type, bf16_support(device) if requested == "auto" else None, emulated)
 
 
