@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from components.errors import ConfigError
-from components.models.precision import precision_autocast
+from components.models.precision import precision_autocast, precision_for
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--max-turns", type=int, default=6)
     run.add_argument("--max-new-tokens", type=int, default=128, help="Per turn (default: %(default)s).")
     run.add_argument("--temperature", type=float, default=0.0)
-    run.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: decode under autocast.")
+    run.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32",
+                     help="bf16: decode under autocast; auto: bf16 where the CPU has a bf16 unit, else fp32.")
     run.add_argument("--transcript", metavar="FILE", help="Also write the trajectories as JSON lines.")
 
 
@@ -72,7 +73,9 @@ def run(args: argparse.Namespace) -> None:
     policy = load_causal_lm(model_dir, dtype=torch.float32)
     env = make_env(args.env, EnvConfig(name=args.env, tools=None if args.tools is None else tuple(args.tools)))
     limits = AgentLimits(max_turns=args.max_turns, max_new_tokens_per_turn=args.max_new_tokens)
-    with precision_autocast("cpu", args.precision):
+    precision, reason = precision_for(args.precision, torch.device("cpu"))
+    print(f"precision: {precision} ({reason})")
+    with precision_autocast("cpu", precision):
         trials = run_trials(policy, tokenizer, env, args.seed, args.trials, limits, args.temperature)
     for index, trajectory in enumerate(trials, start=1):
         print("\n".join(transcript_lines(trajectory, index, tokenizer)))

@@ -253,3 +253,24 @@ def test_smollm2_runs_each_environment_with_tools(smollm2_artifact: Path, env: s
         trajectory = Trajectory.from_json(record["trajectory"])
         assert trajectory.turns and all(t.policy_ids for t in trajectory.turns)
         assert trajectory.finished or trajectory.limit_hit in ("turns", "tokens", "wall_time", "context")
+
+
+@pytest.mark.parametrize("flags, chosen", [("fpu avx2 avx512_bf16 amx_bf16", "bf16"), ("fpu avx2 fma", "fp32")])
+def test_auto_precision_is_resolved_for_the_cpu_and_recorded(tiny_agent: Path, problems: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch, flags: str,
+                                                           chosen: str) -> None:
+    """`precision: auto` decodes in bf16 on a CPU with a bf16 unit and in fp32 on one without (the
+    CPU injected as a /proc/cpuinfo), and the artifact says which and why."""
+    from components.models import precision as precision_module
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n", encoding="utf-8")
+    monkeypatch.setattr(precision_module, "CPUINFO", cpuinfo)
+    precision_module.this_cpu_flags.cache_clear()
+    try:
+        config = agent_config(problems, tasks=1, methods=["no_tools"], precision="auto")
+        metrics = evaluate_agent(config, str(tiny_agent), str(tmp_path / "eval")).metrics
+    finally:
+        precision_module.this_cpu_flags.cache_clear()
+    assert metrics["precision"] == chosen and metrics["precision_reason"].startswith("auto: cpu has ")
+    assert f"{chosen} (auto: cpu has" in (tmp_path / "eval" / "report.md").read_text()

@@ -14,9 +14,9 @@ from components.feasibility import cpu_probe
 from components.feasibility.hardware import load_catalog
 from components.models import precision as precision_module
 from components.models.precision import (
-    bf16_units, cpu_flags, emulated_bf16_warning, precision_autocast, this_cpu_bf16_units,
+    bf16_units, choose_precision, cpu_flags, emulated_bf16_warning, precision_autocast, this_cpu_bf16_units,
 )
-from components.train.backends import choose_precision, local_backend, peak_flops_per_s
+from components.train.backends import local_backend, peak_flops_per_s
 from components.train.batches import TrainData
 from components.train.config import TrainConfig
 from components.train.engine import train

@@ -30,7 +30,7 @@ from pydantic import Field, model_validator
 from components.artifacts import ComponentSpec, Manifest, produce
 from components.config import StrictConfig
 from components.errors import DataError
-from components.models.precision import precision_autocast
+from components.models.precision import precision_autocast, precision_for
 from components.records import count_records
 
 SPEC = ComponentSpec(name="verifiable_accuracy", version="3")  # 3: 95 % intervals, greedy-only, decode sampler, bf16
@@ -56,7 +56,8 @@ class AccuracyConfig(StrictConfig):
     sampler: Literal["generate", "decode"] = Field(
         "generate", description="generate: transformers' generate, 8 prompts at a time; decode: the batched KV-cache "
                                 "sampler (`models.sampling.decode`, fast for Llama-like models), `batch_prompts` at a time.")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: sample under bf16 autocast (weights stay fp32).")
+    precision: Literal["auto", "fp32", "bf16"] = Field("fp32", description=(
+        "bf16: sample under bf16 autocast (weights stay fp32); " "auto: bf16 where the CPU has a bf16 unit (AMX, AVX512-BF16), else fp32 (components.models.precision.precision_for); metrics.json records the choice and why."))
     seed: int = 0
 
     @model_validator(mode="after")
@@ -291,7 +292,8 @@ def _report_lines(config: AccuracyConfig, used: str, failed: int, metrics: dict[
     return lines
 
 
-def _build(config: AccuracyConfig, paths: dict[str, Path], out_dir: Path) -> dict[str, Any]:
+def _build(config: AccuracyConfig, paths: dict[str, Path], out_dir: Path, precision: dict[str, str]
+           ) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer
 
@@ -322,6 +324,7 @@ def _build(config: AccuracyConfig, paths: dict[str, Path], out_dir: Path) -> dic
     accuracies, curve = _strategy_curve(config, strategies, k_pools, k_refs, k_prompts, flops_per_token, rewards,
                                         reward_flops_per_token, len(problems))
     metrics.update(accuracies)
+    metrics.update(precision)
     tool_records: list[dict[str, Any] | None] = [None] * len(problems)
     if config.tool_use:
         tool_records, tool_metrics, tool_point = _calculator_results(
@@ -351,8 +354,11 @@ def evaluate_accuracy(config: AccuracyConfig, model: str, dataset: str, dest: st
     from components.locks import exclusive  # sampling seeds the process-wide RNG, as training does
 
     def build(out_dir: Path, paths: dict[str, Path]) -> dict[str, Any]:
-        with exclusive(), precision_autocast("cpu", config.precision):
-            return _build(config, paths, out_dir)
+        import torch
+
+        precision, reason = precision_for(config.precision, torch.device("cpu"))
+        with exclusive(), precision_autocast("cpu", precision):
+            return _build(config, paths, out_dir, {"precision": precision, "precision_reason": reason})
 
     inputs = {"model": model, "dataset": dataset, **({"reward_model": reward_model} if reward_model else {})}
     return produce(SPEC, config, inputs, dest, build, overwrite=overwrite)

@@ -61,7 +61,7 @@ from components.agents.trajectory import LIMITS, Trajectory
 from components.artifacts import ComponentSpec, Manifest, produce
 from components.config import StrictConfig
 from components.eval.accuracy import CURVE_FILE
-from components.models.precision import precision_autocast
+from components.models.precision import precision_autocast, precision_for
 
 SPEC = ComponentSpec(name="evaluate_agent", version="2")  # 2: reflection trials batched, charged their sampled ids
 METRICS_FILE = "metrics.json"
@@ -81,7 +81,8 @@ class AgentEvalConfig(StrictConfig):
     trials: int = Field(3, ge=1, description="reflection: trials per task at most (Reflexion's k).")
     limits: AgentLimits = Field(default_factory=AgentLimits, description="Turns, tokens and wall time per episode.")
     temperature: float = Field(0.0, ge=0, description="Sampling temperature of every turn (0: greedy).")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: decode under bf16 autocast.")
+    precision: Literal["auto", "fp32", "bf16"] = Field("fp32", description=(
+        "bf16: decode under bf16 autocast; " "auto: bf16 where the CPU has a bf16 unit (AMX, AVX512-BF16), else fp32 (components.models.precision.precision_for); metrics.json records the choice and why."))
     reflection_max_new_tokens: int = Field(64, gt=0, description="reflection: tokens a reflection may sample.")
     batch_tasks: int = Field(16, gt=0, description=(
         "Tasks decoded together (each method; reflection: each trial's unsolved tasks and their reflections); "
@@ -238,7 +239,8 @@ def report_lines(config: AgentEvalConfig, metrics: dict[str, Any]) -> list[str]:
              f"{config.tasks} test-split tasks (seeds {first}..{first + config.tasks - 1}), "
              f"temperature {config.temperature}, limits: {config.limits.max_turns} turns, "
              f"{config.limits.max_new_tokens_per_turn} tokens per turn, {config.limits.max_episode_tokens} per episode, "
-             f"{config.limits.max_wall_seconds:g} s; counts and costs are per task (summed over its trials).", "",
+             f"{config.limits.max_wall_seconds:g} s, {metrics['precision']} ({metrics['precision_reason']}); "
+             "counts and costs are per task (summed over its trials).", "",
              "| environment | method | success [95 % CI] | tasks | turns | tool calls | tool errors | limit hits "
              "| turns cut at the token cap | tokens / solved | FLOPs / solved |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -257,7 +259,8 @@ def report_lines(config: AgentEvalConfig, metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _build(config: AgentEvalConfig, paths: dict[str, Path], out_dir: Path) -> dict[str, Any]:
+def _build(config: AgentEvalConfig, paths: dict[str, Path], out_dir: Path, precision: dict[str, str]
+           ) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from components.agents.envs import make_env
@@ -271,7 +274,8 @@ def _build(config: AgentEvalConfig, paths: dict[str, Path], out_dir: Path) -> di
     seeds = list(SPLIT_SEEDS["test"][:config.tasks])
     runs = run_methods(model, tokenizer, env, seeds, config)
     flops_per_token = lambda context: inference_flops_per_token(model, context)  # noqa: E731
-    metrics: dict[str, Any] = {"env": config.env.name, "tasks": config.tasks, "first_test_seed": seeds[0]}
+    metrics: dict[str, Any] = {"env": config.env.name, "tasks": config.tasks, "first_test_seed": seeds[0],
+                               **precision}
     curve: list[dict[str, Any]] = []
     for method, method_runs in runs.items():
         method_metrics, method_curve = method_results(method, method_runs, config.trials, flops_per_token,
@@ -293,7 +297,10 @@ def evaluate_agent(config: AgentEvalConfig, model: str, dest: str, overwrite: bo
     from components.locks import exclusive  # sampling seeds the process-wide RNG, as training does
 
     def build(out_dir: Path, paths: dict[str, Path]) -> dict[str, Any]:
-        with exclusive(), precision_autocast("cpu", config.precision):
-            return _build(config, paths, out_dir)
+        import torch
+
+        precision, reason = precision_for(config.precision, torch.device("cpu"))
+        with exclusive(), precision_autocast("cpu", precision):
+            return _build(config, paths, out_dir, {"precision": precision, "precision_reason": reason})
 
     return produce(SPEC, config, {"model": model}, dest, build, overwrite=overwrite)

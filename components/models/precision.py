@@ -6,7 +6,8 @@ bf16 through fp32, and `precision_autocast` says so in a warning instead of leav
 from the clock. Measured on an AVX2-only AMD EPYC (2 threads, torch 2.13; benchmarks/bf16_emulation.md):
 a 2048^3 matmul at 0.0003 TFLOP/s under bf16 autocast against 0.16 in fp32, 540x slower; one LoRA
 SFT step of SmolLM2-135M (4 x 1,024 tokens) took 657 s.
-`precision: auto` (components.train.backends.choose_precision) picks fp32 there.
+`precision: auto` (`choose_precision`) picks fp32 there; trainers and evaluators resolve it the same way
+(`precision_for`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ from __future__ import annotations
 import functools
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 CPUINFO = Path("/proc/cpuinfo")
 # x86 flags of units that run bf16 matmuls natively (Intel AMX; AVX512-BF16 on Cooper Lake,
@@ -73,3 +77,36 @@ def precision_autocast(device_type: str, precision: str, flags: set[str] | froze
         if message:
             warnings.warn(message, RuntimeWarning, stacklevel=2)
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def choose_precision(requested: str, device_type: str, bf16_support: str | None,
+                     emulated_bf16: str = "") -> tuple[str, str]:
+    """(precision, why). `auto` is bf16 autocast with fp32 master weights where the device has
+    bf16 arithmetic (`bf16_support` names it: CUDA's, or a CPU's AMX / AVX512-BF16 units), fp32
+    otherwise; any other request is taken as given, and an explicit bf16 on a CPU that emulates it
+    says so (`emulated_bf16`: `emulated_bf16_warning`'s text)."""
+    if requested == "bf16" and emulated_bf16:
+        return "bf16", f"precision: bf16 in the config; {emulated_bf16}"
+    if requested != "auto":
+        return requested, f"precision: {requested} in the config"
+    if bf16_support:
+        return "bf16", f"auto: {device_type} has bf16 ({bf16_support}); bf16 autocast, fp32 master weights"
+    return "fp32", f"auto: {device_type} has no bf16 matrix unit (AMX, AVX512-BF16 or CUDA bf16)"
+
+
+def bf16_support(device: torch.device) -> str | None:
+    """What gives `device` bf16 arithmetic, or None: CUDA's bf16 (compute capability), or the
+    CPU's bf16 units from /proc/cpuinfo."""
+    import torch
+
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"CUDA bf16, compute capability {major}.{minor}" if torch.cuda.is_bf16_supported() else None
+    units = this_cpu_bf16_units() if device.type == "cpu" else []
+    return ", ".join(units) or None
+
+
+def precision_for(requested: str, device: torch.device) -> tuple[str, str]:
+    """`choose_precision` for this machine's `device`."""
+    emulated = emulated_bf16_warning(this_cpu_flags()) if (requested, device.type) == ("bf16", "cpu") else ""
+    return choose_precision(requested, device.type, bf16_support(device) if requested == "auto" else None, emulated)

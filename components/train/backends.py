@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from components.errors import ConfigError, CrucibleError
-from components.models.precision import emulated_bf16_warning, precision_autocast, this_cpu_bf16_units, this_cpu_flags
+from components.models.precision import precision_autocast, precision_for
 from components.train.checkpoints import MODEL_DIR, load_module_state
 from components.train.optim import make_optimizer
 
@@ -25,39 +25,6 @@ if TYPE_CHECKING:
     import torch
 
     from components.train.config import TrainConfig
-
-
-def choose_precision(requested: str, device_type: str, bf16_support: str | None,
-                     emulated_bf16: str = "") -> tuple[str, str]:
-    """(precision, why). `auto` is bf16 autocast with fp32 master weights where the device has
-    bf16 arithmetic (`bf16_support` names it: CUDA's, or a CPU's AMX / AVX512-BF16 units), fp32
-    otherwise; any other request is taken as given, and an explicit bf16 on a CPU that emulates it
-    says so (`emulated_bf16`: components.models.precision.emulated_bf16_warning's text)."""
-    if requested == "bf16" and emulated_bf16:
-        return "bf16", f"precision: bf16 in the config; {emulated_bf16}"
-    if requested != "auto":
-        return requested, f"precision: {requested} in the config"
-    if bf16_support:
-        return "bf16", f"auto: {device_type} has bf16 ({bf16_support}); bf16 autocast, fp32 master weights"
-    return "fp32", f"auto: {device_type} has no bf16 matrix unit (AMX, AVX512-BF16 or CUDA bf16)"
-
-
-def bf16_support(device: torch.device) -> str | None:
-    """What gives `device` bf16 arithmetic, or None: CUDA's bf16 (compute capability), or the
-    CPU's bf16 units from /proc/cpuinfo."""
-    import torch
-
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return f"CUDA bf16, compute capability {major}.{minor}" if torch.cuda.is_bf16_supported() else None
-    units = this_cpu_bf16_units() if device.type == "cpu" else []
-    return ", ".join(units) or None
-
-
-def precision_for(requested: str, device: torch.device) -> tuple[str, str]:
-    """`choose_precision` for this machine's `device`."""
-    emulated = emulated_bf16_warning(this_cpu_flags()) if (requested, device.type) == ("bf16", "cpu") else ""
-    return choose_precision(requested, device.type, bf16_support(device) if requested == "auto" else None, emulated)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
