@@ -55,6 +55,8 @@ def test_greedy_only_on_the_decode_sampler_matches_generate_and_gives_intervals(
     bf16 = evaluate_accuracy(AccuracyConfig(**common, sampler="decode", precision="bf16"), str(tiny_model),
                              str(HELDOUT), str(tmp_path / "b"))
     assert bf16.metrics["problems_used"] == 6
+    assert (by_decode.metrics["precision"], bf16.metrics["precision"]) == ("fp32", "bf16")  # what decoded, recorded
+    assert by_decode.metrics["precision_reason"] == "precision: fp32 in the config"
 
 
 def test_bad_evaluation_inputs_are_named(tiny_model: Path, tmp_path: Path) -> None:

@@ -57,7 +57,9 @@ class AccuracyConfig(StrictConfig):
         "generate", description="generate: transformers' generate, 8 prompts at a time; decode: the batched KV-cache "
                                 "sampler (`models.sampling.decode`, fast for Llama-like models), `batch_prompts` at a time.")
     precision: Literal["auto", "fp32", "bf16"] = Field("fp32", description=(
-        "bf16: sample under bf16 autocast (weights stay fp32); " "auto: bf16 where the CPU has a bf16 unit (AMX, AVX512-BF16), else fp32 (components.models.precision.precision_for); metrics.json records the choice and why."))
+        "bf16: sample under bf16 autocast (weights stay fp32); "
+        "auto: bf16 where the CPU has a bf16 unit (AMX, AVX512-BF16), else fp32 "
+        "(components.models.precision.precision_for); metrics.json records the choice and why."))
     seed: int = 0
 
     @model_validator(mode="after")

@@ -82,7 +82,9 @@ class AgentEvalConfig(StrictConfig):
     limits: AgentLimits = Field(default_factory=AgentLimits, description="Turns, tokens and wall time per episode.")
     temperature: float = Field(0.0, ge=0, description="Sampling temperature of every turn (0: greedy).")
     precision: Literal["auto", "fp32", "bf16"] = Field("fp32", description=(
-        "bf16: decode under bf16 autocast; " "auto: bf16 where the CPU has a bf16 unit (AMX, AVX512-BF16), else fp32 (components.models.precision.precision_for); metrics.json records the choice and why."))
+        "bf16: decode under bf16 autocast; "
+        "auto: bf16 where the CPU has a bf16 unit (AMX, AVX512-BF16), else fp32 "
+        "(components.models.precision.precision_for); metrics.json records the choice and why."))
     reflection_max_new_tokens: int = Field(64, gt=0, description="reflection: tokens a reflection may sample.")
     batch_tasks: int = Field(16, gt=0, description=(
         "Tasks decoded together (each method; reflection: each trial's unsolved tasks and their reflections); "
