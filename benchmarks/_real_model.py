@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from benchmarks._load import run_child, wait_idle
+from benchmarks._provenance import written_by
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 IMPORTED = CACHE / "smollm2-135m-instruct"
@@ -138,8 +139,7 @@ def markdown_head(title: str, script: str, report: dict[str, Any]) -> list[str]:
     return [
         f"# {title}", "",
         f"`{report['command']}`", "",
-        f"Written by {script} at commit {report['code']['git_commit']} "
-        f"({'working tree with local changes' if report['code']['dirty'] else 'clean working tree'}).", "",
+        f"{written_by(script, report['code'])}.", "",
     ]
 
 

@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._load import wait_idle  # noqa: E402
+from benchmarks._provenance import written_by  # noqa: E402
 from components.artifacts import code_version  # noqa: E402
 from components.feasibility.cpu_probe import cpu_model_name, matmul_seconds  # noqa: E402
 from components.models.precision import this_cpu_bf16_units  # noqa: E402
@@ -39,8 +40,7 @@ def tflops(size: int, precision: str, repeats: int) -> list[float]:
 def markdown(report: dict[str, Any]) -> str:
     code = report["code"]
     lines = ["# bf16 autocast vs fp32 matmuls on this CPU", "",
-             f"Written by benchmarks/bf16_emulation.py at commit {code['git_commit']} "
-             f"({'working tree with local changes' if code['dirty'] else 'clean working tree'}); "
+             f"{written_by('benchmarks/bf16_emulation.py', code)}; "
              f"{report['device']}, torch {report['torch']}, {report['threads']} threads; other load before: "
              f"{report['other_cores_before']:.2f} cores. {report['repeats']} timed runs per cell after a warm-up.", "",
              "| n | fp32 TFLOP/s median (range) | bf16 autocast TFLOP/s median (range) | fp32 / bf16 |",

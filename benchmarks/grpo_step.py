@@ -85,6 +85,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks._load import process_cpu_s, run_child, system_busy_s, wait_idle  # noqa: E402
+from benchmarks._provenance import written_by  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -528,8 +529,7 @@ def render(report: dict) -> str:
         "",
         f"`{report['command']}`",
         "",
-        f"Written by benchmarks/grpo_step.py at commit {report['code']['git_commit']} "
-        f"({'working tree with local changes' if report['code']['dirty'] else 'clean working tree'}).",
+        f"{written_by('benchmarks/grpo_step.py', report['code'])}.",
         "",
         f"{report['machine']}. Tiny Llama ({setup['model_parameters']:,} parameters; {setup['model']}), fp32, SDPA; "
         f"tokenizer {setup['tokenizer']} (vocab {setup['vocab_size']:,}); {setup['problems']} arithmetic-task prompts "

@@ -39,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks._provenance import written_by  # noqa: E402
 from components.artifacts import code_version  # noqa: E402
 from components.models import sampling  # noqa: E402
 from components.models.chat import prompt_ids  # noqa: E402
@@ -142,8 +143,7 @@ def mismatch(model: Any, tokenizer: Any, prompts: list[list[int]]) -> dict[str, 
 def markdown(report: dict[str, Any]) -> str:
     code = report["code"]
     lines = ["# Rollout precision: sampler speed and sampler-trainer log-prob mismatch", "",
-             f"Written by benchmarks/rollout_precision.py at commit {code['git_commit']} "
-             f"({'working tree with local changes' if code['dirty'] else 'clean working tree'}); "
+             f"{written_by('benchmarks/rollout_precision.py', code)}; "
              f"{report['device']}, torch {report['torch']}, {report['threads']} threads. Model: {report['model']}. "
              f"`sampling.decode` of {len(PROMPTS)} prompts x {GROUP} completions x {NEW_TOKENS} new tokens, "
              f"temperature {TEMPERATURE}; {report['repeats']} timed runs per precision.", "",

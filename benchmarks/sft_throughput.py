@@ -107,6 +107,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks._load import process_cpu_s, run_child, system_busy_s, wait_idle  # noqa: E402
+from benchmarks._provenance import written_by  # noqa: E402
 from components.artifacts import code_version  # noqa: E402
 
 
@@ -618,8 +619,7 @@ def render(report: dict) -> str:
         "",
         f"`{report['command']}`",
         "",
-        f"Written by benchmarks/sft_throughput.py at commit {report['code']['git_commit']} "
-        f"({'working tree with local changes' if report['code']['dirty'] else 'clean working tree'}).",
+        f"{written_by('benchmarks/sft_throughput.py', report['code'])}.",
         "",
         f"{report['machine']}. Tiny Llama ({report['model_parameters']:,} parameters), fp32, SDPA; tokenizer "
         f"vocab {s['vocab_size']:,}; first {s['examples']:,} GSM8K train problems as chat prompt/completion; "
