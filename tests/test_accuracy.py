@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from components.errors import ConfigError, DataError
 from components.eval.accuracy import AccuracyConfig, evaluate_accuracy
+from components.models.precision import this_cpu_bf16_units
 from tests.conftest import REPO_ROOT, build_tiny_lm, sft_on_records
 
 HELDOUT = REPO_ROOT / "data/raw/gsm8k/test.jsonl"
@@ -57,6 +58,10 @@ def test_greedy_only_on_the_decode_sampler_matches_generate_and_gives_intervals(
     assert bf16.metrics["problems_used"] == 6
     assert (by_decode.metrics["precision"], bf16.metrics["precision"]) == ("fp32", "bf16")  # what decoded, recorded
     assert by_decode.metrics["precision_reason"] == "precision: fp32 in the config"
+    auto = evaluate_accuracy(AccuracyConfig(**common, sampler="decode", precision="auto"), str(tiny_model),
+                             str(HELDOUT), str(tmp_path / "a")).metrics
+    assert auto["precision"] == ("bf16" if this_cpu_bf16_units() else "fp32")  # by this machine's /proc/cpuinfo
+    assert auto["precision_reason"].startswith("auto: cpu has ")
 
 
 def test_bad_evaluation_inputs_are_named(tiny_model: Path, tmp_path: Path) -> None:

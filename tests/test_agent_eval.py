@@ -261,16 +261,34 @@ def test_auto_precision_is_resolved_for_the_cpu_and_recorded(tiny_agent: Path, p
                                                            chosen: str) -> None:
     """`precision: auto` decodes in bf16 on a CPU with a bf16 unit and in fp32 on one without (the
     CPU injected as a /proc/cpuinfo), and the artifact says which and why."""
+    import torch
+
     from components.models import precision as precision_module
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n", encoding="utf-8")
     monkeypatch.setattr(precision_module, "CPUINFO", cpuinfo)
     precision_module.this_cpu_flags.cache_clear()
+    matmuls = (torch.nn.functional.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
+
+    class AutocastAtMatmuls(torch.overrides.TorchFunctionMode):
+        """Records whether bf16 autocast is on at each matmul the decoding runs."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.states: list[bool] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in matmuls:
+                self.states.append(torch.is_autocast_enabled("cpu"))
+            return func(*args, **(kwargs or {}))
+
     try:
         config = agent_config(problems, tasks=1, methods=["no_tools"], precision="auto")
-        metrics = evaluate_agent(config, str(tiny_agent), str(tmp_path / "eval")).metrics
+        with AutocastAtMatmuls() as probe:
+            metrics = evaluate_agent(config, str(tiny_agent), str(tmp_path / "eval")).metrics
     finally:
         precision_module.this_cpu_flags.cache_clear()
+    assert probe.states and set(probe.states) == {chosen == "bf16"}
     assert metrics["precision"] == chosen and metrics["precision_reason"].startswith("auto: cpu has ")
     assert f"{chosen} (auto: cpu has" in (tmp_path / "eval" / "report.md").read_text()

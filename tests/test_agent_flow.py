@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from components.artifacts import read_manifest
+from components.models.precision import this_cpu_bf16_units
 from flows.params import load_params
 from flows.stages import members
 from tests.conftest import TINY_PARAMS, build_tiny_lm, run_cli
@@ -90,8 +91,11 @@ def test_agents_flow_runs_on_the_users_model_and_files(prefect_api, tmp_path: Pa
 def test_agent_run_prints_the_transcript(tmp_path: Path) -> None:
     model = build_tiny_lm(tmp_path / "mine", max_positions=2048)
     result = run_cli("agent", "run", "--env", "arithmetic", "--model", str(model), "--trials", "2",
-                     "--max-turns", "2", "--max-new-tokens", "6", "--transcript", str(tmp_path / "t.jsonl"))
+                     "--max-turns", "2", "--max-new-tokens", "6", "--transcript", str(tmp_path / "t.jsonl"),
+                     "--precision", "auto")
     assert result.returncode == 0, result.stderr[-2000:]
+    resolved = "bf16" if this_cpu_bf16_units() else "fp32"  # `auto`, by this machine's /proc/cpuinfo
+    assert result.stdout.startswith(f"precision: {resolved} (auto: cpu has ")
     assert "=== trial 1: arithmetic seed 2000000" in result.stdout and "Compute" in result.stdout
     assert "[assistant]" in result.stdout and "calculator" in result.stdout
     trials = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]

@@ -11,7 +11,8 @@ import pytest
 from pydantic import ValidationError
 
 from components.artifacts import (
-    INCOMPLETE_MARKER, MANIFEST_NAME, ArtifactRef, ComponentSpec, cache_entry, directory_content_hash, input_origins,
+    INCOMPLETE_MARKER, MANIFEST_NAME, ArtifactRef, ComponentSpec, cache_entry, code_version, directory_content_hash,
+    input_origins,
     input_ref, lineage_lines, materialize, produce, read_manifest, rebuilding, reusable, stage_rerun,
 )
 from components.config import StrictConfig
@@ -61,6 +62,21 @@ def test_publish_writes_manifest_with_provenance(tmp_path: Path, raw: Path) -> N
     assert on_disk["started_at"] <= on_disk["ended_at"]
     assert "git_commit" in on_disk["code_version"]
     assert manifest == read_manifest(str(tmp_path / "out"))
+
+
+def test_the_recorded_commit_is_read_before_the_build(tmp_path: Path, raw: Path) -> None:
+    """A build can run for an hour while the checkout moves on: the manifest names the commit the
+    build started from (read once per process, before the first build), not the one at publish."""
+    code_version.cache_clear()
+    read_before_build: list[bool] = []
+
+    def build(out_dir: Path, paths: dict[str, Path]) -> dict:
+        read_before_build.append(code_version.cache_info().currsize == 1)
+        (out_dir / "out.txt").write_text(paths["source"].read_text())
+        return {}
+
+    manifest = produce(SPEC, UpperConfig(suffix="?"), {"source": str(raw)}, str(tmp_path / "out"), build)
+    assert read_before_build == [True] and manifest.code_version == code_version()
 
 
 def test_content_hash_is_over_bytes_and_paths(tmp_path: Path) -> None:

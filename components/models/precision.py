@@ -6,8 +6,8 @@ bf16 through fp32, and `precision_autocast` says so in a warning instead of leav
 from the clock. Measured on an AVX2-only AMD EPYC (2 threads, torch 2.13; benchmarks/bf16_emulation.md):
 a 2048^3 matmul at 0.0003 TFLOP/s under bf16 autocast against 0.16 in fp32, 540x slower; one LoRA
 SFT step of SmolLM2-135M (4 x 1,024 tokens) took 657 s.
-`precision: auto` (`choose_precision`) picks fp32 there; trainers and evaluators resolve it the same way
-(`precision_for`).
+`precision: auto` (`choose_precision`) picks fp32 there; the trainers, the accuracy and agent evaluators
+and `crucible agent run` resolve it the same way (`precision_for`).
 """
 
 from __future__ import annotations

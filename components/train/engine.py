@@ -46,7 +46,7 @@ class TrainResult:
     world_size: int
     rank: int
     precision: str
-    precision_reason: str  # why `precision` (`backends.choose_precision`); MFU is against its peak
+    precision_reason: str  # why `precision` (`models.precision.choose_precision`); MFU is against its peak
     backend: str
     checkpoints: list[str] = field(default_factory=list)
 
