@@ -572,9 +572,8 @@ def _build_under_key(build: BuildFn, staging: Path, input_paths: dict[str, Path]
 
 
 def _new_manifest(spec: ComponentSpec, config: StrictConfig, key: str, input_refs: dict[str, ArtifactRef], dest: str,
-                  staging: Path, started: tuple[str, CodeVersion], metrics: dict[str, Any]) -> Manifest:
-    """The manifest of the artifact built in `staging` for `dest`, ended now; `started`: when the
-    build started and the code it started from."""
+                  staging: Path, started_at: str, code: CodeVersion, metrics: dict[str, Any]) -> Manifest:
+    """The manifest of the artifact built in `staging` for `dest` from `code`, ended now."""
     return Manifest(
         component=spec,
         config=config.model_dump(mode="json"),
@@ -582,10 +581,10 @@ def _new_manifest(spec: ComponentSpec, config: StrictConfig, key: str, input_ref
         cache_key=key,
         inputs=input_refs,
         output=ArtifactRef(uri=display_uri(dest), content_hash=directory_content_hash(staging)),
-        code_version=started[1],
+        code_version=code,
         flow_run_id=orchestrator_run_id.get(),
         input_origins={name: origin for name, origin in (input_origins.get() or {}).items() if name in input_refs},
-        started_at=started[0],
+        started_at=started_at,
         ended_at=_now(),
         metrics=metrics,
     )
@@ -626,9 +625,9 @@ def produce(
     input_paths = {name: materialize(ref) for name, ref in input_refs.items()}
     staging = _staging_directory(dest_path)
     try:
-        started = (_now(), code_version())  # the commit read before a long build, not after HEAD may have moved
+        started_at, code = _now(), code_version()  # the commit read before a long build, not after HEAD moved
         metrics = _build_under_key(build, staging, input_paths, key)
-        manifest = _new_manifest(spec, config, key, input_refs, dest, staging, started, metrics)
+        manifest = _new_manifest(spec, config, key, input_refs, dest, staging, started_at, code, metrics)
         (staging / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
         if remote:
             _publish_remote(staging, dest)

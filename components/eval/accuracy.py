@@ -30,7 +30,7 @@ from pydantic import Field, model_validator
 from components.artifacts import ComponentSpec, Manifest, produce
 from components.config import StrictConfig
 from components.errors import DataError
-from components.models.precision import precision_autocast, precision_for
+from components.models.precision import AUTO_HELP, precision_autocast, precision_record
 from components.records import count_records
 
 SPEC = ComponentSpec(name="verifiable_accuracy", version="3")  # 3: 95 % intervals, greedy-only, decode sampler, bf16
@@ -57,9 +57,7 @@ class AccuracyConfig(StrictConfig):
         "generate", description="generate: transformers' generate, 8 prompts at a time; decode: the batched KV-cache "
                                 "sampler (`models.sampling.decode`, fast for Llama-like models), `batch_prompts` at a time.")
     precision: Literal["auto", "fp32", "bf16"] = Field("fp32", description=(
-        "bf16: sample under bf16 autocast (weights stay fp32); "
-        "auto: bf16 where the CPU has a bf16 unit (AMX, AVX512-BF16), else fp32 "
-        "(components.models.precision.precision_for); metrics.json records the choice and why."))
+        "bf16: sample under bf16 autocast (weights stay fp32); " + AUTO_HELP))
     seed: int = 0
 
     @model_validator(mode="after")
@@ -358,9 +356,9 @@ def evaluate_accuracy(config: AccuracyConfig, model: str, dataset: str, dest: st
     def build(out_dir: Path, paths: dict[str, Path]) -> dict[str, Any]:
         import torch
 
-        precision, reason = precision_for(config.precision, torch.device("cpu"))
-        with exclusive(), precision_autocast("cpu", precision):
-            return _build(config, paths, out_dir, {"precision": precision, "precision_reason": reason})
+        precision = precision_record(config.precision, torch.device("cpu"))
+        with exclusive(), precision_autocast("cpu", precision["precision"]):
+            return _build(config, paths, out_dir, precision)
 
     inputs = {"model": model, "dataset": dataset, **({"reward_model": reward_model} if reward_model else {})}
     return produce(SPEC, config, inputs, dest, build, overwrite=overwrite)

@@ -61,7 +61,7 @@ from components.agents.trajectory import LIMITS, Trajectory
 from components.artifacts import ComponentSpec, Manifest, produce
 from components.config import StrictConfig
 from components.eval.accuracy import CURVE_FILE
-from components.models.precision import precision_autocast, precision_for
+from components.models.precision import AUTO_HELP, precision_autocast, precision_record
 
 SPEC = ComponentSpec(name="evaluate_agent", version="2")  # 2: reflection trials batched, charged their sampled ids
 METRICS_FILE = "metrics.json"
@@ -82,9 +82,7 @@ class AgentEvalConfig(StrictConfig):
     limits: AgentLimits = Field(default_factory=AgentLimits, description="Turns, tokens and wall time per episode.")
     temperature: float = Field(0.0, ge=0, description="Sampling temperature of every turn (0: greedy).")
     precision: Literal["auto", "fp32", "bf16"] = Field("fp32", description=(
-        "bf16: decode under bf16 autocast; "
-        "auto: bf16 where the CPU has a bf16 unit (AMX, AVX512-BF16), else fp32 "
-        "(components.models.precision.precision_for); metrics.json records the choice and why."))
+        "bf16: decode under bf16 autocast; " + AUTO_HELP))
     reflection_max_new_tokens: int = Field(64, gt=0, description="reflection: tokens a reflection may sample.")
     batch_tasks: int = Field(16, gt=0, description=(
         "Tasks decoded together (each method; reflection: each trial's unsolved tasks and their reflections); "
@@ -301,8 +299,8 @@ def evaluate_agent(config: AgentEvalConfig, model: str, dest: str, overwrite: bo
     def build(out_dir: Path, paths: dict[str, Path]) -> dict[str, Any]:
         import torch
 
-        precision, reason = precision_for(config.precision, torch.device("cpu"))
-        with exclusive(), precision_autocast("cpu", precision):
-            return _build(config, paths, out_dir, {"precision": precision, "precision_reason": reason})
+        precision = precision_record(config.precision, torch.device("cpu"))
+        with exclusive(), precision_autocast("cpu", precision["precision"]):
+            return _build(config, paths, out_dir, precision)
 
     return produce(SPEC, config, {"model": model}, dest, build, overwrite=overwrite)

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     import torch
 
 CPUINFO = Path("/proc/cpuinfo")
+AUTO_HELP = ("auto: bf16 where the CPU has a bf16 unit (AMX, AVX512-BF16), else fp32 "
+             "(components.models.precision.precision_for); metrics.json records the choice and why.")
 # x86 flags of units that run bf16 matmuls natively (Intel AMX; AVX512-BF16 on Cooper Lake,
 # Sapphire Rapids and AMD Zen 4+); without them oneDNN emulates bf16 through fp32.
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
@@ -110,3 +112,9 @@ def precision_for(requested: str, device: torch.device) -> tuple[str, str]:
     """`choose_precision` for this machine's `device`."""
     emulated = emulated_bf16_warning(this_cpu_flags()) if (requested, device.type) == ("bf16", "cpu") else ""
     return choose_precision(requested, device.type, bf16_support(device) if requested == "auto" else None, emulated)
+
+
+def precision_record(requested: str, device: torch.device) -> dict[str, str]:
+    """{"precision", "precision_reason"}: `precision_for`'s choice as an artifact's metrics record it."""
+    precision, reason = precision_for(requested, device)
+    return {"precision": precision, "precision_reason": reason}

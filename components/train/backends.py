@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from components.errors import ConfigError, CrucibleError
-from components.models.precision import precision_autocast, precision_for
+from components.models.precision import precision_autocast, precision_for, precision_record
 from components.train.checkpoints import MODEL_DIR, load_module_state
 from components.train.optim import make_optimizer
 
@@ -33,8 +33,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def local_precision_metrics(config: TrainConfig) -> dict[str, str]:
     """{"precision", "precision_reason"} of a run in this process (`local_backend`'s choice)."""
-    precision, reason = precision_for(config.precision, local_device())
-    return {"precision": precision, "precision_reason": reason}
+    return precision_record(config.precision, local_device())
 
 
 def local_device() -> torch.device:
