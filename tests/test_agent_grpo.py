@@ -63,7 +63,9 @@ def test_a_step_trains_on_episodes_and_logs_them_and_a_resume_gives_the_same_wei
     assert any(not before[name].equal(after[name]) for name in before)  # the updates moved the policy
 
     (checkpoint,) = (tmp_path / "straight.runs").glob("*/checkpoints/step-00000001")
-    agent_grpo(config(resume_from=str(checkpoint)), str(tiny_agent), str(tmp_path / "resumed"))
+    resumed_run = agent_grpo(config(resume_from=str(checkpoint)), str(tiny_agent), str(tmp_path / "resumed"))
     assert [r["step"] for r in read_metrics(tmp_path / "resumed" / PUBLISHED_STEP_LOG_FILE)] == [2]
+    # the checkpoint carries the run's totals: training FLOPs count step 1 too
+    assert resumed_run.metrics["training_flops"] == straight.metrics["training_flops"]
     resumed = load_file(tmp_path / "resumed/model.safetensors")
     assert all(after[name].equal(resumed[name]) for name in after)

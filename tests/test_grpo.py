@@ -324,7 +324,7 @@ grpo(GRPOConfig.model_validate_json(sys.argv[1]), sys.argv[2], sys.argv[3], sys.
 def test_a_killed_grpo_run_resumes_to_the_same_weights(setup: Path, tmp_path: Path) -> None:
     """SIGKILLed during step 3's rewards, after its step-2 checkpoint: the rerun resumes there
     (sampler, optimizer and RNG restored, so it samples the same completions) and ends with
-    the weights of an uninterrupted run."""
+    the weights and step records of an uninterrupted run, its training FLOPs counted from step 1."""
     import torch
 
     config = grpo_config(train={"max_steps": 4, "checkpoint_every_steps": 2}, dynamic_sampling=False,
@@ -345,7 +345,13 @@ def test_a_killed_grpo_run_resumes_to_the_same_weights(setup: Path, tmp_path: Pa
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     manifest = json.loads((tmp_path / "resumed/manifest.json").read_text())
     assert manifest["metrics"]["steps"] == 4
-    assert [r["step"] for r in read_metrics(tmp_path / "resumed/train_metrics.jsonl")] == [1, 2, 3, 4]
+    resumed_records = read_metrics(tmp_path / "resumed/train_metrics.jsonl")
+    assert [r["step"] for r in resumed_records] == [1, 2, 3, 4]
+    straight_records = read_metrics(tmp_path / "straight/train_metrics.jsonl")
+    same = ("reward_mean", "loss", "training_flops", "reward_errors")
+    assert [[r[k] for k in same] for r in resumed_records] == [[r[k] for k in same] for r in straight_records]
+    straight_manifest = json.loads((tmp_path / "straight/manifest.json").read_text())
+    assert manifest["metrics"]["training_flops"] == straight_manifest["metrics"]["training_flops"] > 0
     straight, _ = load(tmp_path / "straight")
     resumed, _ = load(tmp_path / "resumed")
     assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
@@ -437,6 +443,32 @@ def test_ppo_raises_a_learnable_reward_with_value_head_and_kl(setup: Path, tmp_p
         **config.train.model_dump(), "distributed": {"launcher": "deepspeed"}}})
     with pytest.raises(Exception, match="launcher must be 'none'"):
         ppo(distributed, str(setup / "model"), str(setup / "train.jsonl"), str(tmp_path / "bad"))
+
+
+def test_ppo_resumed_from_a_checkpoint_keeps_its_kl_coefficient_and_totals(setup: Path, tmp_path: Path) -> None:
+    """The adaptive KL coefficient and the run's totals are the step's own state: a run resumed
+    from the step-2 checkpoint of another continues them, so its steps 3-4, weights and training
+    FLOPs are the uninterrupted run's."""
+    import torch
+
+    config = PPOConfig.model_validate({
+        "train": {"max_steps": 4, "batch_size_rows": 4, "checkpoint_every_steps": 2,
+                  "optim": {"learning_rate": 3e-2, "warmup_steps": 0, "weight_decay": 0.0, "lr_schedule": "constant"}},
+        "samples_per_prompt": 2, "max_new_tokens": 8, "rewards": [{"function": "tests.rl_rewards:digit_fraction"}],
+        "kl_coef": 0.02, "kl_target": 0.01, "kl_horizon": 10, "heldout": {"problems": 0}})
+    straight = ppo(config, str(setup / "model"), str(setup / "train.jsonl"), str(tmp_path / "straight"))
+    (checkpoint,) = (tmp_path / "straight.runs").glob("*/checkpoints/step-00000002")
+    resumed_config = config.model_copy(update={"train": config.train.model_copy(update={"resume_from": str(checkpoint)})})
+    resumed = ppo(resumed_config, str(setup / "model"), str(setup / "train.jsonl"), str(tmp_path / "resumed"))
+
+    straight_records = read_metrics(tmp_path / "straight/train_metrics.jsonl")
+    assert straight_records[1]["kl_coef"] != 0.02  # the controller moved before the checkpoint
+    same = ("step", "kl_coef", "loss", "training_flops")
+    assert [[r[k] for k in same] for r in read_metrics(tmp_path / "resumed/train_metrics.jsonl")] == \
+        [[r[k] for k in same] for r in straight_records[2:]]
+    assert resumed.metrics["training_flops"] == straight.metrics["training_flops"]
+    a, b = load(tmp_path / "straight")[0], load(tmp_path / "resumed")[0]
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
 def test_ppo_takes_its_reward_from_a_reward_model_and_refuses_another_tokenizer(setup: Path, tmp_path: Path) -> None:

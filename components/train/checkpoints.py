@@ -16,7 +16,7 @@ import random
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -184,8 +184,11 @@ def save_checkpoint(
     checkpoint_root: Path,
     save_model: Callable[[torch.nn.Module, Path], None],
     keep_last: int,
+    step_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoint `step-N` (collective under DeepSpeed) and drop all but the last `keep_last`."""
+    """Write checkpoint `step-N` (collective under DeepSpeed) and drop all but the last `keep_last`.
+    `step_state` is the step function's own state (an RL step's running totals, PPO's KL
+    coefficient) as JSON numbers."""
     import torch
 
     final = checkpoint_root / f"step-{step:08d}"
@@ -203,7 +206,8 @@ def save_checkpoint(
             (partial / SHAPES_FILE).write_text(json.dumps(_parameter_shapes(backend.module)), encoding="utf-8")
     backend.barrier()
     if backend.rank == 0:
-        state = {"step": step, "sampler": sampler.state_dict(), "world_size": backend.world_size}
+        state = {"step": step, "sampler": sampler.state_dict(), "world_size": backend.world_size,
+                 "step_state": step_state or {}}
         (partial / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")  # last: marks it complete
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
@@ -219,9 +223,10 @@ def latest_checkpoint(checkpoint_root: Path) -> Path | None:
     return complete[-1][1] if complete else None
 
 
-def load_checkpoint(backend: Backend, sampler: EpochSampler, source: Path) -> int:
+def load_checkpoint(backend: Backend, sampler: EpochSampler, source: Path) -> tuple[int, dict[str, Any]]:
     """Restore weights, optimizer, sampler position and this rank's RNG state from `source`;
-    returns its step. A directory that is not a checkpoint, or one of another model shape or
+    returns its step and the step function's state (empty from a checkpoint written before
+    step states were saved). A directory that is not a checkpoint, or one of another model shape or
     world size, is refused before anything is loaded."""
     if not (source / STATE_FILE).is_file():
         raise ConfigError(f"resume_from: {source} is not a checkpoint (no {STATE_FILE})")
@@ -232,7 +237,7 @@ def load_checkpoint(backend: Backend, sampler: EpochSampler, source: Path) -> in
     backend.load_state(source)
     sampler.load_state_dict(state["sampler"])
     load_rng_state(source, backend.rank)
-    return int(state["step"])
+    return int(state["step"]), state.get("step_state", {})
 
 
 def prune_checkpoints(checkpoint_root: Path, after_step: int) -> None:

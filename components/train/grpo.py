@@ -54,7 +54,8 @@ from components.train.losses import (
 )
 from components.train.rewards import RewardSpec, Scores, check_errors, score
 from components.train.rl import (
-    HeldoutSettings, RLSetup, heldout_scorer, load_rl_setup, produce_rl, run_rl, step_grad_norm, summarize_rl,
+    HeldoutSettings, RLSetup, RunningTotals, heldout_scorer, load_rl_setup, produce_rl, run_rl, step_grad_norm,
+    summarize_rl,
 )
 
 SPEC = ComponentSpec(name="grpo", version="1")
@@ -196,7 +197,7 @@ class BatchSize:
         return cls(sum(float(c.completion_mask[r].sum()) for c, r in pieces), rows, generated_tokens_per_row * rows)
 
 
-class GRPOStep:
+class GRPOStep(RunningTotals):
     """`run_rl`'s step function: each call is one step (rollout, fill the batch, update). It
     counts reward failures and training FLOPs over the run."""
 

@@ -33,7 +33,7 @@ import functools
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -60,7 +60,8 @@ from components.train.losses import (
 )
 from components.train.rewards import RewardSpec, check_errors, score
 from components.train.rl import (
-    HeldoutSettings, RLSetup, heldout_scorer, load_rl_setup, produce_rl, run_rl, step_grad_norm, summarize_rl,
+    HeldoutSettings, RLSetup, RunningTotals, heldout_scorer, load_rl_setup, produce_rl, run_rl, step_grad_norm,
+    summarize_rl,
 )
 
 SPEC = ComponentSpec(name="ppo", version="1")
@@ -201,10 +202,10 @@ class PPOBatch:
     sequence_kl: float  # mean over sequences of the summed k1 KL to the reference
 
 
-class PPOStep:
+class PPOStep(RunningTotals):
     """`run_rl`'s step function: each call is one step (rollout, then `ppo_epochs` x
     `minibatches` updates). It holds the KL controller and counts reward failures and training
-    FLOPs over the run."""
+    FLOPs over the run; a checkpoint saves the three."""
 
     def __init__(self, config: PPOConfig, setup: RLSetup, module: PolicyWithValue, reference: Any,
                  rewards: SequenceRewards, backend: Any, sampler: Any) -> None:
@@ -213,6 +214,13 @@ class PPOStep:
         self.policy_loss = POLICY_LOSSES["ppo_clip"]
         self.kl = KLController(config.kl_coef, config.kl_target, config.kl_horizon)
         self.reward_errors, self.training_flops = 0, 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "kl_coef": self.kl.coef}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.kl = replace(self.kl, coef=float(state.get("kl_coef", self.kl.coef)))
 
     def __call__(self, step_index: int, indices: torch.Tensor, learning_rate: float) -> dict[str, Any]:
         started = time.perf_counter()

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import Field
 
@@ -40,7 +40,7 @@ from components.train.backends import TorchBackend, local_backend
 from components.train.batches import EpochSampler
 from components.train.config import TrainConfig
 from components.train.launch import produce_trained
-from components.train.run import Evaluation, Run
+from components.train.run import Evaluation, Run, StatefulStep
 
 if TYPE_CHECKING:
     import torch
@@ -109,8 +109,26 @@ def load_rl_setup(paths: dict[str, Path], config: Any) -> RLSetup:
                    training_flops_per_token(policy, context))
 
 
-# One RL step: given the prompts' indices, do the rollout and updates; return the step record.
-StepFunction = Callable[[int, "torch.Tensor", float], dict[str, Any]]
+class StepFunction(StatefulStep, Protocol):
+    """One RL step: given the prompts' indices, do the rollout and updates; return the step record."""
+
+    def __call__(self, step_index: int, indices: torch.Tensor, learning_rate: float) -> dict[str, Any]: ...
+
+
+class RunningTotals:
+    """An RL step's totals over the whole run: reward failures and training FLOPs (rollouts
+    included). A checkpoint saves them and a resume restores them (`Run.keep_step_state`), so a
+    resumed run's step records and manifest count every step, not only those since the resume."""
+
+    reward_errors: int = 0
+    training_flops: float = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reward_errors": self.reward_errors, "training_flops": self.training_flops}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reward_errors = int(state.get("reward_errors", 0))
+        self.training_flops = float(state.get("training_flops", 0.0))
 
 
 def step_grad_norm(norms: list[float]) -> float | None:
@@ -190,6 +208,7 @@ def run_rl(
                     build_backend=functools.partial(local_backend, backend_module, config),
                     evaluation=Evaluation(scorer, HELDOUT_FILE, score_every_steps))
     step_function = make_step(run.backend, run.sampler)
+    run.keep_step_state(step_function)
     records = run.loop(functools.partial(rl_step, run, step_function))
     run.finish(final_dir)
     return records

@@ -13,7 +13,9 @@ A `Run` owns
   (`COMPLETED`) starts afresh;
 - the learning-rate schedule and the per-step finite check (`TrainingDivergedError`);
 - the step log (`metrics.jsonl`), an optional evaluation hook (RL's held-out accuracy: after
-  the resume, every k steps and at the end), and the checkpoint cadence;
+  the resume, every k steps and at the end), and the checkpoint cadence; a driver whose step
+  keeps state of its own across steps (an RL step's running totals) hands it over with
+  `keep_step_state`, and checkpoints carry it;
 - finishing: the model saved with full parameters, `weights-rankN.sha256`, `COMPLETED`.
 
 The driver supplies the step: `loop(step_record)` calls `step_record(step)` for each
@@ -30,7 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from components.errors import CrucibleError
 from components.runlog import STEP_LOG_FILE, log_step, read_metrics, write_records
@@ -65,6 +67,14 @@ class Evaluation:
     every_steps: int = 0
 
 
+class StatefulStep(Protocol):
+    """A step function with state of its own across steps, as JSON numbers."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 def _due(done: int, every: int) -> bool:
     return bool(every) and done % every == 0
 
@@ -77,6 +87,8 @@ class Run:
         self.config, self.run_dir, self.description = config, run_dir, description
         self.backend, self.sampler, self.save_model, self.evaluation = backend, sampler, save_model, evaluation
         self.start_step, self.resumed_from, self.last_good = 0, None, None
+        self.resumed_step_state: dict[str, Any] = {}
+        self.step_state: StatefulStep | None = None
         self.records: list[dict[str, Any]] = []
         self._started = time.perf_counter()
 
@@ -111,7 +123,8 @@ class Run:
         if source is None and config.resume:
             source = latest_checkpoint(root)
         if source is not None:
-            self.start_step = self.resumed_from = load_checkpoint(backend, self.sampler, source)
+            self.start_step, self.resumed_step_state = load_checkpoint(backend, self.sampler, source)
+            self.resumed_from = self.start_step
         if backend.rank == 0:
             logs = [STEP_LOG_FILE] + ([self.evaluation.log_file] if self.evaluation else [])
             for log in logs:
@@ -130,6 +143,13 @@ class Run:
             shutil.rmtree(self.checkpoint_root, ignore_errors=True)
             self.checkpoint_root.mkdir(parents=True, exist_ok=True)
             marker.unlink()
+
+    def keep_step_state(self, step: StatefulStep) -> None:
+        """Restore `step`'s state from the checkpoint this run resumed from, and save it with
+        every checkpoint from now on: without it a resumed RL run would count its training
+        FLOPs and reward failures from the resume, not from step 1."""
+        step.load_state_dict(self.resumed_step_state)
+        self.step_state = step
 
     def learning_rate(self, step: int) -> float:
         return self.config.optim.learning_rate * lr_multiplier(step, self.config.max_steps, self.config.optim)
@@ -166,7 +186,8 @@ class Run:
             self.evaluation.score(done)
         if _due(done, self.config.checkpoint_every_steps):
             self.last_good = save_checkpoint(self.backend, self.sampler, done, self.checkpoint_root,
-                                             self.save_model, self.config.keep_last_checkpoints)
+                                             self.save_model, self.config.keep_last_checkpoints,
+                                             self.step_state.state_dict() if self.step_state else None)
 
     def finish(self, final_dir: Path | None) -> None:
         """The last evaluation; the model into `final_dir` (rank 0, full parameters under
