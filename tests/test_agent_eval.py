@@ -16,6 +16,7 @@ from components.agents.trajectory import Trajectory, Turn
 from components.artifacts import read_manifest
 from components.eval.agents import (AgentEvalConfig, TaskRun, evaluate_agent, run_cost, solved, summary,
                                     without_tools)
+from components.errors import DataError
 from components.eval.compare import CompareConfig, compare_test_time_compute
 from tests.conftest import build_tiny_lm, sft_on_records
 
@@ -81,6 +82,8 @@ def test_config_needs_a_named_environment_and_distinct_methods(tmp_path: Path) -
         agent_config(tmp_path, methods=["tools", "tools"])
     with pytest.raises(ValueError, match="methods"):
         agent_config(tmp_path, methods=["best_of_n"])
+    with pytest.raises(ValueError, match="first_task 999999 \\+ tasks 4 runs past the test split"):
+        agent_config(tmp_path, first_task=len(SPLIT_SEEDS["test"]) - 1)
 
 
 STOP = 1
@@ -238,6 +241,15 @@ def test_compare_reads_an_sft_and_an_rl_agent_evaluation(evaluation: Path, rl_ag
     assert manifest.metrics["rl_single_sample_accuracy"] == rl_tools
     report = (tmp_path / "cmp" / "report.md").read_text()
     assert "RL vs best-of-n" in report and "reflection (verifier)" in report and "1,000 queries" in report
+
+    # a later slice of the test split: other seeds, and compare refuses to set it against the first
+    later = tmp_path / "rl_eval_later"
+    evaluate_agent(agent_config(problems, methods=["tools"], first_task=TASKS), str(rl_agent), str(later))
+    assert sorted(by_task(transcripts(later), "tools")) == list(SPLIT_SEEDS["test"][TASKS:2 * TASKS])
+    assert f"(seeds {SPLIT_SEEDS['test'][TASKS]}..{SPLIT_SEEDS['test'][2 * TASKS - 1]})" in (later / "report.md").read_text()
+    with pytest.raises(DataError, match=f"first_test_seed {SPLIT_SEEDS['test'][0]} vs {SPLIT_SEEDS['test'][TASKS]}"):
+        compare_test_time_compute(CompareConfig(), str(evaluation), str(tmp_path / "cmp2"), rl_evaluation=str(later))
+    assert not (tmp_path / "cmp2").exists()
 
 
 @pytest.mark.slow

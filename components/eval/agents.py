@@ -7,8 +7,9 @@ reflection decode after it), and every FLOPs figure from it and the model's F be
 solved under a method when one of its recorded trials has final reward 1, and its cost is the
 sum of its recorded trials' (and reflections') costs below.
 
-Tasks are the environment's first `tasks` TEST seeds (`SPLIT_SEEDS["test"]`), never train or
-validation ones. Methods (CoALA's action spaces, Sumers et al. 2023, §4):
+Tasks are `tasks` consecutive TEST seeds (`SPLIT_SEEDS["test"]`) from the `first_task`-th, never
+train or validation ones; a later `first_task` gives a slice of the test split that no earlier
+evaluation looked at. Methods (CoALA's action spaces, Sumers et al. 2023, §4):
   no_tools    the environment with no tools (its no-tools instructions, no schemas); one turn,
               so the agent answers in its first turn (a tool call there is an unknown tool and
               ends it at the `turns` limit);
@@ -77,7 +78,10 @@ class AgentEvalConfig(StrictConfig):
     env: EnvConfig = Field(description="The environment (`name` required) and its tools (`tools`).")
     methods: list[Literal["no_tools", "tools", "reflection"]] = Field(
         default_factory=lambda: list(METHODS), min_length=1, description="The methods to evaluate, in this order.")
-    tasks: int = Field(100, gt=0, le=len(SPLIT_SEEDS["test"]), description="The first `tasks` test-split seeds.")
+    tasks: int = Field(100, gt=0, le=len(SPLIT_SEEDS["test"]), description="How many test-split seeds, in order.")
+    first_task: int = Field(0, ge=0, description=(
+        "Start at the test split's `first_task`-th seed (0: its first): a fresh slice for a study whose "
+        "earlier evaluations already looked at the first ones."))
     trials: int = Field(3, ge=1, description="reflection: trials per task at most (Reflexion's k).")
     limits: AgentLimits = Field(default_factory=AgentLimits, description="Turns, tokens and wall time per episode.")
     temperature: float = Field(0.0, ge=0, description="Sampling temperature of every turn (0: greedy).")
@@ -95,7 +99,14 @@ class AgentEvalConfig(StrictConfig):
             raise ValueError("env.name is required: one of arithmetic, lookup, gsm8k")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods {self.methods} name a method twice")
+        if self.first_task + self.tasks > len(SPLIT_SEEDS["test"]):
+            raise ValueError(f"first_task {self.first_task} + tasks {self.tasks} runs past the test split's "
+                             f"{len(SPLIT_SEEDS['test'])} seeds")
         return self
+
+    def test_seeds(self) -> list[int]:
+        """The evaluated tasks' seeds, in order."""
+        return list(SPLIT_SEEDS["test"][self.first_task:self.first_task + self.tasks])
 
 
 @dataclass(frozen=True)
@@ -234,7 +245,7 @@ def _cell(value: float | None, spec: str) -> str:
 
 def report_lines(config: AgentEvalConfig, metrics: dict[str, Any]) -> list[str]:
     """report.md: the setting, the table of methods, and the success curve across reflection trials."""
-    env, first = config.env.name, SPLIT_SEEDS["test"].start
+    env, first = config.env.name, config.test_seeds()[0]
     lines = [f"# Agent evaluation: {env}", "",
              f"{config.tasks} test-split tasks (seeds {first}..{first + config.tasks - 1}), "
              f"temperature {config.temperature}, limits: {config.limits.max_turns} turns, "
@@ -271,7 +282,7 @@ def _build(config: AgentEvalConfig, paths: dict[str, Path], out_dir: Path, preci
     tokenizer = AutoTokenizer.from_pretrained(paths["model"])
     model = load_causal_lm(paths["model"]).eval()
     env = make_env(config.env.name, config.env)
-    seeds = list(SPLIT_SEEDS["test"][:config.tasks])
+    seeds = config.test_seeds()
     runs = run_methods(model, tokenizer, env, seeds, config)
     flops_per_token = lambda context: inference_flops_per_token(model, context)  # noqa: E731
     metrics: dict[str, Any] = {"env": config.env.name, "tasks": config.tasks, "first_test_seed": seeds[0],

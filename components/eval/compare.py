@@ -20,6 +20,7 @@ from pydantic import Field
 
 from components.artifacts import ComponentSpec, Manifest, produce, read_manifest
 from components.config import StrictConfig
+from components.errors import DataError
 from components.eval.accuracy import CURVE_FILE
 
 SPEC = ComponentSpec(name="compare_test_time_compute", version="4")  # 4: no break-even where RL never pays back
@@ -106,6 +107,27 @@ def _best_within(points: list[dict[str, Any]], budget: float) -> dict[str, Any] 
     return max(affordable, key=lambda p: (p["accuracy"], -p["flops_per_query"])) if affordable else None
 
 
+# What names the tasks an evaluation ran: an agent evaluation's metrics, an accuracy evaluation's problems.
+TASK_METRICS = ("env", "tasks", "first_test_seed")
+
+
+def check_same_tasks(paths: dict[str, Path]) -> None:
+    """Refuse to compare an SFT and an RL evaluation of different tasks (another environment,
+    another slice of the test split, another problems file): their accuracies would not be
+    comparable."""
+    if "rl_evaluation" not in paths:
+        return
+    sft, rl = (read_manifest(str(paths[name])) for name in ("evaluation", "rl_evaluation"))
+    differ = [f"{key} {sft.metrics.get(key)} vs {rl.metrics.get(key)}" for key in TASK_METRICS
+              if sft.metrics.get(key) != rl.metrics.get(key)]
+    sft_problems, rl_problems = sft.inputs.get("problems"), rl.inputs.get("problems")
+    if sft_problems and rl_problems and sft_problems.content_hash != rl_problems.content_hash:
+        differ.append(f"problems {sft_problems.uri} vs {rl_problems.uri}")
+    if differ:
+        raise DataError(f"{paths['evaluation']} and {paths['rl_evaluation']} evaluated different tasks "
+                        f"({'; '.join(differ)}): compare evaluations of the same tasks")
+
+
 def _rl_training_flops(paths: dict[str, Path]) -> float | None:
     """The RL model's training FLOPs, from its manifest's metrics (None without an RL evaluation)."""
     rl_training_flops = None
@@ -178,6 +200,7 @@ def _build(config: CompareConfig, paths: dict[str, Path], out_dir: Path) -> dict
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    check_same_tasks(paths)
     sft_points = _read_curve(paths["evaluation"], "sft")
     rl_training_flops = _rl_training_flops(paths)
     rows: list[dict[str, Any]] = []
