@@ -17,7 +17,7 @@ from components.artifacts import read_manifest
 from components.eval.agents import (AgentEvalConfig, TaskRun, evaluate_agent, run_cost, solved, summary,
                                     without_tools)
 from components.errors import DataError
-from components.eval.compare import CompareConfig, compare_test_time_compute
+from components.eval.compare import CompareConfig, _task_differences, compare_test_time_compute
 from tests.conftest import build_tiny_lm, sft_on_records
 
 TASKS, TRIALS = 4, 3
@@ -250,6 +250,29 @@ def test_compare_reads_an_sft_and_an_rl_agent_evaluation(evaluation: Path, rl_ag
     with pytest.raises(DataError, match=f"first_test_seed {SPLIT_SEEDS['test'][0]} vs {SPLIT_SEEDS['test'][TASKS]}"):
         compare_test_time_compute(CompareConfig(), str(evaluation), str(tmp_path / "cmp2"), rl_evaluation=str(later))
     assert not (tmp_path / "cmp2").exists()
+
+
+def test_compare_names_each_way_two_evaluations_tasks_differ(evaluation: Path) -> None:
+    """A real evaluation's manifest against itself with one thing changed: another environment
+    setting, problem count, test slice or dataset is a difference; another tool set is not."""
+    base = read_manifest(str(evaluation))
+
+    def changed(**update: dict) -> list[str]:
+        return _task_differences(base, base.model_copy(update=update))
+
+    assert changed() == []
+    assert changed(config={**base.config, "env": {**base.config["env"], "tools": []}}) == []
+    assert changed(config={**base.config, "env": {**base.config["env"], "gsm8k_validation_problems": 2}})[0].startswith(
+        "env settings")
+    assert changed(metrics={**base.metrics, "first_test_seed": base.metrics["first_test_seed"] + 4}) == [
+        f"first_test_seed {base.metrics['first_test_seed']} vs {base.metrics['first_test_seed'] + 4}"]
+    assert changed(metrics={**base.metrics, "problems_used": 3}) == ["problems_used None vs 3"]
+    model = base.inputs["model"]
+    with_data = base.model_copy(update={"inputs": {"dataset": model}})
+    other_data = base.model_copy(update={"inputs": {"dataset": model.model_copy(update={
+        "uri": "other.jsonl", "content_hash": "sha256:" + "0" * 64})}})
+    assert _task_differences(with_data, with_data) == []
+    assert _task_differences(with_data, other_data) == [f"dataset {model.uri} vs other.jsonl"]
 
 
 @pytest.mark.slow

@@ -52,7 +52,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -75,6 +75,7 @@ FlopsPerToken = Callable[[int], float]  # context tokens -> forward FLOPs per to
 
 
 class AgentEvalConfig(StrictConfig):
+    hash_omits_at_default: ClassVar[tuple[str, ...]] = ("first_task",)  # evaluations before it keep their keys
     env: EnvConfig = Field(description="The environment (`name` required) and its tools (`tools`).")
     methods: list[Literal["no_tools", "tools", "reflection"]] = Field(
         default_factory=lambda: list(METHODS), min_length=1, description="The methods to evaluate, in this order.")

@@ -107,22 +107,31 @@ def _best_within(points: list[dict[str, Any]], budget: float) -> dict[str, Any] 
     return max(affordable, key=lambda p: (p["accuracy"], -p["flops_per_query"])) if affordable else None
 
 
-# What names the tasks an evaluation ran: an agent evaluation's metrics, an accuracy evaluation's problems.
-TASK_METRICS = ("env", "tasks", "first_test_seed")
+# What names the tasks an evaluation ran: an agent evaluation's environment, count and first test
+# seed; an accuracy evaluation's problem count (with its dataset, compared by content).
+TASK_METRICS = ("env", "tasks", "first_test_seed", "problems_used")
+
+
+def _task_differences(sft: Manifest, rl: Manifest) -> list[str]:
+    """What differs between the tasks of two evaluations' manifests (empty: the same tasks)."""
+    differ = [f"{key} {sft.metrics.get(key)} vs {rl.metrics.get(key)}" for key in TASK_METRICS
+              if sft.metrics.get(key) != rl.metrics.get(key)]
+    sft_data, rl_data = sft.inputs.get("dataset"), rl.inputs.get("dataset")
+    if sft_data and rl_data and sft_data.content_hash != rl_data.content_hash:
+        differ.append(f"dataset {sft_data.uri} vs {rl_data.uri}")
+    sft_env, rl_env = ({k: v for k, v in (m.config.get("env") or {}).items() if k != "tools"} for m in (sft, rl))
+    if sft_env != rl_env:  # the same environment name with other settings (digits, steps, hops, files)
+        differ.append(f"env settings {sft_env} vs {rl_env}")
+    return differ
 
 
 def check_same_tasks(paths: dict[str, Path]) -> None:
-    """Refuse to compare an SFT and an RL evaluation of different tasks (another environment,
-    another slice of the test split, another problems file): their accuracies would not be
-    comparable."""
+    """Refuse to compare an SFT and an RL evaluation of different tasks (another environment or
+    its settings, another slice of the test split, another dataset or problem count): their
+    accuracies would not be comparable. Tools may differ: that is what is compared."""
     if "rl_evaluation" not in paths:
         return
-    sft, rl = (read_manifest(str(paths[name])) for name in ("evaluation", "rl_evaluation"))
-    differ = [f"{key} {sft.metrics.get(key)} vs {rl.metrics.get(key)}" for key in TASK_METRICS
-              if sft.metrics.get(key) != rl.metrics.get(key)]
-    sft_problems, rl_problems = sft.inputs.get("problems"), rl.inputs.get("problems")
-    if sft_problems and rl_problems and sft_problems.content_hash != rl_problems.content_hash:
-        differ.append(f"problems {sft_problems.uri} vs {rl_problems.uri}")
+    differ = _task_differences(*(read_manifest(str(paths[name])) for name in ("evaluation", "rl_evaluation")))
     if differ:
         raise DataError(f"{paths['evaluation']} and {paths['rl_evaluation']} evaluated different tasks "
                         f"({'; '.join(differ)}): compare evaluations of the same tasks")

@@ -207,7 +207,6 @@ class GRPOStep(RunningTotals):
         self.rollout_precision = backend.precision if config.rollout_precision == "train" else config.rollout_precision
         self.shared_prompt = supports(setup.policy)
         self.policy_loss = POLICY_LOSSES["ppo_clip"]
-        self.reward_errors, self.training_flops = 0, 0.0
         self.generated_tokens_per_row = config.max_new_tokens  # Dr. GRPO's constant: the most a row can sample
 
     def __call__(self, step_index: int, indices: torch.Tensor, learning_rate: float) -> dict[str, Any]:

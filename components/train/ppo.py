@@ -213,14 +213,16 @@ class PPOStep(RunningTotals):
         self.backend, self.device = backend, backend.device
         self.policy_loss = POLICY_LOSSES["ppo_clip"]
         self.kl = KLController(config.kl_coef, config.kl_target, config.kl_horizon)
-        self.reward_errors, self.training_flops = 0, 0.0
 
     def state_dict(self) -> dict[str, Any]:
+        """The run's totals and the KL coefficient the controller has reached."""
         return {**super().state_dict(), "kl_coef": self.kl.coef}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The totals, and an adaptive coefficient where it left off; a fixed one stays the config's."""
         super().load_state_dict(state)
-        self.kl = replace(self.kl, coef=float(state.get("kl_coef", self.kl.coef)))
+        if self.kl.target is not None and "kl_coef" in state:
+            self.kl = replace(self.kl, coef=float(state["kl_coef"]))
 
     def __call__(self, step_index: int, indices: torch.Tensor, learning_rate: float) -> dict[str, Any]:
         started = time.perf_counter()

@@ -124,9 +124,11 @@ class RunningTotals:
     training_flops: float = 0.0
 
     def state_dict(self) -> dict[str, Any]:
+        """The totals as JSON numbers."""
         return {"reward_errors": self.reward_errors, "training_flops": self.training_flops}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The totals a checkpoint saved; `{}` (a fresh run, or a checkpoint from before step states) is zero."""
         self.reward_errors = int(state.get("reward_errors", 0))
         self.training_flops = float(state.get("training_flops", 0.0))
 
